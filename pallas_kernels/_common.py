@@ -1,0 +1,89 @@
+"""Small helpers shared by the lightning kernels (version shims, dots, decay tables)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# Width of the per-head decay row handed to kernels: a power of two so the
+# Triton backend can load it; every entry holds the same log decay.
+DECAY_LANES = 16
+
+# Block dimension that is indexed by the grid and squeezed out of the kernel view.
+SQUEEZED = getattr(pl, "squeezed", None)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler params under whichever name this jax version uses."""
+  from jax.experimental.pallas import triton as pl_triton
+  cls = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams", None)
+  if cls is None:
+    return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_backend(interpret: bool):
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"the lightning Pallas kernels compile for GPU only (backend is {jax.default_backend()!r}); "
+                     "pass interpret=True to run them elsewhere")
+
+
+def decay_rows(log_decay: jax.Array) -> jax.Array:
+  """[heads] -> [heads, DECAY_LANES] float32 (the row a kernel reads its head's decay from)."""
+  return jnp.broadcast_to(log_decay.astype(jnp.float32)[:, None], (log_decay.shape[0], DECAY_LANES))
+
+
+def read_log_decay(ref) -> jax.Array:
+  """Scalar log decay from a [DECAY_LANES] row ref (all lanes equal)."""
+  return jnp.max(ref[...])
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+  """2-D matmul with float32 accumulation: op(a) @ op(b)."""
+  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def positions(n: int) -> jax.Array:
+  return jax.lax.iota(jnp.int32, n).astype(jnp.float32)
+
+
+def intra_decay(log_decay, block: int) -> jax.Array:
+  """[block, block] float32: lambda^(i-j) for j <= i, else 0."""
+  pos = positions(block)
+  diff = pos[:, None] - pos[None, :]
+  causal = diff >= 0
+  return jnp.where(causal, jnp.exp(log_decay * jnp.where(causal, diff, 0.0)), 0.0)
+
+
+def block_masks(log_decay, seg, prev_seg, block: int, seq_len: int, start):
+  """Decay factors and masks of one sequence block.
+
+  Without segments (seg is None) the valid length comes from the static
+  `seq_len`; with segments it is the count of non-negative ids (padding is -1).
+  Returns (q_decay [C], k_decay [C], state_decay scalar, same_seg [C, C] or
+  None, segment entering the next block): q_decay_p = lambda^(p+1) on tokens that continue the
+  incoming state, k_decay_s = lambda^(valid-1-s) on tokens of the block's last
+  segment, state_decay = lambda^valid (0 if a segment starts in the block).
+  """
+  pos = positions(block)
+  if seg is None:
+    valid = jnp.minimum(block, seq_len - start).astype(jnp.float32)
+  else:
+    valid = jnp.sum((seg >= 0).astype(jnp.int32)).astype(jnp.float32)
+  k_exp = valid - 1.0 - pos
+  k_decay = jnp.where(k_exp >= 0, jnp.exp(log_decay * jnp.maximum(k_exp, 0.0)), 0.0)
+  q_decay = jnp.exp(log_decay * (pos + 1.0))
+  state_decay = jnp.exp(log_decay * valid)
+  if seg is None:
+    return q_decay, k_decay, state_decay, None, None
+  last_seg = jnp.max(seg)
+  q_decay = jnp.where(seg == prev_seg, q_decay, 0.0)
+  k_decay = jnp.where(seg == last_seg, k_decay, 0.0)
+  # A block made only of padding (-1) leaves the state as it is.
+  padding_only = last_seg < 0
+  state_decay = jnp.where((last_seg == prev_seg) | padding_only, state_decay, 0.0)
+  same_seg = seg[:, None] == seg[None, :]
+  next_prev_seg = jnp.where(padding_only, prev_seg, last_seg)
+  return q_decay, k_decay, state_decay, same_seg, next_prev_seg

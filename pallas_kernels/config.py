@@ -1,0 +1,71 @@
+"""Tuning configuration of the lightning attention kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+def _is_pow2(x: int) -> bool:
+  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningConfig:
+  """Block sizes and launch parameters; validated on construction.
+
+  Sizes are tokens (block_size*) or channels (block_k*, block_v*) and must be
+  powers of two >= 16 (the Triton backend's rule for loaded tiles and dots).
+
+  block_size:       tokens per sequence block of the forward sweep.
+  block_v:          value-dim tile of the forward kernel (one program per tile).
+  num_warps/stages: forward launch parameters.
+  bwd_block_size:   tokens per block of the backward sweeps (None: block_size).
+  bwd_block_k:      key-dim tile of the dQ kernel.
+  bwd_block_v:      value-dim tile of the dK/dV kernel (dK is summed over tiles).
+  bwd_num_warps/bwd_num_stages: backward launch parameters.
+  decode_block_v:   value-dim tile of the decode kernel.
+  decode_num_warps: decode launch parameter.
+  num_splits:       super-chunks the sequence is cut into when batch*heads is
+                    too small to fill the GPU (None: choose from the shape).
+  max_block_size:   larger requested block sizes are reduced to this.
+  """
+  block_size: int = 64
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  bwd_block_size: Optional[int] = None
+  bwd_block_k: int = 64
+  bwd_block_v: int = 64
+  bwd_num_warps: int = 4
+  bwd_num_stages: int = 2
+  decode_block_v: int = 64
+  decode_num_warps: int = 4
+  num_splits: Optional[int] = None
+  max_block_size: int = 128
+
+  def __post_init__(self):
+    for name in ("block_size", "block_v", "bwd_block_k", "bwd_block_v", "decode_block_v", "max_block_size"):
+      value = getattr(self, name)
+      if not _is_pow2(value) or value < 16:
+        raise ValueError(f"LightningConfig.{name} must be a power of two >= 16, got {value!r}")
+    if self.bwd_block_size is not None and (not _is_pow2(self.bwd_block_size) or self.bwd_block_size < 16):
+      raise ValueError(f"LightningConfig.bwd_block_size must be None or a power of two >= 16, "
+                       f"got {self.bwd_block_size!r}")
+    for name in ("num_warps", "bwd_num_warps", "decode_num_warps"):
+      value = getattr(self, name)
+      if value not in (1, 2, 4, 8, 16):
+        raise ValueError(f"LightningConfig.{name} must be one of 1, 2, 4, 8, 16, got {value!r}")
+    for name in ("num_stages", "bwd_num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError(f"LightningConfig.{name} must be an int in [1, 8], got {value!r}")
+    if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
+      raise ValueError(f"LightningConfig.num_splits must be None or an int >= 1, got {self.num_splits!r}")
+
+  @property
+  def backward_block_size(self) -> int:
+    return self.block_size if self.bwd_block_size is None else self.bwd_block_size
+
+
+DEFAULT_CONFIG = LightningConfig()

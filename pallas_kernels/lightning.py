@@ -1,0 +1,189 @@
+"""Lightning attention with Pallas kernels: padding, custom_vjp wiring, sequence splits.
+
+`lightning_attention` matches `mx01.lightning.lightning_attention_recurrent`:
+
+    S_t = lambda * S_{t-1} + k_t^T v_t,   o_t = q_t S_t,   lambda = exp(log_decay)
+
+with state resets where `segment_ids` change, `initial_state` owned by each
+row's first segment and the state after the last token returned.
+
+Gradients: dq, dk, dv and d(initial_state) come from the backward kernels.
+`log_decay` is treated as a constant (the model's decays are fixed, not
+trained): its cotangent is zero.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common as cm
+from pallas_kernels import lightning_states
+from pallas_kernels.config import DEFAULT_CONFIG, LightningConfig
+from pallas_kernels.lightning_bwd import lightning_backward
+from pallas_kernels.lightning_fwd import lightning_forward
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Programs below which the sequence is split into super-chunks (about two waves of an H100).
+_MIN_PROGRAMS = 264
+
+
+class _Static(NamedTuple):
+  seq_len: int
+  block: int
+  block_v: int
+  num_warps: int
+  num_stages: int
+  bwd_block: int
+  bwd_block_k: int
+  bwd_block_v: int
+  bwd_num_warps: int
+  bwd_num_stages: int
+  interpret: bool
+
+
+def _forward(q, k, v, log_decay, seg, init, st: _Static):
+  return lightning_forward(q, k, v, log_decay, seg, init, seq_len=st.seq_len, block=st.block, block_v=st.block_v,
+                           num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lightning_core(q, k, v, log_decay, seg, init, st: _Static):
+  return _forward(q, k, v, log_decay, seg, init, st)
+
+
+def _core_fwd(q, k, v, log_decay, seg, init, st):
+  return _forward(q, k, v, log_decay, seg, init, st), (q, k, v, log_decay, seg, init)
+
+
+def _core_bwd(st, residuals, cotangents):
+  q, k, v, log_decay, seg, init = residuals
+  grad_out, grad_state = cotangents
+  dq, dk, dv, d_init = lightning_backward(
+      q, k, v, log_decay, seg, init, grad_out, grad_state, seq_len=st.seq_len, block=st.bwd_block,
+      block_k=st.bwd_block_k, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
+      num_stages=st.bwd_num_stages, interpret=st.interpret)
+  d_init = None if init is None else d_init.astype(init.dtype)
+  return dq, dk, dv, jnp.zeros_like(log_decay), None, d_init
+
+
+_lightning_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def _pow2_ceil(x: int) -> int:
+  return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def _check_inputs(q, k, v, log_decay, segment_ids, initial_state):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, seq, heads, dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
+  if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q and k must have equal shapes and v the same [batch, seq, heads]; got q {q.shape}, "
+                     f"k {k.shape}, v {v.shape}")
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
+    raise ValueError(f"q, k, v must share one dtype among float32/bfloat16/float16; got {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}")
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  for name, size in (("q/k head dim", dk), ("v head dim", dv)):
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+  if t < 1:
+    raise ValueError(f"sequence length must be >= 1, got {t}")
+  if log_decay.shape != (h,):
+    raise ValueError(f"log_decay must have shape ({h},), got {log_decay.shape}")
+  if segment_ids is not None and (segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    raise ValueError(f"segment_ids must be an integer array of shape {(b, t)}, got {segment_ids.dtype}"
+                     f"{segment_ids.shape}")
+  if initial_state is not None and initial_state.shape != (b, h, dk, dv):
+    raise ValueError(f"initial_state must have shape {(b, h, dk, dv)}, got {initial_state.shape}")
+
+
+def _segment_index(segment_ids, b, t, t_pad):
+  """[b, t] ids -> [b, t_pad] int32 running index from 0, -1 on padding."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  idx = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(change.astype(jnp.int32), axis=1)], axis=1)
+  return jnp.pad(idx, ((0, 0), (0, t_pad - t)), constant_values=-1)
+
+
+def _pad_seq(x, t_pad):
+  return x if x.shape[1] == t_pad else jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _num_splits(cfg: LightningConfig, b, t, h, dv, block_v, block, interpret):
+  if cfg.num_splits is not None:
+    return cfg.num_splits
+  programs = b * h * (dv // block_v)
+  if interpret or programs >= _MIN_PROGRAMS:
+    return 1
+  wanted = _pow2_ceil(-(-_MIN_PROGRAMS // programs))
+  return max(1, min(wanted, _pow2_floor(t // (8 * block))))
+
+
+def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=None, block_size: Optional[int] = None,
+                        config: Optional[LightningConfig] = None,
+                        interpret: bool = False) -> Tuple[jax.Array, jax.Array]:
+  """Lightning attention on the Pallas kernels.
+
+  q, k [batch, seq, heads, dk]; v [batch, seq, heads, dv]; log_decay [heads]
+  (<= 0, treated as a constant); segment_ids [batch, seq] int or None;
+  initial_state [batch, heads, dk, dv] or None.  Head dims: powers of two >= 16.
+  Returns (out [batch, seq, heads, dv] in q.dtype, final_state [batch, heads, dk, dv] f32).
+
+  block_size (tokens per block; None: the config's) is rounded down to a power
+  of two and capped at config.max_block_size and at the padded sequence
+  length; the result does not depend on it beyond rounding.
+  """
+  cfg = config or DEFAULT_CONFIG
+  cm.check_backend(interpret)
+  _check_inputs(q, k, v, log_decay, segment_ids, initial_state)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  requested = cfg.block_size if block_size is None else int(block_size)
+  if requested < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
+  block = max(16, min(_pow2_floor(requested), cfg.max_block_size, _pow2_ceil(t)))
+  bwd_block = max(16, min(cfg.backward_block_size, block))
+  block_v = min(cfg.block_v, dv)
+  splits = _num_splits(cfg, b, t, h, dv, block_v, block, interpret)
+
+  if splits == 1:
+    t_pad = -(-t // block) * block
+    seg = None if segment_ids is None else _segment_index(segment_ids, b, t, t_pad)
+    st = _Static(t, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
+                 min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+    out, state = _lightning_core(_pad_seq(q, t_pad), _pad_seq(k, t_pad), _pad_seq(v, t_pad),
+                                 log_decay.astype(jnp.float32), seg, initial_state, st)
+    return out[:, :t], state
+
+  # Super-chunks: each of `splits` pieces runs from a zero state as its own row,
+  # then the incoming states are combined and their term added.
+  chunk_len = -(-t // (splits * block)) * block
+  t_pad = splits * chunk_len
+  seg = None
+  if segment_ids is not None or t_pad != t:
+    ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+    seg = _segment_index(ids, b, t, t_pad)
+  rows = lambda x: _pad_seq(x, t_pad).reshape(b * splits, chunk_len, h, x.shape[-1])
+  local_seg = None
+  if seg is not None:
+    per_row = seg.reshape(b * splits, chunk_len)
+    first = jnp.max(per_row[:, :1], axis=1, keepdims=True)
+    local_seg = jnp.where(per_row >= 0, per_row - first, -1)
+  st = _Static(chunk_len, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
+               min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+  out_local, local_states = _lightning_core(rows(q), rows(k), rows(v), log_decay.astype(jnp.float32), local_seg,
+                                            None, st)
+  chunk_decay, carries = lightning_states.chunk_transitions(log_decay, seg, splits, chunk_len, t)
+  states_in, final_state = lightning_states.combine_chunk_states(
+      local_states.reshape(b, splits, h, dk, dv), chunk_decay, initial_state)
+  out = lightning_states.apply_incoming_states(_pad_seq(q, t_pad), out_local.reshape(b, t_pad, h, dv), states_in,
+                                               log_decay, carries, chunk_len)
+  return out[:, :t], final_state

@@ -1,0 +1,176 @@
+"""Backward kernels of lightning attention.
+
+Two sweeps over the sequence, each keeping its running state on chip:
+
+* dQ (forward sweep, one program per (batch, head, key tile)): recomputes the
+  state S[key tile, :] block by block and forms
+      dQ = (dO V^T * D) K + (dO * q_decay) S^T.
+* dK/dV (reverse sweep, one program per (batch, head, value tile)): carries
+  the state cotangent G = dL/dS (starting from the final-state cotangent),
+      dV = (Q K^T * D)^T dO + (K * k_decay) G
+      dK = (dO V^T * D)^T Q + (V G^T) * k_decay      (partial over value tiles)
+      G  <- state_decay * G + (Q * q_decay)^T dO,
+  and what is left in G at the start is d(initial_state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as cm
+
+
+def _dq_kernel(*refs, block, seq_len, num_blocks, has_seg, has_init, compute_dtype):
+  k_ref, v_ref, do_ref, ld_ref = refs[:4]
+  rest = list(refs[4:])
+  seg_ref = rest.pop(0) if has_seg else None
+  s0_ref = rest.pop(0) if has_init else None
+  (dq_ref,) = rest
+
+  log_decay = cm.read_log_decay(ld_ref)
+  decay_ij = cm.intra_decay(log_decay, block)
+  bk = k_ref.shape[-1]
+  dv = v_ref.shape[-1]
+  state0 = s0_ref[...].astype(jnp.float32) if has_init else jnp.zeros((bk, dv), jnp.float32)
+
+  def body(i, carry):
+    state, prev_seg = carry
+    start = i * block
+    rows = pl.ds(pl.multiple_of(start, block), block)
+    k = k_ref[rows, :]  # [C, bk]
+    v = v_ref[rows, :]  # [C, dv]
+    do = do_ref[rows, :]  # [C, dv]
+    seg = seg_ref[rows] if has_seg else None
+    q_decay, k_decay, state_decay, same_seg, next_seg = cm.block_masks(
+        log_decay, seg, prev_seg, block, seq_len, start)
+    dscores = cm.dot(do, v, trans_b=True) * decay_ij  # [C, C]
+    if has_seg:
+      dscores = jnp.where(same_seg, dscores, 0.0)
+    dq = cm.dot(dscores.astype(compute_dtype), k)
+    dq += cm.dot((do * q_decay[:, None]).astype(compute_dtype), state.astype(compute_dtype), trans_b=True)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
+    return state, (next_seg if has_seg else prev_seg)
+
+  jax.lax.fori_loop(0, num_blocks, body, (state0, jnp.int32(0)))
+
+
+def _dkdv_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
+  q_ref, k_ref, v_ref, do_ref, ld_ref = refs[:5]
+  rest = list(refs[5:])
+  seg_ref = rest.pop(0) if has_seg else None
+  dst_ref, dk_ref, dv_ref, ds0_ref = rest
+
+  log_decay = cm.read_log_decay(ld_ref)
+  decay_ij = cm.intra_decay(log_decay, block)
+  grad_state0 = dst_ref[...].astype(jnp.float32)  # [dk, bv]
+
+  def body(j, grad_state):
+    i = num_blocks - 1 - j
+    start = i * block
+    rows = pl.ds(pl.multiple_of(start, block), block)
+    q = q_ref[rows, :]  # [C, dk]
+    k = k_ref[rows, :]
+    v = v_ref[rows, :]  # [C, bv]
+    do = do_ref[rows, :]
+    if has_seg:
+      seg = seg_ref[rows]
+      prev_rows = pl.ds(pl.multiple_of(jnp.maximum(start - block, 0), block), block)
+      prev_seg = jnp.where(i > 0, jnp.max(seg_ref[prev_rows]), 0)
+    else:
+      seg, prev_seg = None, None
+    q_decay, k_decay, state_decay, same_seg, _ = cm.block_masks(log_decay, seg, prev_seg, block, seq_len, start)
+    mask = decay_ij if not has_seg else jnp.where(same_seg, decay_ij, 0.0)
+    scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
+    dscores = cm.dot(do, v, trans_b=True) * mask
+    gs = grad_state.astype(compute_dtype)
+    dv = cm.dot(scores.astype(compute_dtype), do, trans_a=True)
+    dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), gs)
+    dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
+    dk += cm.dot(v, gs, trans_b=True) * k_decay[:, None]
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
+
+  grad_state = jax.lax.fori_loop(0, num_blocks, body, grad_state0)
+  ds0_ref[...] = grad_state
+
+
+def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, seq_len,
+                       block, block_k, block_v, num_warps, num_stages, interpret):
+  """Gradients of the forward sweep (padded inputs, as `lightning_forward`).
+
+  grad_out [b, t_pad, h, dv]; grad_state [b, h, dk, dv] f32 (cotangent of the
+  final state).  Returns (dq, dk, dv in the input dtypes, d_initial_state f32).
+  """
+  b, t_pad, h, dk = q.shape
+  dv = v.shape[-1]
+  assert t_pad % block == 0 and dk % block_k == 0 and dv % block_v == 0
+  sq = cm.SQUEEZED
+  has_seg = segment_index is not None
+  has_init = initial_state is not None
+  compute_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
+  grad_out = grad_out.astype(v.dtype)
+  decay = cm.decay_rows(log_decay)
+  params = cm.compiler_params(num_warps, num_stages)
+  num_blocks = t_pad // block
+
+  # dQ: forward sweep over key tiles.
+  in_specs = [
+      pl.BlockSpec((sq, t_pad, sq, block_k), lambda bi, hi, ki: (bi, 0, hi, ki)),
+      pl.BlockSpec((sq, t_pad, sq, dv), lambda bi, hi, ki: (bi, 0, hi, 0)),
+      pl.BlockSpec((sq, t_pad, sq, dv), lambda bi, hi, ki: (bi, 0, hi, 0)),
+      pl.BlockSpec((sq, cm.DECAY_LANES), lambda bi, hi, ki: (hi, 0)),
+  ]
+  args = [k, v, grad_out, decay]
+  if has_seg:
+    in_specs.append(pl.BlockSpec((sq, t_pad), lambda bi, hi, ki: (bi, 0)))
+    args.append(segment_index.astype(jnp.int32))
+  if has_init:
+    in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda bi, hi, ki: (bi, hi, ki, 0)))
+    args.append(initial_state.astype(jnp.float32))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block=block, seq_len=seq_len, num_blocks=num_blocks, has_seg=has_seg,
+                        has_init=has_init, compute_dtype=compute_dtype),
+      out_shape=jax.ShapeDtypeStruct((b, t_pad, h, dk), q.dtype), grid=(b, h, dk // block_k),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((sq, t_pad, sq, block_k), lambda bi, hi, ki: (bi, 0, hi, ki)),
+      compiler_params=params, interpret=interpret, name="lightning_bwd_dq")(*args)
+
+  # dK, dV, d(initial state): reverse sweep over value tiles.
+  num_v = dv // block_v
+  dk_dtype = k.dtype if num_v == 1 else jnp.float32
+  in_specs = [
+      pl.BlockSpec((sq, t_pad, sq, dk), lambda bi, hi, vi: (bi, 0, hi, 0)),
+      pl.BlockSpec((sq, t_pad, sq, dk), lambda bi, hi, vi: (bi, 0, hi, 0)),
+      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
+      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
+      pl.BlockSpec((sq, cm.DECAY_LANES), lambda bi, hi, vi: (hi, 0)),
+  ]
+  args = [q, k, v, grad_out, decay]
+  if has_seg:
+    in_specs.append(pl.BlockSpec((sq, t_pad), lambda bi, hi, vi: (bi, 0)))
+    args.append(segment_index.astype(jnp.int32))
+  in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)))
+  args.append(grad_state.astype(jnp.float32))
+  out_shape = [
+      jax.ShapeDtypeStruct((num_v, b, t_pad, h, dk), dk_dtype),
+      jax.ShapeDtypeStruct((b, t_pad, h, dv), v.dtype),
+      jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),
+  ]
+  out_specs = [
+      pl.BlockSpec((sq, sq, t_pad, sq, dk), lambda bi, hi, vi: (vi, bi, 0, hi, 0)),
+      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
+      pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)),
+  ]
+  dk_parts, dv_out, d_init = pl.pallas_call(
+      functools.partial(_dkdv_kernel, block=block, seq_len=seq_len, num_blocks=num_blocks, has_seg=has_seg,
+                        compute_dtype=compute_dtype),
+      out_shape=out_shape, grid=(b, h, num_v), in_specs=in_specs, out_specs=out_specs,
+      compiler_params=params, interpret=interpret, name="lightning_bwd_dkdv")(*args)
+  dk_out = dk_parts[0] if num_v == 1 else jnp.sum(dk_parts, axis=0).astype(k.dtype)
+  return dq, dk_out, dv_out, d_init
