@@ -6,7 +6,8 @@ Two measurements:
   function.  It counts every op (elementwise included), but counts the body
   of a while loop (`lax.scan`, `fori_loop`) once, not once per iteration.
 * `matmul_flops(fn, *args)` - walks the jaxpr and adds 2 * (output size) *
-  (contracted size) for every `dot_general`, multiplying bodies of `scan` by
+  (contracted size) for every `dot_general` (and the grouped
+  `ragged_dot_general` of the MoE, each row meeting one group), multiplying bodies of `scan` by
   their length and recursing into `pjit`, `remat`, `custom_jvp/vjp` and
   `cond` (the most expensive branch).  This is the matmul-only count that the
   analytic model describes, and it handles scans correctly.
@@ -37,6 +38,18 @@ def _dot_flops(eqn) -> float:
   return 2.0 * out_size * contracted
 
 
+def _ragged_dot_flops(eqn) -> float:
+  """Grouped matmul: each row (or each contracted element) meets exactly one group's weights."""
+  dims = eqn.params["ragged_dot_dimension_numbers"]
+  (lhs_contract, _), _ = dims.dot_dimension_numbers
+  lhs_shape = eqn.invars[0].aval.shape
+  contracted = math.prod(lhs_shape[d] for d in lhs_contract)
+  out_size = math.prod(eqn.outvars[0].aval.shape)
+  if any(d in lhs_contract for d in dims.lhs_ragged_dimensions):  # e.g. the weight gradient [groups, k, n]
+    out_size //= eqn.invars[2].aval.shape[-1]
+  return 2.0 * out_size * contracted
+
+
 def _sub_jaxprs(value):
   if isinstance(value, jex_core.ClosedJaxpr):
     yield value.jaxpr
@@ -53,6 +66,8 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
     name = eqn.primitive.name
     if name == "dot_general":
       total += _dot_flops(eqn)
+    elif name == "ragged_dot_general":
+      total += _ragged_dot_flops(eqn)
     elif name == "scan":
       total += eqn.params["length"] * _jaxpr_matmul_flops(eqn.params["jaxpr"].jaxpr)
     elif name == "cond":
