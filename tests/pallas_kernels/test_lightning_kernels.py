@@ -1,0 +1,337 @@
+"""Lightning attention Pallas kernels vs a float64 NumPy loop and the XLA reference.
+
+On CPU every kernel runs in interpret mode; the `compiled` variants (marked
+`gpu`) run the Triton kernels and skip unless the default backend is a GPU:
+    pytest tests/pallas_kernels -q           # CPU: interpret mode
+    pytest -m gpu tests/pallas_kernels -q    # GPU: compiled kernels
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from mx01 import lightning as ref
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="compiled", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")]),
+]
+
+# Relative error ||x - ref|| / ||ref|| allowed per input dtype.
+OUT_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+STATE_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+
+SMALL = pk.LightningConfig(block_size=16, block_v=16, bwd_block_k=16, bwd_block_v=16, decode_block_v=16)
+
+
+def numpy_lightning(q, k, v, log_decay, segment_ids=None, initial_state=None):
+  """The recurrence in float64 NumPy: (out [b, t, h, dv], final_state [b, h, dk, dv])."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  lam = np.exp(np.asarray(log_decay, np.float64))[None, :, None, None]
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  state = np.zeros((b, h, dk, dv)) if initial_state is None else np.asarray(initial_state, np.float64).copy()
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  out = np.zeros((b, t, h, dv))
+  for j in range(t):
+    decay = np.broadcast_to(lam, (b, h, 1, 1)).copy()
+    if seg is not None and j > 0:
+      decay[seg[:, j] != seg[:, j - 1]] = 0.0
+    state = state * decay + k[:, j, :, :, None] * v[:, j, :, None, :]
+    out[:, j] = np.einsum("bhk,bhkv->bhv", q[:, j], state)
+  return out, state
+
+
+def rel_err(x, y):
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  y = np.asarray(y, np.float64)
+  assert np.all(np.isfinite(x)), "non-finite values in kernel output"
+  return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+
+
+def make_inputs(seed, b, t, h, dk, dv, dtype, *, with_init=True, scale=0.5):
+  rng = np.random.default_rng(seed)
+  q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)) * scale, dtype) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
+  init = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32) if with_init else None
+  return q, k, v, init
+
+
+def packed_segments(seed, b, t):
+  """Random packing per row: several segments, always including length-1 ones."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(b):
+    lengths = [1, 1] + list(rng.integers(1, max(2, t // 3), size=t))
+    ids, seg_id = [], 7
+    for length in rng.permutation(lengths):
+      ids += [seg_id] * int(length)
+      seg_id += int(rng.integers(1, 3))
+    rows.append(ids[:t])
+  return jnp.asarray(np.array(rows), jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+FORWARD_CASES = [
+    # (t, dtype, segments, initial state, heads, num_splits)
+    (5, jnp.float32, False, False, 2, 1),      # shorter than one block
+    (16, jnp.float32, False, True, 2, 1),      # exactly one block
+    (37, jnp.float32, True, True, 2, 1),       # not a multiple, packed rows with length-1 segments
+    (64, jnp.bfloat16, True, True, 2, 1),
+    (100, jnp.bfloat16, False, True, 3, 1),
+    (45, jnp.float32, True, True, 2, 3),       # sequence split into super-chunks, tail padding
+    (64, jnp.float32, False, True, 1, 2),      # split without padding
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("t,dtype,with_seg,with_init,heads,splits", FORWARD_CASES)
+def test_forward_matches_numpy(interpret, t, dtype, with_seg, with_init, heads, splits):
+  b, dk, dv = 2, 16, 32
+  q, k, v, init = make_inputs(t * 7 + heads, b, t, heads, dk, dv, dtype, with_init=with_init)
+  seg = packed_segments(t, b, t) if with_seg else None
+  log_decay = jnp.asarray(ref.minimax_log_decay(heads, 1, 4))
+  cfg = SMALL if splits == 1 else pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
+  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init, config=cfg,
+                                      interpret=interpret)
+  assert out.shape == (b, t, heads, dv) and out.dtype == q.dtype
+  assert state.shape == (b, heads, dk, dv) and state.dtype == jnp.float32
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
+  assert rel_err(out, want_out) < OUT_TOL[dtype]
+  assert rel_err(state, want_state) < STATE_TOL[dtype]
+  # Same answer as the XLA block-wise reference.
+  ref_out, _ = ref.lightning_attention_chunked(q, k, v, log_decay, block_size=16, segment_ids=seg, initial_state=init)
+  assert rel_err(out, np.asarray(ref_out, np.float64)) < 2 * OUT_TOL[dtype]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("heads,layer", [(1, 0), (8, 0), (64, 0), (64, 79)])
+def test_model_decay_rates(interpret, heads, layer):
+  """Per-head decays of the real model, from the fastest (lambda ~ 0.4) to nearly 1."""
+  b, t, dk, dv = 1, 40, 16, 16
+  q, k, v, init = make_inputs(heads + layer, b, t, heads, dk, dv, jnp.float32)
+  log_decay = jnp.asarray(ref.minimax_log_decay(heads, layer, 80))
+  out, state = pk.lightning_attention(q, k, v, log_decay, initial_state=init, config=SMALL, interpret=interpret)
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, None, init)
+  assert rel_err(out, want_out) < OUT_TOL[jnp.float32]
+  assert rel_err(state, want_state) < STATE_TOL[jnp.float32]
+
+
+def test_default_block_size_from_model_dispatch():
+  """`mx01.lightning.lightning_attention(impl="pallas")` passes block_size=256; it is capped, same result."""
+  q, k, v, init = make_inputs(3, 1, 24, 2, 16, 16, jnp.float32)
+  log_decay = jnp.asarray(ref.minimax_log_decay(2, 0, 2))
+  out, state = ref.lightning_attention(q, k, v, log_decay, initial_state=init, impl="pallas", interpret=True)
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, None, init)
+  assert rel_err(out, want_out) < 1e-5 and rel_err(state, want_state) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+
+GRAD_CASES = [
+    # (t, dtype, segments, heads, num_splits)
+    (32, jnp.float32, False, 2, 1),
+    (37, jnp.float32, True, 2, 1),
+    (45, jnp.float32, True, 1, 3),
+    (40, jnp.bfloat16, True, 2, 1),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("t,dtype,with_seg,heads,splits", GRAD_CASES)
+def test_gradients_match_reference(interpret, t, dtype, with_seg, heads, splits):
+  b, dk, dv = 2, 16, 32
+  q, k, v, init = make_inputs(100 + t, b, t, heads, dk, dv, dtype)
+  seg = packed_segments(t + 1, b, t) if with_seg else None
+  log_decay = jnp.asarray(ref.minimax_log_decay(heads, 2, 8))
+  rng = np.random.default_rng(t)
+  w_out = jnp.asarray(rng.standard_normal((b, t, heads, dv)), jnp.float32)
+  w_state = jnp.asarray(rng.standard_normal((b, heads, dk, dv)), jnp.float32)
+  cfg = SMALL if splits == 1 else pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
+
+  def loss(fn, q, k, v, init):
+    out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+    return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state * w_state)
+
+  kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=cfg, interpret=interpret)
+  got = jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
+  # Reference gradients: autodiff of the recurrence on float32 copies of the same inputs.
+  f32 = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("float32"):
+    want = jax.grad(lambda *a: loss(ref.lightning_attention_recurrent, *a), argnums=(0, 1, 2, 3))(
+        f32(q), f32(k), f32(v), init)
+  for name, g, w in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+    assert g.shape == w.shape, name
+    err = rel_err(g, np.asarray(w, np.float64))
+    assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+def test_log_decay_gets_zero_cotangent():
+  q, k, v, _ = make_inputs(5, 1, 16, 2, 16, 16, jnp.float32, with_init=False)
+  log_decay = jnp.asarray(ref.minimax_log_decay(2, 0, 2))
+  g = jax.grad(lambda ld: jnp.sum(pk.lightning_attention(q, k, v, ld, config=SMALL, interpret=True)[0]))(log_decay)
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- prefill + decode
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_matches_reference(interpret, dtype):
+  b, h, dk, dv = 3, 4, 16, 32
+  rng = np.random.default_rng(11)
+  q, k = (jnp.asarray(rng.standard_normal((b, h, dk)), dtype) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((b, h, dv)), dtype)
+  state = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 4))
+  out, new_state = pk.lightning_decode(q, k, v, log_decay, state, config=SMALL, interpret=interpret)
+  want_out, want_state = numpy_lightning(q[:, None], k[:, None], v[:, None], log_decay, None, state)
+  assert out.dtype == dtype and new_state.dtype == jnp.float32
+  assert rel_err(out, want_out[:, 0]) < OUT_TOL[dtype]
+  assert rel_err(new_state, want_state) < 1e-6
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_chunked_prefill_then_decode(interpret):
+  """A prompt in 3 uneven pieces equals one call; decoding token by token continues it exactly."""
+  b, t, h, dk, dv, steps = 2, 41, 2, 16, 16, 4
+  q, k, v, init = make_inputs(21, b, t + steps, h, dk, dv, jnp.float32)
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 4))
+  run = lambda q_, k_, v_, s: pk.lightning_attention(q_, k_, v_, log_decay, initial_state=s, config=SMALL,
+                                                     interpret=interpret)
+  whole_out, whole_state = run(q[:, :t], k[:, :t], v[:, :t], init)
+  outs, state = [], init
+  for lo, hi in ((0, 13), (13, 14), (14, t)):
+    o, state = run(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], state)
+    outs.append(o)
+  assert rel_err(jnp.concatenate(outs, axis=1), np.asarray(whole_out, np.float64)) < 1e-5
+  assert rel_err(state, np.asarray(whole_state, np.float64)) < 1e-5
+
+  want_out, _ = numpy_lightning(q, k, v, log_decay, None, init)
+  for i in range(steps):
+    o, state = pk.lightning_decode(q[:, t + i], k[:, t + i], v[:, t + i], log_decay, state, config=SMALL,
+                                   interpret=interpret)
+    assert rel_err(o, want_out[:, t + i]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- chunk states
+
+
+def test_combine_chunk_states_matches_sequential():
+  rng = np.random.default_rng(4)
+  b, n, h, dk, dv = 2, 5, 3, 4, 6
+  local = jnp.asarray(rng.standard_normal((b, n, h, dk, dv)), jnp.float32)
+  decay = jnp.asarray(rng.uniform(0, 1, (b, n, h)), jnp.float32)
+  init = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+  states_in, final = pk.combine_chunk_states(local, decay, init)
+  s = np.asarray(init, np.float64)
+  for j in range(n):
+    np.testing.assert_allclose(np.asarray(states_in[:, j]), s, rtol=1e-5, atol=1e-5)
+    s = np.asarray(decay[:, j], np.float64)[..., None, None] * s + np.asarray(local[:, j], np.float64)
+  np.testing.assert_allclose(np.asarray(final), s, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_config_validation_names_the_value():
+  with pytest.raises(ValueError, match="block_size.*48"):
+    pk.LightningConfig(block_size=48)
+  with pytest.raises(ValueError, match="num_warps.*3"):
+    pk.LightningConfig(num_warps=3)
+  with pytest.raises(ValueError, match="num_splits.*0"):
+    pk.LightningConfig(num_splits=0)
+  with pytest.raises(ValueError, match="block_v.*8"):
+    pk.LightningConfig(block_v=8)
+
+
+def test_bad_inputs_raise():
+  q, k, v, _ = make_inputs(0, 1, 8, 2, 16, 16, jnp.float32, with_init=False)
+  ld = jnp.zeros((2,), jnp.float32)
+  call = lambda *a, **kw: pk.lightning_attention(*a, **kw, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    call(q[..., :12], k[..., :12], v, ld)
+  with pytest.raises(ValueError, match="dtype"):
+    call(q.astype(jnp.bfloat16), k, v, ld)
+  with pytest.raises(ValueError, match="log_decay"):
+    call(q, k, v, jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="segment_ids"):
+    call(q, k, v, ld, segment_ids=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match="initial_state"):
+    call(q, k, v, ld, initial_state=jnp.zeros((1, 2, 16, 8)))
+  with pytest.raises(ValueError, match="state"):
+    pk.lightning_decode(q[:, 0], k[:, 0], v[:, 0], ld, jnp.zeros((1, 2, 16, 8)), interpret=True)
+  if not ON_GPU:
+    with pytest.raises(ValueError, match="interpret=True"):
+      pk.lightning_attention(q, k, v, ld)
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_triton(dtype, monkeypatch):
+  """Forward, backward and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
+  from pallas_kernels import _common
+  monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
+  S = jax.ShapeDtypeStruct
+  b, t, h, d = 2, 200, 4, 128
+
+  def fwd_bwd(q, k, v, ld, seg, s0):
+    def loss(q, k, v, s0):
+      out, state = pk.lightning_attention(q, k, v, ld, segment_ids=seg, initial_state=s0)
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+
+  args = [S((b, t, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((b, t), jnp.int32), S((b, h, d, d), jnp.float32)]
+  try:
+    text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except TypeError as e:  # a jax without cross-platform lowering
+    pytest.skip(f"cannot lower for cuda here: {e}")
+  assert text.count("triton") >= 3
+  decode = lambda q, k, v, ld, s: pk.lightning_decode(q, k, v, ld, s)
+  dargs = [S((8, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((8, h, d, d), jnp.float32)]
+  assert "triton" in jax.jit(decode).trace(*dargs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---------------------------------------------------------------------------------------------- GPU sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float32)])
+def test_model_sized_heads_on_gpu(d, dtype):
+  b, t, h = 2, 1000, 4
+  q, k, v, init = make_inputs(d, b, t, h, d, d, dtype, scale=d ** -0.5)
+  seg = packed_segments(9, b, t)
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 3, 8))
+  rng = np.random.default_rng(1)
+  w_out = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+
+  def loss(fn, q, k, v, init):
+    out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+    return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state)
+
+  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
+  assert rel_err(out, want_out) < OUT_TOL[dtype]
+  assert rel_err(state, want_state) < STATE_TOL[dtype]
+  got = jax.grad(lambda *a: loss(pk.lightning_attention, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
+  f32 = lambda x: x.astype(jnp.float32)
+  chunked = lambda *a, **kw: ref.lightning_attention_chunked(*a, **kw, block_size=64)
+  with jax.default_matmul_precision("float32"):
+    want = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2, 3))(f32(q), f32(k), f32(v), init)
+  for name, g, w in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+    err = rel_err(g, np.asarray(w, np.float64))
+    assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
