@@ -205,3 +205,25 @@ def lightning_decode_step(q, k, v, log_decay, state) -> Tuple[jax.Array, jax.Arr
   new = state.astype(jnp.float32) * lam + jnp.einsum("bhk,bhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
   o = jnp.einsum("bhk,bhkv->bhv", q.astype(jnp.float32), new)
   return o.astype(q.dtype), new
+
+
+def lightning_attention_numpy(q, k, v, log_decay, *, segment_ids=None, initial_state=None):
+  """The recurrence as a float64 NumPy loop: the ground truth for every implementation's tests."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  lam = np.exp(np.asarray(log_decay, np.float64))[:, None, None]
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  out = np.zeros((b, t, h, dv))
+  final = np.zeros((b, h, dk, dv))
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  for i in range(b):
+    s = np.zeros((h, dk, dv)) if initial_state is None else np.asarray(initial_state[i], np.float64).copy()
+    for j in range(t):
+      if seg is not None and j > 0 and seg[i, j] != seg[i, j - 1]:
+        s = np.zeros_like(s)
+      else:
+        s = s * lam
+      s = s + k[i, j][:, :, None] * v[i, j][:, None, :]
+      out[i, j] = np.einsum("hk,hkv->hv", q[i, j], s)
+    final[i] = s
+  return out, final

@@ -17,6 +17,9 @@ from mx01.lightning import minimax_log_decay
 from mx01.layers.norms import RMSNorm
 
 
+LIGHTNING_NORM_EPS = 1e-6
+
+
 def dense(features, cfg: ModelConfig, name: str):
   return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.compute_dtype),
                   param_dtype=jnp.dtype(cfg.param_dtype),
@@ -40,6 +43,7 @@ class LightningAttentionLayer(nn.Module):
     log_decay = jnp.asarray(minimax_log_decay(h, self.layer_idx, cfg.num_layers))
     o, state = self.ops.lightning(q, k, v, log_decay, block_size=cfg.block_size, segment_ids=segment_ids,
                                   initial_state=initial_state)
-    o = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype), name="norm")(o.reshape(b, t, h * d))
+    # The released model normalises the heads with a fixed eps of 1e-6 (not config.rms_norm_eps).
+    o = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(o.reshape(b, t, h * d))
     o = jax.nn.sigmoid(dense(h * d, cfg, "output_gate")(x)) * o
     return dense(cfg.hidden_size, cfg, "out_proj")(o), state

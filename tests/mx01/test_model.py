@@ -1,0 +1,128 @@
+"""The decoder stack: shapes, packing isolation, MoE against the dense reference, RoPE, bf16."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mx01 import model
+from mx01.config import ModelConfig
+from mx01.layers import moe as moe_lib
+from mx01.layers.rope import apply_rope
+from mx01.ops import default_ops
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                  layer_types=("lightning", "softmax", "lightning", "lightning"), intermediate_size=24,
+                  num_experts=4, num_experts_per_tok=2, block_size=8, rotary_dim=4)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init(CFG, jax.random.key(0))
+
+
+def test_shapes_and_jit(params):
+  tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, CFG.vocab_size)
+  logits, aux = jax.jit(lambda p, t: model.apply(p, t, config=CFG))(params, tokens)
+  assert logits.shape == (2, 21, CFG.vocab_size) and logits.dtype == jnp.float32
+  assert aux["routing_stats"]["tokens_per_expert"].shape == (4, 4)
+  assert np.isfinite(float(aux["aux_loss"]))
+  # Every token routes to top-k experts in every layer.
+  np.testing.assert_allclose(aux["routing_stats"]["tokens_per_expert"].sum(-1), 2 * 21 * 2)
+
+
+def test_packed_documents_are_isolated(params):
+  """Two documents packed into one row give the same logits as two separate rows."""
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 64, 13), rng.integers(0, 64, 11)
+  packed = jnp.asarray(np.concatenate([a, b])[None])
+  seg = jnp.asarray(np.array([[1] * 13 + [2] * 11]))
+  lp, _ = model.apply(params, packed, seg, config=CFG)
+  la, _ = model.apply(params, jnp.asarray(a[None]), config=CFG)
+  lb, _ = model.apply(params, jnp.asarray(b[None]), config=CFG)
+  np.testing.assert_allclose(lp[0, :13], la[0], atol=2e-5)
+  np.testing.assert_allclose(lp[0, 13:], lb[0], atol=2e-5)
+
+
+def test_positions_from_segments():
+  seg = jnp.array([[1, 1, 1, 2, 2, 3], [5, 5, 5, 5, 0, 0]])
+  np.testing.assert_array_equal(model.positions_from_segments(seg), [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+
+
+def test_lightning_impls_agree(params):
+  tokens = jax.random.randint(jax.random.key(2), (1, 19), 0, CFG.vocab_size)
+  ref, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="reference"))
+  xla, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="xla"))
+  np.testing.assert_allclose(ref, xla, atol=2e-5)
+
+
+def test_moe_grouped_equals_dense_reference():
+  rng = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(rng[0], (2, 9, 32))
+  p = {"router": jax.random.normal(rng[1], (32, 4)), "wi_gate": jax.random.normal(rng[2], (4, 32, 24)) * 0.1,
+       "wi_up": jax.random.normal(rng[3], (4, 32, 24)) * 0.1, "wo": jax.random.normal(rng[4], (4, 24, 32)) * 0.1}
+  y1, s1 = moe_lib.moe_forward(x, p, config=CFG)
+  y2, s2 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)
+  np.testing.assert_allclose(y1, y2, atol=1e-5)
+  g1 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG)[0].sum())(p)
+  g2 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)[0].sum())(p)
+  for k in ("wi_gate", "wi_up", "wo", "router"):
+    np.testing.assert_allclose(g1[k], g2[k], atol=1e-4)
+
+
+def test_moe_capacity_drops_in_priority_order():
+  # 6 tokens all preferring expert 0, then expert 1; capacity 3 per expert.
+  idx = jnp.array([[0, 1]] * 6)
+  keep = moe_lib.capacity_keep_mask(idx, 4, 3)
+  np.testing.assert_array_equal(keep[:, 0], [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(keep[:, 1], [1, 1, 1, 0, 0, 0])
+  assert moe_lib.expert_capacity(6, 4, 2, 1.0) == 3
+
+
+def test_aux_loss_formula():
+  # Perfectly balanced routing gives E * sum_e (k/E)(1/E) = k.
+  stats = {"tokens_per_expert": jnp.full((1, 4), 5.0), "prob_sum": jnp.full((1, 4), 2.5), "num_tokens": jnp.array([10.0])}
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(stats, "per_layer"), 2.0)
+  np.testing.assert_allclose(moe_lib.load_balancing_loss(stats, "pooled"), 2.0)
+
+
+def test_partial_rope_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 5, 2, 8)).astype(np.float32)
+  pos = np.arange(5)[None]
+  got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), rotary_dim=4, theta=100.0))
+  inv = 100.0 ** (-np.arange(0, 4, 2) / 4)
+  ang = pos[0][:, None] * inv  # [t, 2]
+  want = x.copy()
+  for i in range(2):  # dim i pairs with i + 2; dims 4..7 pass through
+    c, s = np.cos(ang[:, i])[:, None], np.sin(ang[:, i])[:, None]
+    want[0, :, :, i] = x[0, :, :, i] * c - x[0, :, :, i + 2] * s
+    want[0, :, :, i + 2] = x[0, :, :, i + 2] * c + x[0, :, :, i] * s
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_bf16_compute_close_to_f32(params):
+  tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, CFG.vocab_size)
+  f32, _ = model.apply(params, tokens, config=CFG)
+  bf, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, compute_dtype="bfloat16"))
+  assert bf.dtype == jnp.float32
+  assert np.abs(np.asarray(bf) - np.asarray(f32)).max() < 0.05 * np.abs(np.asarray(f32)).max() + 0.05
+
+
+def test_remat_gives_same_gradients(params):
+  tokens = jax.random.randint(jax.random.key(5), (1, 16), 0, CFG.vocab_size)
+  def loss(p, cfg):
+    return jnp.mean(model.apply(p, tokens, config=cfg)[0] ** 2)
+  g1 = jax.grad(loss)(params, CFG)
+  g2 = jax.grad(loss)(params, dataclasses.replace(CFG, remat="full"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+def test_dense_ffn_variant():
+  cfg = dataclasses.replace(CFG, ffn_type="dense")
+  p = model.init(cfg, jax.random.key(0))
+  assert "mlp" in p["layers_0"] and "moe" not in p["layers_0"]
+  logits, aux = model.apply(p, jnp.zeros((1, 5), jnp.int32), config=cfg)
+  assert logits.shape == (1, 5, 64) and float(aux["aux_loss"]) == 0.0
