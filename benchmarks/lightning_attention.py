@@ -1,0 +1,391 @@
+"""Benchmark of the lightning attention kernels on one GPU.
+
+Times, in one run and on the same device:
+  * pallas  - `pallas_kernels.lightning_attention` (forward; forward+backward),
+  * fla     - flash-linear-attention's Triton `chunk_simple_gla` (torch), if importable,
+  * xla     - `mx01.lightning.lightning_attention_chunked` (block 256),
+  * cudnn   - softmax flash attention, `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`,
+and the decode step (pallas kernel vs the XLA step) against batch size.
+Reports ms, achieved TFLOP/s and GB/s, each kernel's roofline floor from its
+flop count and minimum bytes, and ratios; prints markdown tables and writes JSON.
+
+    python benchmarks/lightning_attention.py --out results.json [--quick] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HEADS = 64
+HEAD_DIM = 128
+CHUNK = 64                    # block size the flop counts assume (pallas and fla both use 64)
+TOKEN_HEADS = 1 << 23         # batch * heads * seq kept constant so every length fills the chip
+
+
+def shapes(seqs):
+  """(batch, seq, heads) with batch * heads * seq = TOKEN_HEADS."""
+  out = []
+  for t in seqs:
+    bh = max(1, TOKEN_HEADS // t)
+    heads = min(HEADS, bh)
+    out.append((max(1, bh // heads), t, heads))
+  return out
+
+
+def linear_flops(b, t, h, d, backward):
+  """Flops of the block algorithm (full C x C blocks): fwd 2C(dk+dv) + 4 dk dv per token and head,
+  backward 6C(dk+dv) + 10 dk dv (dQ sweep recomputes the state, dK/dV sweep carries dS)."""
+  per_token = 2 * CHUNK * 2 * d + 4 * d * d
+  if backward:
+    per_token += 6 * CHUNK * 2 * d + 10 * d * d
+  return b * t * h * per_token
+
+
+def linear_bytes(b, t, h, d, backward, itemsize=2):
+  """Minimum HBM bytes: fwd reads q, k, v and writes o (+ final state); bwd reads q, k, v, dO, writes dq, dk, dv."""
+  tensors = 4 + (7 if backward else 0)
+  return tensors * b * t * h * d * itemsize + b * h * d * d * 4
+
+
+def softmax_flops(b, t, h, d, backward):
+  fwd = 2 * 2 * b * h * t * t * d / 2  # QK^T and PV, causal half
+  return fwd * (3.5 if backward else 1.0)
+
+
+def softmax_bytes(b, t, h, d, backward, itemsize=2):
+  return (4 + (7 if backward else 0)) * b * t * h * d * itemsize
+
+
+# ---------------------------------------------------------------------------------------------- torch / fla
+
+
+def run_fla(seqs, fwd_only_seqs, out_path):
+  """Times fla's chunk_simple_gla; runs in its own process so torch and JAX don't share the allocator."""
+  import torch
+  import triton
+  results = []
+  try:
+    from fla.ops.simple_gla import chunk_simple_gla
+  except Exception as e:  # noqa: BLE001
+    json.dump({"error": f"fla not importable: {e!r}"}, open(out_path, "w"))
+    return
+  dev = "cuda"
+  for (b, t, h), backward in [(s, True) for s in shapes(seqs)] + [(s, False) for s in shapes(seqs + fwd_only_seqs)]:
+    try:
+      torch.manual_seed(0)
+      q = (torch.randn(b, t, h, HEAD_DIM, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
+      k = (torch.randn(b, t, h, HEAD_DIM, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
+      v = torch.randn(b, t, h, HEAD_DIM, device=dev).bfloat16().requires_grad_(backward)
+      g = -torch.linspace(0.01, 0.9, h, device=dev)
+      do = torch.randn(b, t, h, HEAD_DIM, device=dev).bfloat16()
+
+      def fwd():
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, output_final_state=True)
+
+      def fwd_bwd():
+        o, _ = fwd()
+        torch.autograd.grad(o, (q, k, v), do)
+
+      fn = fwd_bwd if backward else fwd
+      if not backward:
+        with torch.no_grad():
+          ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+      else:
+        ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+      results.append(dict(impl="fla", b=b, t=t, h=h, backward=backward, ms=ms))
+      del q, k, v, do
+      torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+      results.append(dict(impl="fla", b=b, t=t, h=h, backward=backward, error=repr(e)[:300]))
+      torch.cuda.empty_cache()
+    print("fla", results[-1], flush=True)
+  json.dump({"results": results, "torch": torch.__version__, "triton": triton.__version__}, open(out_path, "w"))
+
+
+# ---------------------------------------------------------------------------------------------- jax
+
+
+def time_jax(fn, *args, budget_s=0.5):
+  import jax
+  jax.block_until_ready(fn(*args))  # compile
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  reps = int(min(20, max(3, budget_s / max(first, 1e-6))))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3
+
+
+def device_ceilings():
+  """Measured copy bandwidth (bytes read + written) and bf16 matmul rate."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((1 << 30,), jnp.bfloat16) * 1.5  # 2 GiB
+  copy = jax.jit(lambda a: a * 1.0001)
+  ms = time_jax(copy, x)
+  bw = 2 * x.nbytes / (ms * 1e-3)
+  del x
+  n = 8192
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  ms = time_jax(jax.jit(lambda a, b: a @ b), a, b)
+  return dict(copy_GBps=bw / 1e9, bf16_TFLOPs=2 * n ** 3 / (ms * 1e-3) / 1e12)
+
+
+def make_inputs(b, t, h, d, dtype):
+  import jax
+  import jax.numpy as jnp
+  ks = jax.random.split(jax.random.PRNGKey(t + b), 4)
+  q = (jax.random.normal(ks[0], (b, t, h, d), jnp.float32) * d ** -0.5).astype(dtype)
+  k = (jax.random.normal(ks[1], (b, t, h, d), jnp.float32) * d ** -0.5).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, d), jnp.float32).astype(dtype)
+  do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
+  return q, k, v, do
+
+
+def linear_fns(impl, log_decay, config=None):
+  import jax
+  import pallas_kernels
+  from mx01 import lightning as ref
+  if impl == "pallas":
+    attn = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, log_decay, config=config)
+  else:
+    attn = lambda q, k, v: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256)
+
+  fwd = jax.jit(attn)
+
+  @jax.jit
+  def fwd_bwd(q, k, v, do):
+    (o, state), vjp = jax.vjp(attn, q, k, v)
+    return vjp((do, jax.numpy.zeros_like(state)))
+
+  return fwd, fwd_bwd
+
+
+def softmax_fns():
+  import jax
+  attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  fwd = jax.jit(attn)
+
+  @jax.jit
+  def fwd_bwd(q, k, v, do):
+    o, vjp = jax.vjp(attn, q, k, v)
+    return vjp(do)
+
+  return fwd, fwd_bwd
+
+
+def record(results, impl, b, t, h, backward, fn, args, ceil, softmax=False, **extra):
+  import jax
+  entry = dict(impl=impl, b=b, t=t, h=h, backward=backward, **extra)
+  try:
+    ms = time_jax(fn, *args)
+    entry.update(ms=ms)
+  except Exception as e:  # noqa: BLE001
+    entry.update(error=repr(e)[:300])
+  add_roofline(entry, ceil, softmax)
+  results.append(entry)
+  print(impl, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
+  jax.clear_caches()
+  return entry
+
+
+def add_roofline(entry, ceil, softmax=False):
+  b, t, h, backward = entry["b"], entry["t"], entry["h"], entry["backward"]
+  flops = (softmax_flops if softmax else linear_flops)(b, t, h, HEAD_DIM, backward)
+  nbytes = (softmax_bytes if softmax else linear_bytes)(b, t, h, HEAD_DIM, backward)
+  floor_ms = max(flops / (ceil["bf16_TFLOPs"] * 1e12), nbytes / (ceil["copy_GBps"] * 1e9)) * 1e3
+  entry.update(flops=flops, bytes=nbytes, floor_ms=floor_ms)
+  if "ms" in entry:
+    entry.update(TFLOPs=flops / (entry["ms"] * 1e-3) / 1e12, GBps=nbytes / (entry["ms"] * 1e-3) / 1e9,
+                 vs_floor=entry["ms"] / floor_ms)
+
+
+def sweep_configs(ceil, results):
+  """A few block/tile/warp choices at 8k; returns the best forward and backward settings."""
+  import jax.numpy as jnp
+  import pallas_kernels as pk
+  from mx01 import lightning as ref
+  b, t, h = shapes([8192])[0]
+  q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
+  fwd_opts = [dict(block_size=64, block_v=64, num_warps=4, num_stages=2),
+              dict(block_size=64, block_v=128, num_warps=8, num_stages=2),
+              dict(block_size=128, block_v=64, num_warps=8, num_stages=2),
+              dict(block_size=64, block_v=64, num_warps=4, num_stages=3),
+              dict(block_size=32, block_v=64, num_warps=4, num_stages=2)]
+  best_fwd = None
+  for opt in fwd_opts:
+    cfg = pk.LightningConfig(**opt)
+    fwd, _ = linear_fns("pallas", log_decay, cfg)
+    e = record(results, "pallas-sweep", b, t, h, False, fwd, (q, k, v), ceil, config=opt)
+    if "ms" in e and (best_fwd is None or e["ms"] < best_fwd[0]):
+      best_fwd = (e["ms"], opt)
+  bwd_opts = [dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4, bwd_num_stages=2),
+              dict(bwd_block_k=128, bwd_block_v=128, bwd_num_warps=8, bwd_num_stages=2),
+              dict(bwd_block_k=64, bwd_block_v=128, bwd_num_warps=8, bwd_num_stages=2),
+              dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4, bwd_num_stages=2, bwd_block_size=32)]
+  best_bwd = None
+  for opt in bwd_opts:
+    cfg = pk.LightningConfig(**{**best_fwd[1], **opt}) if best_fwd else pk.LightningConfig(**opt)
+    _, fwd_bwd = linear_fns("pallas", log_decay, cfg)
+    e = record(results, "pallas-sweep", b, t, h, True, fwd_bwd, (q, k, v, do), ceil, config=opt)
+    if "ms" in e and (best_bwd is None or e["ms"] < best_bwd[0]):
+      best_bwd = (e["ms"], opt)
+  merged = {**(best_fwd[1] if best_fwd else {}), **(best_bwd[1] if best_bwd else {})}
+  return pk.LightningConfig(**merged)
+
+
+def bench_decode(ceil, results, batches):
+  import jax
+  import jax.numpy as jnp
+  import pallas_kernels as pk
+  from mx01 import lightning as ref
+  h, d, steps = HEADS, HEAD_DIM, 20
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
+  impls = {
+      "pallas": jax.jit(lambda q, k, v, s: pk.lightning_decode(q, k, v, log_decay, s), donate_argnums=3),
+      "xla": jax.jit(lambda q, k, v, s: ref.lightning_decode_step(q, k, v, log_decay, s), donate_argnums=3),
+  }
+  for b in batches:
+    ks = jax.random.split(jax.random.PRNGKey(b), 4)
+    q, k, v = (jax.random.normal(ks[i], (b, h, d), jnp.bfloat16) for i in range(3))
+    for name, step in impls.items():
+      entry = dict(impl=f"decode-{name}", b=b, h=h)
+      try:
+        state = jax.random.normal(ks[3], (b, h, d, d), jnp.float32) * 0.1
+        for _ in range(3):
+          _, state = step(q, k, v, state)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+          _, state = step(q, k, v, state)
+        jax.block_until_ready(state)
+        ms = (time.perf_counter() - t0) / steps * 1e3
+        nbytes = 2 * b * h * d * d * 4 + 4 * b * h * d * 2
+        entry.update(ms_per_token=ms, GBps=nbytes / (ms * 1e-3) / 1e9,
+                     frac_of_copy_bw=nbytes / (ms * 1e-3) / 1e9 / ceil["copy_GBps"])
+        del state
+      except Exception as e:  # noqa: BLE001
+        entry.update(error=repr(e)[:300])
+      results.append(entry)
+      print(entry, flush=True)
+
+
+def markdown(results, fla, ceil):
+  lines = [f"ceilings measured: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_TFLOPs']:.0f} TFLOP/s", ""]
+  fla_ms = {(r["t"], r["backward"]): r.get("ms") for r in fla}
+  lines += ["| pass | b x t x h | pallas ms | TFLOP/s | GB/s | floor ms | pallas/floor | fla ms | fla/pallas "
+            "| xla ms | xla/pallas | cudnn softmax ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  by = {(r["impl"], r["t"], r["backward"]): r for r in results if "t" in r}
+  for (impl, t, backward), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+    if impl != "pallas":
+      continue
+    f = fla_ms.get((t, backward))
+    x = by.get(("xla", t, backward), {}).get("ms")
+    c = by.get(("cudnn", t, backward), {}).get("ms")
+    ms = r.get("ms")
+    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
+    ratio = lambda a: "-" if (a is None or ms is None) else f"{a / ms:.2f}"
+    lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {r['b']}x{t}x{r['h']} | {fmt(ms)} | {fmt(r.get('TFLOPs'), 0)} | "
+                 f"{fmt(r.get('GBps'), 0)} | {fmt(r['floor_ms'])} | {fmt(r.get('vs_floor'))} | {fmt(f)} | {ratio(f)} | "
+                 f"{fmt(x)} | {ratio(x)} | {fmt(c)} |")
+  lines += ["", "| decode batch | pallas ms/token | GB/s | of copy bw | xla ms/token | GB/s |", "|---|---|---|---|---|---|"]
+  dec = {(r["impl"], r["b"]): r for r in results if r["impl"].startswith("decode")}
+  for b in sorted({k[1] for k in dec}):
+    p, x = dec.get(("decode-pallas", b), {}), dec.get(("decode-xla", b), {})
+    g = lambda r, key, p=3: f"{r[key]:.{p}f}" if key in r else "-"
+    lines.append(f"| {b} | {g(p, 'ms_per_token')} | {g(p, 'GBps', 0)} | {g(p, 'frac_of_copy_bw', 2)} | "
+                 f"{g(x, 'ms_per_token')} | {g(x, 'GBps', 0)} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--quick", action="store_true", help="fewer lengths")
+  parser.add_argument("--sweep", action="store_true", help="pick block/warp settings at 8k first")
+  parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--skip-fla", action="store_true")
+  args = parser.parse_args()
+  seqs = [2048, 8192, 32768] if args.quick else [2048, 8192, 32768, 131072]
+  fwd_only = [] if args.quick else [262144, 1048576]
+  if args.fla_only:
+    run_fla(seqs, fwd_only, args.out)
+    return
+
+  fla_path = args.out + ".fla.json"
+  fla = []
+  if not args.skip_fla:
+    t0 = time.time()
+    subprocess.run([sys.executable, __file__, "--fla-only", "--out", fla_path] + (["--quick"] if args.quick else []),
+                   check=False)
+    try:
+      data = json.load(open(fla_path))
+      fla = data.get("results", [])
+      if "error" in data:
+        print("fla:", data["error"])
+    except Exception as e:  # noqa: BLE001
+      print("fla results missing:", e)
+    print(f"fla done in {time.time() - t0:.0f}s", flush=True)
+
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  import jax.numpy as jnp
+  import pallas_kernels as pk
+  from mx01 import lightning as ref
+
+  ceil = device_ceilings()
+  print("ceilings", ceil, flush=True)
+  for r in fla:
+    add_roofline(r, ceil)
+  results = []
+  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, ceilings=ceil,
+              date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), token_heads=TOKEN_HEADS, head_dim=HEAD_DIM)
+
+  def dump():
+    json.dump(dict(meta=meta, results=results, fla=fla), open(args.out, "w"), indent=1)
+
+  config = sweep_configs(ceil, results) if args.sweep else pk.DEFAULT_CONFIG
+  meta["config"] = config.__dict__
+  print("config", config, flush=True)
+  dump()
+  for backward in (False, True):
+    for b, t, h in shapes(seqs + ([] if backward else fwd_only)):
+      q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
+      log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
+      args_ = (q, k, v, do) if backward else (q, k, v)
+      fwd, fwd_bwd = linear_fns("pallas", log_decay, config)
+      record(results, "pallas", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil)
+      if t <= 131072:
+        fwd, fwd_bwd = linear_fns("xla", log_decay)
+        record(results, "xla", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil)
+      if t <= 32768:
+        fwd, fwd_bwd = softmax_fns()
+        record(results, "cudnn", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil, softmax=True)
+      del q, k, v, do
+      dump()
+  bench_decode(ceil, results, [1, 16, 64, 256, 1024])
+  dump()
+  table = markdown(results, fla, ceil)
+  meta["table"] = table
+  dump()
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
