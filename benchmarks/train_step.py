@@ -1,0 +1,117 @@
+"""Throughput of the full jitted train step (forward, backward, AdamW) on one device.
+
+For each preset and context length: step time, tokens/s, peak memory, MFU from
+the `scaling/` FLOP counter (causal attention work) and the 6·N·D MFU, against
+the device's dense bf16 peak.  The batch is sized to a token budget per step
+and halved on out-of-memory.
+
+  python -m benchmarks.train_step --presets hybrid_1b,softmax_1b,lightning_1b --seq 2048,8192,32768 \
+      --tokens_per_step 65536 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mx01 import model as model_lib
+from mx01.config import apply_overrides
+from mx01.presets import get_preset
+from mx01.training import make_train_step
+from scaling import flops
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, docs_per_row: int = 4):
+  tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+  cuts = np.sort(rng.choice(np.arange(1, seq), size=docs_per_row - 1, replace=False))
+  seg = (np.searchsorted(cuts, np.arange(seq + 1), side="right") + 1).astype(np.int32)
+  return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(np.broadcast_to(seg, tokens.shape).copy())}
+
+
+def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int):
+  mcfg = cfg.model
+  params = model_lib.init(mcfg, jax.random.key(0))
+  opt = optax.adamw(1e-4, weight_decay=0.1)
+  opt_state = opt.init(params)
+  step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
+  data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size)
+  t0 = time.perf_counter()
+  params, opt_state, m = step(params, opt_state, data)
+  jax.block_until_ready(m["loss"])
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    params, opt_state, m = step(params, opt_state, data)
+  jax.block_until_ready(m["loss"])
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    params, opt_state, m = step(params, opt_state, data)
+  jax.block_until_ready(m["loss"])
+  dt = (time.perf_counter() - t0) / steps
+  stats = jax.devices()[0].memory_stats() or {}
+  return dt, compile_s, stats.get("peak_bytes_in_use", 0), float(m["loss"])
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--presets", default="softmax_100m,lightning_100m,hybrid_100m,hybrid_moe_100m")
+  ap.add_argument("--seq", default="2048,8192")
+  ap.add_argument("--tokens_per_step", type=int, default=65536)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--override", action="append", default=[], help="config override, e.g. model.remat=full")
+  ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining runs after this many seconds")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  peak = flops.detect_peak_flops()
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind}, jax {jax.__version__}, peak bf16 {peak}")
+  rows, start = [], time.time()
+  for name in args.presets.split(","):
+    for seq in (int(s) for s in args.seq.split(",")):
+      if time.time() - start > args.time_budget_s:
+        print(f"time budget reached; skipping {name} @ {seq}")
+        continue
+      cfg = apply_overrides(get_preset(name), [f"data.seq_len={seq}", f"model.max_seq_len={max(seq, 1)}"]
+                            + args.override)
+      batch = max(1, args.tokens_per_step // seq)
+      while True:
+        try:
+          dt, compile_s, peak_mem, loss = bench_one(cfg, seq, batch, args.steps, args.warmup)
+          break
+        except Exception as e:  # out of memory: halve the batch
+          if "RESOURCE_EXHAUSTED" in str(e) and batch > 1:
+            batch //= 2
+            continue
+          print(f"{name} @ {seq}: failed: {str(e).splitlines()[0][:200]}")
+          dt = None
+          break
+      if dt is None:
+        continue
+      tps = batch * seq / dt
+      row = dict(preset=name, seq=seq, batch=batch, step_ms=dt * 1e3, tokens_per_s=tps, compile_s=compile_s,
+                 peak_mem_gb=peak_mem / 2**30, loss=loss,
+                 mfu=flops.mfu(tps, cfg.model, seq, peak) if peak else None,
+                 mfu_6nd=(tps * flops.six_nd_flops_per_token(cfg.model) / peak) if peak else None,
+                 lightning_impl=cfg.model.lightning_impl, remat=cfg.model.remat)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  print("\n| preset | seq | batch | step ms | tokens/s | MFU | MFU (6ND) | peak GiB |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    fmt = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"| {r['preset']} | {r['seq']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+          f"{fmt(r['mfu'])} | {fmt(r['mfu_6nd'])} | {r['peak_mem_gb']:.1f} |")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
