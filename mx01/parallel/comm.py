@@ -63,10 +63,11 @@ def all_gather_replicated(x, axes: Tuple[str, ...], *, axis: int = 0):
 
 def vma_of(x) -> Tuple[str, ...]:
   """Mesh axes over which `x` varies inside shard_map (empty outside or without vma typing)."""
-  try:
-    return tuple(sorted(jax.typeof(x).vma))
-  except AttributeError:  # pragma: no cover
-    return ()
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return tuple(sorted(manual.varying))
+  return tuple(sorted(getattr(aval, "vma", ())))  # jax 0.7 - 0.9
 
 
 def as_varying(x, axes: Sequence[str]):
