@@ -67,6 +67,10 @@ class ModelConfig:
   # Lightning attention.
   block_size: int = 256
   lightning_impl: Literal["auto", "reference", "xla", "pallas"] = "auto"
+  # Softmax attention: "xla" (einsum, materialises the scores), "pallas" (jax's
+  # Pallas flash attention with segment ids), "cudnn" (unpacked rows only);
+  # "auto" = pallas on GPU, xla elsewhere.
+  attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
   # Softmax attention: RoPE on the first `rotary_dim` dims of each head
   # (MiniMax-Text-01: 64 of 128).  None means the whole head.
   rotary_dim: Optional[int] = None
@@ -116,6 +120,8 @@ class ModelConfig:
              f"must be 'per_layer' or 'pooled', got {self.aux_loss_reduction!r}")
     _require(self.lightning_impl in ("auto", "reference", "xla", "pallas"), "lightning_impl",
              f"must be one of auto/reference/xla/pallas, got {self.lightning_impl!r}")
+    _require(self.attention_impl in ("auto", "xla", "pallas", "cudnn"), "attention_impl",
+             f"must be one of auto/xla/pallas/cudnn, got {self.attention_impl!r}")
     _require(self.remat in ("none", "full", "save_dots"), "remat",
              f"must be one of none/full/save_dots, got {self.remat!r}")
     for name in ("param_dtype", "compute_dtype"):
@@ -178,6 +184,7 @@ class ParallelConfig:
 class DataConfig:
   source: str = "embedded"  # "embedded", a path to text/JSONL files or a folder, or ArrayRecord
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json
+  text_field: str = "text"  # the JSON field holding a document's text (JSONL / ArrayRecord)
   seq_len: int = 256
   eval_fraction: float = 0.02
   shuffle_seed: int = 0
@@ -186,6 +193,8 @@ class DataConfig:
   def __post_init__(self):
     _require(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")
     _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+    _require(isinstance(self.prefetch, int) and self.prefetch >= 0, "prefetch",
+             f"must be an integer >= 0 (batches prefetched), got {self.prefetch!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +217,10 @@ class TrainConfig:
   keep_checkpoints: int = 3
   max_nonfinite_steps: int = 10
   run_dir: str = "runs/default"
+  # Learning rate: linear warmup to learning_rate, then decay to min_lr_ratio * learning_rate.
+  lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  async_checkpointing: bool = True
+  tensorboard: bool = True
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -218,6 +231,15 @@ class TrainConfig:
              f"must be in [0, steps={self.steps}], got {self.warmup_steps}")
     _require(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"must divide batch_size={self.batch_size}, got {self.grad_accum}")
+    for name in ("eval_every", "eval_batches", "max_nonfinite_steps"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0 (0 disables), got {v!r}")
+    _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+    _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+    _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+    _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1", f"Adam betas must be in [0, 1), got b1={self.b1}, b2={self.b2}")
+    _require(self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule",
+             f"must be cosine/linear/constant, got {self.lr_schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

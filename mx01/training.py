@@ -1,21 +1,25 @@
-"""Loss and a pure train step over an explicit parameter pytree.
+"""Loss, optimizer and a pure train step over an explicit parameter pytree.
 
 Batches are packed rows: {"tokens": [batch, L + 1] int32, "segment_ids":
 [batch, L + 1] int32}.  The model reads tokens[:, :-1] and predicts
 tokens[:, 1:]; a target counts only when it continues the same segment, and
 segment id 0 marks padding (never a target).
+
+    optimizer, schedule = make_optimizer(config.train)
+    step = jax.jit(make_train_step(config.model, optimizer, grad_accum=2, skip_nonfinite=True))
+    params, opt_state, metrics = step(params, opt_state, batch)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mx01 import model as model_lib
-from mx01.config import ModelConfig
+from mx01.config import ModelConfig, TrainConfig
 from mx01.ops import ModelOps
 
 
@@ -36,8 +40,19 @@ def cross_entropy(logits, targets, mask):
   return jnp.sum(nll * m), jnp.sum(m)
 
 
+def expert_load_imbalance(tokens_per_expert):
+  """Mean over MoE layers of max_e(load) / mean_e(load).  tokens_per_expert [layers, E] -> [] (1.0 = balanced)."""
+  load = tokens_per_expert.astype(jnp.float32)
+  return jnp.mean(jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))
+
+
 def loss_fn(params, batch, *, config: ModelConfig, ops: Optional[ModelOps] = None):
-  """Mean next-token loss + router_aux_loss_coef * aux loss.  Returns (loss, metrics)."""
+  """Mean next-token loss + router_aux_loss_coef * aux loss.  Returns (loss, metrics).
+
+  metrics: "loss" (cross-entropy), "aux_loss", "tokens" (targets counted) and,
+  for MoE, "expert_load" [E] (assignments summed over layers) and
+  "expert_load_max_over_mean" (see `expert_load_imbalance`).
+  """
   inputs, targets, seg, mask = split_batch(batch)
   logits, aux = model_lib.apply(params, inputs, seg, config=config, ops=ops)
   nll_sum, count = cross_entropy(logits, targets, mask)
@@ -45,18 +60,124 @@ def loss_fn(params, batch, *, config: ModelConfig, ops: Optional[ModelOps] = Non
   loss = ce + config.router_aux_loss_coef * aux["aux_loss"]
   metrics = {"loss": ce, "aux_loss": aux["aux_loss"], "tokens": count}
   if "routing_stats" in aux:
-    metrics["expert_load"] = jnp.sum(aux["routing_stats"]["tokens_per_expert"], axis=0)
+    per_layer = aux["routing_stats"]["tokens_per_expert"]
+    metrics["expert_load"] = jnp.sum(per_layer, axis=0)
+    metrics["expert_load_max_over_mean"] = expert_load_imbalance(per_layer)
   return loss, metrics
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, ops: Optional[ModelOps] = None):
-  """(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit."""
+# ---- optimizer -------------------------------------------------------------------
+
+def weight_decay_mask(params):
+  """True for parameters that get weight decay: matrices (ndim >= 2), not norm scales, biases or 1-D params."""
+
+  def decays(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    return leaf.ndim >= 2 and name not in ("scale", "bias")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+  """Linear warmup over warmup_steps to learning_rate, then cosine / linear decay to
+  min_lr_ratio * learning_rate at `steps` (or constant)."""
+  peak, floor = train.learning_rate, train.learning_rate * train.min_lr_ratio
+  warmup = max(train.warmup_steps, 0)
+  decay_steps = max(train.steps - warmup, 1)
+  if train.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
+  elif train.lr_schedule == "linear":
+    decay = optax.linear_schedule(peak, floor, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  if warmup == 0:
+    return decay
+  # Step 0 trains with a small non-zero rate: warmup reaches `peak` at step `warmup`.
+  ramp = optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else optax.constant_schedule(peak)
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with gradient clipping by global norm, the schedule above and `weight_decay_mask`."""
+  schedule = learning_rate_schedule(train)
+  parts = []
+  if train.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train.grad_clip))
+  parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
+                           mask=weight_decay_mask))
+  return optax.chain(*parts), schedule
+
+
+# ---- train / eval steps ------------------------------------------------------------
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, ops: Optional[ModelOps] = None,
+                    *, grad_accum: int = 1, skip_nonfinite: bool = False) -> Callable:
+  """(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit.
+
+  grad_accum > 1 splits the batch [b, L+1] into grad_accum micro-batches of
+  b / grad_accum rows (scanned, so one micro-batch of activations is live) and
+  averages their gradients and metrics.  skip_nonfinite=True leaves params and
+  optimizer state unchanged when the loss or any gradient is NaN/inf, and
+  reports metrics["nonfinite"] = 1.
+  """
+
+  def grads_of(params, batch):
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, config=config, ops=ops)
+
+  def accumulated(params, batch):
+    b = batch["tokens"].shape[0]
+    if b % grad_accum:
+      raise ValueError(f"batch of {b} rows is not divisible by grad_accum={grad_accum}")
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry, mb):
+      (loss, metrics), grads = grads_of(params, mb)
+      acc_grads, acc_loss, acc_metrics = carry
+      acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+      acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
+      return (acc_grads, acc_loss + loss, acc_metrics), None
+
+    (_, metrics_shape), _ = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro))
+    metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+    (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), metrics0), micro)
+    scale = 1.0 / grad_accum
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    summed = ("tokens", "expert_load")
+    metrics = {k: (v if k in summed else v * scale) for k, v in metrics.items()}
+    return (loss * scale, metrics), grads
 
   def train_step(params, opt_state, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, config=config, ops=ops)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, total_loss=loss, grad_norm=optax.global_norm(grads))
-    return params, opt_state, metrics
+    if grad_accum > 1:
+      (loss, metrics), grads = accumulated(params, batch)
+    else:
+      (loss, metrics), grads = grads_of(params, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, total_loss=loss, grad_norm=grad_norm)
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & _all_finite(grads)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+      metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    return new_params, new_opt_state, metrics
 
   return train_step
+
+
+def make_eval_step(config: ModelConfig, ops: Optional[ModelOps] = None) -> Callable:
+  """(params, batch) -> {"nll_sum": [], "tokens": []}: summed cross-entropy over a batch's targets."""
+
+  def eval_step(params, batch):
+    inputs, targets, seg, mask = split_batch(batch)
+    logits, _ = model_lib.apply(params, inputs, seg, config=config, ops=ops)
+    nll_sum, count = cross_entropy(logits, targets, mask)
+    return {"nll_sum": nll_sum, "tokens": count}
+
+  return eval_step

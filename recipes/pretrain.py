@@ -1,0 +1,344 @@
+"""Pretraining recipe: `python -m recipes.pretrain --config=NAME [--config.section.key=value ...]`.
+
+    python -m recipes.pretrain                                   # tiny preset on the embedded corpus (CPU, minutes)
+    python -m recipes.pretrain --config=hybrid_moe_100m --config.train.steps=500 --config.data.source=texts/
+    python -m recipes.pretrain --config=tiny --resume            # continue from the latest checkpoint
+    python -m recipes.pretrain --config=hybrid_456b              # prints the memory / layout plan
+    python -m recipes.pretrain --config=hybrid_456b --dry_run    # ... and compiles the step at reduced depth
+    python -m recipes.pretrain --help                            # flags and presets
+
+Writes to config.train.run_dir:
+  config.json          the resolved config
+  metrics.jsonl        one record per step (loss, aux loss, grad norm, lr, ...) plus throughput at log steps
+  tensorboard/         the same scalars for TensorBoard
+  checkpoints/<step>/  orbax checkpoints: params, optimizer state, step, RNG, data-iterator state
+  summary.json         what `train` returns
+
+Exit codes: 0 done (or plan printed: not enough devices for the config, nothing started),
+2 config / usage error, 3 stopped on repeated non-finite steps, 4 no usable checkpoint or
+a checkpoint of another config.
+
+`train(config, resume=False)` is the programmatic entry point (used by the sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+from typing import Callable, Optional
+
+from mx01 import config as config_lib
+from mx01.config import Config, ConfigError
+from recipes import flags as flags_lib
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT_ERROR = 4
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class RunExistsError(RuntimeError):
+  """run_dir already holds checkpoints and neither resume nor overwrite was asked for."""
+
+
+class InsufficientDevicesError(RuntimeError):
+  """The config's mesh needs more devices than are attached."""
+
+
+def _non_embedding_params(params) -> tuple[int, int]:
+  """(non-embedding, total) parameter counts of a parameter pytree (embedding and LM head excluded)."""
+  import jax
+  total = sum(int(x.size) for x in jax.tree.leaves(params))
+  vocab = sum(int(x.size) for k in ("embed", "lm_head") if k in params for x in jax.tree.leaves(params[k]))
+  return total - vocab, total
+
+
+def _peak_flops_per_device() -> Optional[float]:
+  try:
+    from scaling import flops as flops_lib
+    return flops_lib.detect_peak_flops()
+  except Exception:
+    return None
+
+
+def _mfu(tokens_per_sec_per_device: float, config: Config, peak: Optional[float]) -> Optional[float]:
+  if peak is None:
+    return None
+  from scaling import flops as flops_lib
+  return flops_lib.mfu(tokens_per_sec_per_device, config.model, config.data.seq_len, peak)
+
+
+def _prepare_run_dir(config: Config, *, resume: bool, overwrite: bool) -> pathlib.Path:
+  run_dir = pathlib.Path(config.train.run_dir)
+  ckpt_dir = run_dir / "checkpoints"
+  has_checkpoints = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+  if has_checkpoints and not resume:
+    if not overwrite:
+      raise RunExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                           "--overwrite to start over, or choose another --config.train.run_dir")
+    shutil.rmtree(ckpt_dir)
+  if overwrite and not resume:
+    for name in ("metrics.jsonl", "summary.json"):
+      (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(config_lib.to_json(config) + "\n")
+  return run_dir
+
+
+def train(config: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = print,
+          devices=None) -> dict:
+  """Trains `config` and returns a summary.
+
+  Returns {"final_train_loss", "eval_loss", "n_params" (non-embedding), "n_params_total",
+  "tokens_seen", "wall_time_s", "tokens_per_sec", "mfu" (None on CPU), "steps",
+  "nonfinite_steps", "run_dir"}.  tokens are input positions (batch_size * seq_len per step).
+
+  resume=True continues from the latest valid checkpoint in train.run_dir
+  (bit-for-bit: same parameters, same data order) or starts fresh if there is
+  none.  Raises RunExistsError if run_dir has checkpoints and neither resume
+  nor overwrite is set, CheckpointMismatchError for a checkpoint of another
+  config, NonFiniteError after train.max_nonfinite_steps consecutive
+  non-finite steps, InsufficientDevicesError if the mesh does not fit.
+  """
+  t_start = time.time()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from mx01 import checkpoint as ckpt_lib
+  from mx01 import metrics as metrics_lib
+  from mx01 import model as model_lib
+  from mx01 import training
+  from mx01.data import DataPipeline
+
+  tc, dc = config.train, config.data
+  devices = list(devices) if devices is not None else jax.devices()
+  if config.parallel.num_devices > len(devices):
+    raise InsufficientDevicesError(
+        f"parallel mesh data*tensor*sequence = {config.parallel.num_devices} devices, but {len(devices)} "
+        "are attached; see `python -m recipes.pretrain --config=... --plan`")
+  run_dir = _prepare_run_dir(config, resume=resume, overwrite=overwrite)
+
+  # Data parallelism over the attached devices (parameters replicated, batch split) when the batch divides.
+  n_dp = len(devices) if tc.batch_size % len(devices) == 0 else 1
+  mesh = Mesh(np.asarray(devices[:n_dp]), ("data",))
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  data = DataPipeline(config)
+  optimizer, schedule = training.make_optimizer(tc)
+  key = jax.random.key(tc.seed)
+  init_key, run_key = jax.random.split(key)
+
+  def make_state(k):
+    params = model_lib.init(config.model, k)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(run_key)}
+
+  abstract = jax.eval_shape(make_state, init_key)
+  state_shardings = jax.tree.map(lambda _: replicated, abstract)
+  init_state = jax.jit(make_state, out_shardings=state_shardings)
+
+  ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config, keep=tc.keep_checkpoints,
+                               async_save=tc.async_checkpointing, log=log)
+  writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tc.tensorboard)
+  start_step, data_state, state = 0, None, None
+  if resume:
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, state_shardings)
+    restored = ckpt.restore(abstract_sharded)
+    if restored is None:
+      log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    else:
+      state, start_step, data_state = restored.state, restored.step, restored.data_state
+      log(f"resumed from {run_dir / 'checkpoints' / str(start_step)} (step {start_step})")
+    writer.truncate_after(start_step)
+  if state is None:
+    state = init_state(init_key)
+
+  n_params, n_params_total = _non_embedding_params(state["params"])
+  tokens_per_step = tc.batch_size * dc.seq_len
+  peak = _peak_flops_per_device()
+  log(f"{config.model.num_layers} layers, {n_params:,} non-embedding parameters ({n_params_total:,} total), "
+      f"{tc.batch_size} x {dc.seq_len} tokens per step, {n_dp} device(s) [{devices[0].platform}], "
+      f"{data.num_train_documents} train / {data.num_eval_documents} held-out documents, run_dir={run_dir}")
+
+  train_step = training.make_train_step(config.model, optimizer, grad_accum=tc.grad_accum, skip_nonfinite=True)
+  eval_step = jax.jit(training.make_eval_step(config.model))
+
+  def step_fn(state, batch):
+    params, opt_state, metrics = train_step(state["params"], state["opt_state"], batch)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+  step_fn = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  eval_batches = [jax.make_array_from_process_local_data(batch_sharding, b) for b in data.eval_batches()]
+
+  def evaluate(params) -> Optional[float]:
+    if not eval_batches:
+      return None
+    sums = [eval_step(params, b) for b in eval_batches]
+    nll = sum(float(s["nll_sum"]) for s in sums)
+    count = sum(float(s["tokens"]) for s in sums)
+    return nll / max(count, 1.0)
+
+  it = data.train_iterator(data_state)
+  pending: list[tuple[int, dict]] = []
+  consecutive_nonfinite, nonfinite_total = 0, 0
+  recent_losses: list[float] = []
+  window_start_time, window_start_step = None, start_step
+  tokens_per_sec, mfu, eval_loss = None, None, None
+  last_log: dict = {}
+
+  def flush_pending(step: int, window: Optional[dict]) -> None:
+    nonlocal consecutive_nonfinite, nonfinite_total, last_log
+    host = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, host):
+      record = {"loss": float(m["loss"]), "aux_loss": float(m["aux_loss"]), "total_loss": float(m["total_loss"]),
+                "grad_norm": float(m["grad_norm"]), "learning_rate": float(schedule(s - 1)),
+                "nonfinite": int(m["nonfinite"])}
+      if "expert_load_max_over_mean" in m:
+        record["expert_load_max_over_mean"] = float(m["expert_load_max_over_mean"])
+      if m["nonfinite"]:
+        consecutive_nonfinite += 1
+        nonfinite_total += 1
+        log(f"step {s}: non-finite loss or gradients; update skipped ({consecutive_nonfinite} in a row)")
+      else:
+        consecutive_nonfinite = 0
+        recent_losses.append(record["loss"])
+        del recent_losses[:-max(1, min(tc.log_every, 20))]
+      if s == step and window:
+        record.update(window)
+      writer.write(s, record, tensorboard=(s == step))
+      last_log = record
+      if tc.max_nonfinite_steps and consecutive_nonfinite >= tc.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{consecutive_nonfinite} consecutive steps (up to step {s}) had a non-finite loss or gradient; "
+            f"stopping (train.max_nonfinite_steps={tc.max_nonfinite_steps}). Last checkpoint: "
+            f"{ckpt.latest_step()}. Try a lower train.learning_rate or train.grad_clip.")
+    pending.clear()
+
+  step = start_step
+  try:
+    for step in range(start_step + 1, tc.steps + 1):
+      batch = next(it)
+      packing = float(np.mean(batch["segment_ids"] != 0))
+      state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, batch))
+      pending.append((step, metrics))
+      if window_start_time is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(metrics)
+        window_start_time, window_start_step = time.time(), step
+      is_log = step % tc.log_every == 0 or step == tc.steps or step == start_step + 1
+      is_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+      is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
+      window = None
+      if is_log:
+        jax.block_until_ready(metrics)
+        now = time.time()
+        if step > window_start_step:
+          tokens_per_sec = (step - window_start_step) * tokens_per_step / (now - window_start_time)
+          mfu = _mfu(tokens_per_sec / n_dp, config, peak)
+        eta = (tc.steps - step) * tokens_per_step / tokens_per_sec if tokens_per_sec else None
+        window = {"tokens_per_sec": tokens_per_sec, "mfu": mfu, "packing_efficiency": packing,
+                  "tokens_seen": step * tokens_per_step, "elapsed_s": now - t_start}
+      if is_eval:
+        eval_loss = evaluate(state["params"])
+        if window is None:
+          window = {}
+        window["eval_loss"] = eval_loss
+      if pending and (is_log or is_ckpt or is_eval or len(pending) >= 100):
+        flush_pending(step, window)
+        if is_log:
+          log(metrics_lib.progress_line(step, tc.steps, dict(last_log, tokens_per_sec=tokens_per_sec, mfu=mfu,
+                                                             nonfinite_skipped=nonfinite_total),
+                                        eta if is_log else None)
+              + (f" | eval {eval_loss:.4f}" if is_eval and eval_loss is not None else ""))
+      if is_ckpt:
+        ckpt.save(step, state, data_state=it.get_state(), extra={"tokens_seen": step * tokens_per_step})
+    if pending:
+      flush_pending(step, None)
+  finally:
+    it.close()
+    ckpt.close()
+    writer.close()
+
+  wall = time.time() - t_start
+  summary = {
+      "final_train_loss": float(np.mean(recent_losses)) if recent_losses else None,
+      "eval_loss": eval_loss,
+      "n_params": n_params,
+      "n_params_total": n_params_total,
+      "tokens_seen": tc.steps * tokens_per_step,
+      "wall_time_s": wall,
+      "tokens_per_sec": tokens_per_sec,
+      "mfu": mfu,
+      "steps": tc.steps,
+      "start_step": start_step,
+      "nonfinite_steps": nonfinite_total,
+      "run_dir": str(run_dir),
+  }
+  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = flags_lib.build_parser("Pretrain an mx01 (MiniMax-Text-01 family) model.")
+  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+  parser.add_argument("--overwrite", action="store_true", help="delete run_dir's checkpoints and start over")
+  parser.add_argument("--plan", action="store_true",
+                      help="print the memory / parallel-layout plan for the config and exit")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print the plan, then lower and compile the train step at reduced depth and "
+                           "report the compiler's memory estimate; trains nothing")
+  parser.add_argument("--dry_run_layers", type=int, default=2, help="decoder layers compiled by --dry_run")
+  parser.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU for the plan")
+  parser.add_argument("--assumed_mfu", type=float, default=0.4, help="MFU the plan's step time assumes")
+  try:
+    config, args = flags_lib.parse_flags(argv, parser)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+  import jax
+  from recipes import plan as plan_lib
+  n_devices = jax.device_count()
+  if args.plan or args.dry_run or config.parallel.num_devices > n_devices:
+    plan = plan_lib.make_plan(config, device_memory_gib=args.gpu_memory_gib, assumed_mfu=args.assumed_mfu)
+    print(plan_lib.format_plan(plan))
+    if args.dry_run:
+      print(plan_lib.format_dry_run(plan_lib.dry_run(config, num_layers=args.dry_run_layers)))
+    if config.parallel.num_devices > n_devices and not (args.plan or args.dry_run):
+      print(f"\nNot started: this config's mesh needs {config.parallel.num_devices} devices "
+            f"(parallel.data*tensor*sequence) and the plan above needs {plan.devices_needed} GPUs of "
+            f"{args.gpu_memory_gib:g} GiB; {n_devices} {jax.devices()[0].platform} device(s) are attached. "
+            f"Nothing was allocated.")
+    return EXIT_OK
+
+  from mx01 import checkpoint as ckpt_lib
+  try:
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+  except (RunExistsError, InsufficientDevicesError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_NONFINITE
+  except (ckpt_lib.CheckpointMismatchError, ckpt_lib.NoValidCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CHECKPOINT_ERROR
+  print(json.dumps(summary, indent=2))
+  return EXIT_OK
+
+
+if __name__ == "__main__":
+  sys.exit(main())
