@@ -21,22 +21,28 @@ from mx01.config import ModelConfig
 from mx01.layers import moe as moe_lib
 
 
-def causal_attention(q, k, v, *, segment_ids=None, implementation: Optional[str] = None):
+def causal_attention(q, k, v, *, segment_ids=None, implementation: str = "xla", interpret: bool = False):
   """Causal softmax attention with GQA and packed-sequence masking.
 
   q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim],
   segment_ids [batch, seq] (tokens attend only within their segment).
   Returns [batch, seq, heads, head_dim] in q.dtype; softmax in float32.
+
+  implementation: "xla" (materialises the [seq, seq] scores), "pallas" (jax's
+  Pallas flash attention, which takes segment ids), or "cudnn" (cuDNN flash
+  attention; rows must not be packed).
   """
   b, t, h, d = q.shape
   kvh = k.shape[2]
   scale = d ** -0.5
-  if implementation is not None:
-    mask = None
+  if implementation == "pallas":
+    return _pallas_flash_attention(q, k, v, segment_ids, scale, interpret)
+  if implementation == "cudnn":
     if segment_ids is not None:
-      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale,
-                                        implementation=implementation)
+      raise ValueError("attention_impl='cudnn' does not take packed rows (segment_ids); use 'pallas' or 'xla'")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"implementation must be 'xla', 'pallas' or 'cudnn', got {implementation!r}")
   qg = q.reshape(b, t, kvh, h // kvh, d)
   logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
@@ -46,6 +52,31 @@ def causal_attention(q, k, v, *, segment_ids=None, implementation: Optional[str]
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def _pallas_flash_attention(q, k, v, segment_ids, scale, interpret):
+  """jax's Pallas (Triton) flash attention; K/V heads repeated for GQA, the tail padded to a block."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+  b, t, h, d = q.shape
+  rep = h // k.shape[2]
+  if rep > 1:
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  block = 128 if t >= 128 else max(16, 1 << (t - 1).bit_length())
+  pad = -t % block
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)  # padding attends only to padding
+  sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
+                                      block_q_dq=block, block_kv_dq=block)
+  out = pallas_attention.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes, interpret=interpret)
+  return out[:, :t]
+
+
+def resolve_attention_impl(impl: str) -> str:
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return impl
 
 
 def resolve_lightning_impl(impl: str) -> str:
@@ -71,6 +102,6 @@ def default_ops(config: ModelConfig) -> ModelOps:
   impl = resolve_lightning_impl(config.lightning_impl)
   return ModelOps(
       lightning=functools.partial(lightning_lib.lightning_attention, impl=impl),
-      attention=causal_attention,
+      attention=functools.partial(causal_attention, implementation=resolve_attention_impl(config.attention_impl)),
       moe=moe_lib.moe_forward,
   )
