@@ -1,0 +1,54 @@
+"""`ModelOps` for inside `shard_map`: LASP+, ring attention and the expert-parallel MoE.
+
+The decoder calls `ops.lightning`, `ops.attention` and `ops.moe` (mx01/ops.py);
+these versions take the local shards of a device and communicate over the
+mesh.  The lightning implementation inside LASP+ is the one the config picks
+(`lightning_impl`: XLA block-wise or Pallas kernels), called through the
+initial/final-state interface of `mx01.lightning.lightning_attention`.
+"""
+
+from __future__ import annotations
+
+from mx01 import ops as ops_lib
+from mx01.config import ModelConfig
+from mx01.parallel import comm
+from mx01.parallel.lasp import lasp_lightning
+from mx01.parallel.layout import SequenceLayout
+from mx01.parallel.mesh import ParallelMesh
+from mx01.parallel.moe_ep import moe_expert_parallel
+from mx01.parallel.ring_attention import ring_attention
+from mx01.parallel.tensor_parallel import LAYER_LOG_DECAY
+
+import jax.numpy as jnp
+
+
+def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: SequenceLayout,
+                      global_batch: int) -> ops_lib.ModelOps:
+  """Ops for one device of `pmesh`; `config` is the global model config."""
+  inner = ops_lib.default_ops(config).lightning
+  sequence_axes = pmesh.axes("sequence")
+
+  def lightning(q, k, v, log_decay, *, block_size, segment_ids=None, initial_state=None):
+    # q, k [b, t_local, heads_local, dk]; v [b, t_local, heads_local, dv]
+    override = LAYER_LOG_DECAY.get()  # this rank's heads of the global decay (tensor parallel)
+    log_decay = log_decay if override is None else override
+    if pmesh.parallel.sequence == 1:
+      if initial_state is None:
+        b, _, h, dk = q.shape
+        initial_state = comm.as_varying(jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32), comm.vma_of(q))
+      return inner(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids, initial_state=initial_state)
+    return lasp_lightning(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
+                          initial_state=initial_state, inner=inner, layout=layout, sequence_axes=sequence_axes)
+
+  def attention(q, k, v, *, segment_ids=None):
+    if pmesh.parallel.sequence == 1:
+      return ops_lib.causal_attention(q, k, v, segment_ids=segment_ids)
+    return ring_attention(q, k, v, segment_ids=segment_ids, layout=layout, sequence_axes=sequence_axes)
+
+  def moe(x, params, *, config=None, token_mask=None):
+    del config  # the layer passes its (tensor-local) config; routing needs the global one
+    return moe_expert_parallel(x, params, config=global_config, pmesh=pmesh, layout=layout,
+                               global_batch=global_batch, token_mask=token_mask)
+
+  global_config = config
+  return ops_lib.ModelOps(lightning=lightning, attention=attention, moe=moe)
