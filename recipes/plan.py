@@ -148,7 +148,7 @@ def _plan_memory(config: Config, par: ParallelConfig, groups: dict) -> dict:
     cb = _BYTES[config.model.compute_dtype]
     transient = 2 * cb * (groups["layer_dense"] / par.tensor
                           + groups["layer_experts"] / (par.expert * par.expert_tensor))
-  return {"param_bytes": params * 1.0, "grad_bytes": params * 1.0, "optimizer_bytes": params / pb * 8.0,
+  return {"param_bytes": params * pb, "grad_bytes": params * pb, "optimizer_bytes": params * 8.0,
           "activation_bytes": act, "transient_bytes": transient, "rows": rows, "tokens": tokens}
 
 
@@ -209,8 +209,8 @@ def format_plan(plan: Plan) -> str:
       f"== plan: {c.model.num_layers} layers, hidden {c.model.hidden_size}, "
       f"{c.model.num_experts if c.model.is_moe else 0} experts (top-{c.model.num_experts_per_tok}), "
       f"context {c.data.seq_len}, batch {c.train.batch_size} x {c.data.seq_len} = {plan.tokens_per_step:,} tokens",
-      f"parameters: {plan.params_total / 1e9:.2f}B total, {plan.params_activated / 1e9:.2f}B activated per token, "
-      f"{plan.params_non_embedding / 1e9:.2f}B non-embedding",
+      f"parameters: {plan.params_total / 1e9:.2f}B total, {plan.params_activated / 1e9:.2f}B activated per token "
+      f"(embedding and LM head included), {plan.params_non_embedding / 1e9:.2f}B non-embedding",
       f"layout (config): {plan.layout}",
       f"micro-batch: {plan.micro_batch_rows} sequence(s) per data replica (grad_accum={c.train.grad_accum}), "
       f"{plan.tokens_per_device:,} tokens per device; remat={c.model.remat}, "
@@ -249,7 +249,10 @@ class DryRun:
   output_bytes: int
   temp_bytes: int  # activations and workspace
   alias_bytes: int
-  plan_state_bytes: float  # this module's estimate for the same reduced config, one device
+  grad_only_temp_bytes: Optional[int]  # temporaries of forward + backward alone (no optimizer update)
+  plan_param_bytes: float  # this module's estimates for the same reduced config, one device
+  plan_grad_bytes: float
+  plan_optimizer_bytes: float
   plan_activation_bytes: float
   notes: str
 
@@ -265,7 +268,8 @@ def reduced_config(config: Config, num_layers: int, *, batch_rows: int = 1, seq_
   return dataclasses.replace(config, model=model, data=data, train=train, parallel=ParallelConfig())
 
 
-def dry_run(config: Config, *, num_layers: int = 2, batch_rows: int = 1, seq_len: Optional[int] = None) -> DryRun:
+def dry_run(config: Config, *, num_layers: int = 2, batch_rows: int = 1, seq_len: Optional[int] = None,
+            include_grad_only: bool = True) -> DryRun:
   """Lowers and compiles the train step of `reduced_config(...)` from abstract inputs; returns its memory analysis."""
   import time
 
@@ -287,6 +291,11 @@ def dry_run(config: Config, *, num_layers: int = 2, batch_rows: int = 1, seq_len
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
   compile_s = time.time() - t0
   ma = compiled.memory_analysis()
+  grad_only_temp = None
+  if include_grad_only:  # forward + backward without the optimizer: temporaries = gradients + activations
+    grad_fn = jax.grad(lambda p, b: training.loss_fn(p, b, config=small.model)[0])
+    grad_only_temp = int(getattr(jax.jit(grad_fn).lower(params, batch).compile().memory_analysis(),
+                                 "temp_size_in_bytes", 0))
   groups = _param_groups(small.model)
   mem = _plan_memory(small, small.parallel, groups)
   return DryRun(
@@ -295,8 +304,9 @@ def dry_run(config: Config, *, num_layers: int = 2, batch_rows: int = 1, seq_len
       argument_bytes=int(getattr(ma, "argument_size_in_bytes", 0)),
       output_bytes=int(getattr(ma, "output_size_in_bytes", 0)),
       temp_bytes=int(getattr(ma, "temp_size_in_bytes", 0)),
-      alias_bytes=int(getattr(ma, "alias_size_in_bytes", 0)),
-      plan_state_bytes=mem["param_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
+      alias_bytes=int(getattr(ma, "alias_size_in_bytes", 0)), grad_only_temp_bytes=grad_only_temp,
+      plan_param_bytes=mem["param_bytes"], plan_grad_bytes=mem["grad_bytes"],
+      plan_optimizer_bytes=mem["optimizer_bytes"],
       plan_activation_bytes=mem["activation_bytes"],
       notes=(f"unsharded single-device step on {jax.devices()[0].platform} (mx01/parallel has no sharded "
              "train step yet); XLA reference attention paths"))
@@ -310,8 +320,12 @@ def format_dry_run(d: DryRun) -> str:
       f"  {d.notes}",
       f"  compiler (memory_analysis): arguments {_gib(d.argument_bytes)} (params + optimizer state + batch), "
       f"temporaries {_gib(d.temp_bytes)}, outputs {_gib(d.output_bytes)} (aliased {_gib(d.alias_bytes)})",
-      f"  plan for the same config:   params + optimizer {_gib(d.plan_state_bytes - d.plan_state_bytes / 4)}"
-      f" + gradients {_gib(d.plan_state_bytes / 4)}, activations {_gib(d.plan_activation_bytes)}",
+      (f"  forward + backward alone (no optimizer update): temporaries {_gib(d.grad_only_temp_bytes)} "
+       "(= gradients + activations; the rest of the step's temporaries are the optimizer update's "
+       "unfused elementwise intermediates on this backend)" if d.grad_only_temp_bytes is not None else
+       "  forward + backward alone: not compiled"),
+      f"  plan for the same config:   params + optimizer {_gib(d.plan_param_bytes + d.plan_optimizer_bytes)}, "
+      f"gradients {_gib(d.plan_grad_bytes)}, activations {_gib(d.plan_activation_bytes)}",
       "  scaling with depth: arguments and gradients grow linearly with the number of layers (all layers have "
       "the same parameter count here); with remat=full, temporaries grow by one saved layer input per layer "
       "and the one-layer working set stays constant (without remat they grow by a full working set per layer).",
