@@ -131,7 +131,7 @@ def device_ceilings():
   """Measured copy bandwidth (bytes read + written) and bf16 matmul rate."""
   import jax
   import jax.numpy as jnp
-  x = jnp.ones((1 << 30,), jnp.bfloat16) * 1.5  # 2 GiB
+  x = jnp.ones((1 << 30,), jnp.float32) * 1.5  # 4 GiB
   copy = jax.jit(lambda a: a * 1.0001)
   ms = time_jax(copy, x)
   bw = 2 * x.nbytes / (ms * 1e-3)
@@ -255,8 +255,12 @@ def bench_decode(ceil, results, batches):
   from mx01 import lightning as ref
   h, d, steps = HEADS, HEAD_DIM, 20
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
+  decode = lambda cfg: jax.jit(lambda q, k, v, s: pk.lightning_decode(q, k, v, log_decay, s, config=cfg),
+                               donate_argnums=3)
   impls = {
-      "pallas": jax.jit(lambda q, k, v, s: pk.lightning_decode(q, k, v, log_decay, s), donate_argnums=3),
+      "pallas": decode(pk.DEFAULT_CONFIG),
+      "pallas-v128-w8": decode(pk.LightningConfig(decode_block_v=128, decode_num_warps=8)),
+      "pallas-v32-w4": decode(pk.LightningConfig(decode_block_v=32, decode_num_warps=4)),
       "xla": jax.jit(lambda q, k, v, s: ref.lightning_decode_step(q, k, v, log_decay, s), donate_argnums=3),
   }
   for b in batches:
@@ -303,12 +307,16 @@ def markdown(results, fla, ceil):
     lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {r['b']}x{t}x{r['h']} | {fmt(ms)} | {fmt(r.get('TFLOPs'), 0)} | "
                  f"{fmt(r.get('GBps'), 0)} | {fmt(r['floor_ms'])} | {fmt(r.get('vs_floor'))} | {fmt(f)} | {ratio(f)} | "
                  f"{fmt(x)} | {ratio(x)} | {fmt(c)} |")
-  lines += ["", "| decode batch | pallas ms/token | GB/s | of copy bw | xla ms/token | GB/s |", "|---|---|---|---|---|---|"]
+  lines += ["", "| decode batch | pallas ms/token | GB/s | of copy bw | best pallas tile GB/s | xla ms/token | GB/s |",
+            "|---|---|---|---|---|---|---|"]
   dec = {(r["impl"], r["b"]): r for r in results if r["impl"].startswith("decode")}
   for b in sorted({k[1] for k in dec}):
     p, x = dec.get(("decode-pallas", b), {}), dec.get(("decode-xla", b), {})
     g = lambda r, key, p=3: f"{r[key]:.{p}f}" if key in r else "-"
-    lines.append(f"| {b} | {g(p, 'ms_per_token')} | {g(p, 'GBps', 0)} | {g(p, 'frac_of_copy_bw', 2)} | "
+    tiles = [r for (impl, bb), r in dec.items() if bb == b and impl.startswith("decode-pallas") and "GBps" in r]
+    best = max(tiles, key=lambda r: r["GBps"]) if tiles else {}
+    best_txt = f"{best['GBps']:.0f} ({best['impl'][7:]})" if best else "-"
+    lines.append(f"| {b} | {g(p, 'ms_per_token')} | {g(p, 'GBps', 0)} | {g(p, 'frac_of_copy_bw', 2)} | {best_txt} | "
                  f"{g(x, 'ms_per_token')} | {g(x, 'GBps', 0)} |")
   return "\n".join(lines)
 
@@ -320,9 +328,17 @@ def main():
   parser.add_argument("--sweep", action="store_true", help="pick block/warp settings at 8k first")
   parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--skip-fla", action="store_true")
+  parser.add_argument("--impls", default="pallas,xla,cudnn", help="JAX implementations to time")
+  parser.add_argument("--seqs", default=None, help="comma-separated lengths for fwd and fwd+bwd")
+  parser.add_argument("--fwd-seqs", default=None, help="comma-separated extra forward-only lengths")
   args = parser.parse_args()
   seqs = [2048, 8192, 32768] if args.quick else [2048, 8192, 32768, 131072]
   fwd_only = [] if args.quick else [262144, 1048576]
+  if args.seqs:
+    seqs = [int(x) for x in args.seqs.split(",")]
+  if args.fwd_seqs is not None:
+    fwd_only = [int(x) for x in args.fwd_seqs.split(",") if x]
+  impls = set(args.impls.split(","))
   if args.fla_only:
     run_fla(seqs, fwd_only, args.out)
     return
@@ -369,17 +385,19 @@ def main():
       q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
       log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
       args_ = (q, k, v, do) if backward else (q, k, v)
-      fwd, fwd_bwd = linear_fns("pallas", log_decay, config)
-      record(results, "pallas", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil)
-      if t <= 131072:
+      if "pallas" in impls:
+        fwd, fwd_bwd = linear_fns("pallas", log_decay, config)
+        record(results, "pallas", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil)
+      if "xla" in impls and t <= 131072:
         fwd, fwd_bwd = linear_fns("xla", log_decay)
         record(results, "xla", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil)
-      if t <= 32768:
+      if "cudnn" in impls and t <= 32768:
         fwd, fwd_bwd = softmax_fns()
         record(results, "cudnn", b, t, h, backward, fwd_bwd if backward else fwd, args_, ceil, softmax=True)
       del q, k, v, do
       dump()
-  bench_decode(ceil, results, [1, 16, 64, 256, 1024])
+  if "pallas" in impls:
+    bench_decode(ceil, results, [1, 16, 64, 256, 1024])
   dump()
   table = markdown(results, fla, ceil)
   meta["table"] = table

@@ -42,7 +42,9 @@ def read_log_decay(ref) -> jax.Array:
 def dot(a, b, *, trans_a=False, trans_b=False):
   """2-D matmul with float32 accumulation: op(a) @ op(b)."""
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  # float32 operands: ask for full precision (IEEE), not the TF32 default some versions pick.
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def positions(n: int) -> jax.Array:

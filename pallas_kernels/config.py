@@ -30,14 +30,15 @@ class LightningConfig:
                     too small to fill the GPU (None: choose from the shape).
   max_block_size:   larger requested block sizes are reduced to this.
   """
+  # Defaults: fastest of a small sweep on an H100 at head dim 128, bf16 (BENCHMARKS.md).
   block_size: int = 64
-  block_v: int = 64
-  num_warps: int = 4
+  block_v: int = 128
+  num_warps: int = 8
   num_stages: int = 2
   bwd_block_size: Optional[int] = None
-  bwd_block_k: int = 64
-  bwd_block_v: int = 64
-  bwd_num_warps: int = 4
+  bwd_block_k: int = 128
+  bwd_block_v: int = 128
+  bwd_num_warps: int = 8
   bwd_num_stages: int = 2
   decode_block_v: int = 64
   decode_num_warps: int = 4

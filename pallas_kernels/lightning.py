@@ -27,8 +27,10 @@ from pallas_kernels.lightning_bwd import lightning_backward
 from pallas_kernels.lightning_fwd import lightning_forward
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Programs below which the sequence is split into super-chunks (about two waves of an H100).
-_MIN_PROGRAMS = 264
+# Below this many programs (one per (batch, head, value tile); about one wave on an
+# H100's 132 SMs) the sequence is split into super-chunks, aiming at two waves.
+_MIN_PROGRAMS = 128
+_TARGET_PROGRAMS = 264
 
 
 class _Static(NamedTuple):
@@ -123,7 +125,7 @@ def _num_splits(cfg: LightningConfig, b, t, h, dv, block_v, block, interpret):
   programs = b * h * (dv // block_v)
   if interpret or programs >= _MIN_PROGRAMS:
     return 1
-  wanted = _pow2_ceil(-(-_MIN_PROGRAMS // programs))
+  wanted = _pow2_ceil(-(-_TARGET_PROGRAMS // programs))
   return max(1, min(wanted, _pow2_floor(t // (8 * block))))
 
 

@@ -82,6 +82,12 @@ def apply_incoming_states(q: jax.Array, out_local: jax.Array, states_in: jax.Arr
   qc = q.astype(jnp.float32).reshape(b, n, chunk_len, h, dk) * q_decay[None, None, :, :, None]
   if carries is not None:
     qc = qc * carries.reshape(b, n, chunk_len)[..., None, None]
-  extra = jnp.einsum("bnlhk,bnhkv->bnlhv", qc, states_in, precision=jax.lax.Precision.HIGHEST)
+  # Low-precision inputs on GPU: matmul in their dtype with float32 accumulation (as the
+  # kernels do); float32 inputs, or a backend without such dots (CPU), use float32.
+  if q.dtype == jnp.float32 or jax.default_backend() != "gpu":
+    extra = jnp.einsum("bnlhk,bnhkv->bnlhv", qc, states_in, precision=jax.lax.Precision.HIGHEST)
+  else:
+    extra = jnp.einsum("bnlhk,bnhkv->bnlhv", qc.astype(q.dtype), states_in.astype(q.dtype),
+                       preferred_element_type=jnp.float32)
   out = out_local.astype(jnp.float32) + extra.reshape(b, t, h, -1)
   return out.astype(out_local.dtype)

@@ -90,6 +90,7 @@ FORWARD_CASES = [
     (100, jnp.bfloat16, False, True, 3, 1),
     (45, jnp.float32, True, True, 2, 3),       # sequence split into super-chunks, tail padding
     (64, jnp.float32, False, True, 1, 2),      # split without padding
+    (48, jnp.bfloat16, True, True, 2, 2),
 ]
 
 
