@@ -1,0 +1,72 @@
+"""Tests of the scaling sweep (recipes/sweep.py): configs, FLOPs, CSV rows and resumability."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from mx01.config import LIGHTNING, SOFTMAX
+from recipes import sweep
+from scaling import flops
+
+
+def test_layer_types():
+  assert sweep.layer_types("softmax", 3) == (SOFTMAX,) * 3
+  assert sweep.layer_types("lightning", 3) == (LIGHTNING,) * 3
+  assert sweep.layer_types("hybrid", 16) == ((LIGHTNING,) * 7 + (SOFTMAX,)) * 2
+  assert sweep.layer_types("hybrid", 4) == (LIGHTNING,) * 3 + (SOFTMAX,)
+  with pytest.raises(ValueError, match="unknown arch"):
+    sweep.layer_types("mamba", 4)
+
+
+@pytest.mark.parametrize("size", sorted(sweep.SIZES))
+def test_small_model_configs_grow(size):
+  cfgs = {arch: sweep.small_model_config(arch, size) for arch in sweep.ARCHS}
+  assert all(c.hidden_size == sweep.SIZES[size][0] for c in cfgs.values())
+  moe = sweep.small_model_config("hybrid", size, ffn="moe")
+  assert flops.param_count(moe).ffn_active == flops.param_count(cfgs["hybrid"]).ffn_active
+
+
+def test_bad_grid_values():
+  with pytest.raises(ValueError, match="unknown size"):
+    sweep.small_model_config("softmax", "s99")
+  assert sweep.main(["--sizes", "s99", "--dry_run"]) == 2
+  assert sweep.main(["--tokens", "-5", "--dry_run"]) == 2
+
+
+def test_sweep_writes_rows_and_resumes(tmp_path):
+  calls = []
+
+  def fake_train(cfg, resume, log):
+    calls.append(cfg.train.run_dir)
+    n = flops.param_count(cfg.model).non_embedding
+    return {"final_train_loss": 3.0 - 1e-6 * n, "eval_loss": 3.1 - 1e-6 * n, "n_params": n,
+            "n_params_total": flops.param_count(cfg.model).total,
+            "tokens_seen": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
+
+  out = tmp_path / "sweep.csv"
+  points = sweep.grid(["softmax", "lightning"], ["s1", "s2"], [4096, 8192])
+  kw = dict(batch_size=2, seq_len=64, run_root=tmp_path / "runs", train_fn=fake_train, log=lambda s: None)
+  rows = sweep.run_sweep(points, out, **kw)
+  assert len(rows) == len(calls) == 8
+  with open(out) as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 8 and tuple(table[0]) == sweep.CSV_COLUMNS
+  for r in table:
+    cfg = sweep.small_model_config(r["arch"], r["size"])
+    assert int(r["n_params"]) == flops.param_count(cfg).non_embedding
+    assert float(r["compute"]) == pytest.approx(flops.training_flops(cfg, 64, int(r["tokens"])))
+  # Re-running skips everything; extending the grid runs only the new points.
+  assert sweep.run_sweep(points, out, **kw) == []
+  more = sweep.run_sweep(sweep.grid(["softmax", "lightning", "hybrid"], ["s1"], [4096]), out, **kw)
+  assert [(r["arch"], r["size"]) for r in more] == [("hybrid", "s1")]
+  assert len(calls) == 9
+
+
+@pytest.mark.slow
+def test_sweep_one_real_run(tmp_path):
+  out = tmp_path / "sweep.csv"
+  rows = sweep.run_sweep(sweep.grid(["hybrid"], ["s1"], [1024]), out, batch_size=2, seq_len=64,
+                         run_root=tmp_path / "runs", log=lambda s: None)
+  assert len(rows) == 1 and rows[0]["final_loss"] > 0 and rows[0]["eval_loss"] > 0
