@@ -98,3 +98,11 @@ def test_lightning_only_model_has_constant_size_cache():
   cache = decoding.init_cache(cfg, 2, 1000)
   assert cache.max_len is None
   assert decoding.cache_bytes(cache) == 2 * 2 * cfg.num_heads * cfg.head_dim ** 2 * 4
+
+
+def test_generate_cli_reports_too_long_prompt(capsys):
+  from recipes import generate as generate_cli
+  code = generate_cli.main(["--config", "tiny", "--random-init", "--prompt", "x" * 40, "--max-new-tokens", "8",
+                            "--max-cache-len", "32"])
+  assert code == 2
+  assert "max_cache_len=32" in capsys.readouterr().err
