@@ -1,0 +1,68 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Associative recall: softmax vs lightning vs hybrid
+#
+# Multi-query associative recall (MQAR): key-value pairs, then every key queried once more in a filler
+# region; the loss counts only the answers.  `recipes/retrieval.py` trains one model per
+# (attention kind, size, context length) and writes a CSV:
+#
+#     python -m recipes.retrieval --steps 2000 --out results/retrieval.csv            # the study (GPU)
+#     python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv   # a few minutes on CPU
+#
+# This notebook reads the study's CSV if present, else the CPU smoke run, else runs a micro version.
+
+# %%
+import os
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+sys.path.insert(0, ROOT)
+
+import numpy as np
+from recipes import retrieval
+
+# %% [markdown]
+# ## One example sequence
+
+# %%
+ex = retrieval.mqar_batch(np.random.default_rng(0), 1, 31, 4, vocab_size=64)
+toks, mask = ex["tokens"][0], ex["loss_mask"][0]
+print("tokens :", toks.tolist())
+print("answers:", [(int(toks[t]), int(toks[t + 1])) for t in np.nonzero(mask)[0]], "(query key, value to predict)")
+
+# %% [markdown]
+# ## Results
+
+# %%
+candidates = [os.path.join(ROOT, "results", "retrieval.csv"), os.path.join(ROOT, "results", "retrieval_cpu_smoke.csv")]
+path = next((p for p in candidates if os.path.exists(p)), None)
+if path is None:  # nothing recorded yet: a micro run (seconds per model)
+  path = "/tmp/retrieval_micro.csv"
+  retrieval.main(["--cpu-smoke", "--steps", "30", "--lengths", "32", "--sizes", "xs", "--out", path])
+rows = retrieval.read_csv(path)
+print(f"{path} ({len(rows)} runs, backend {rows[0]['backend']})")
+print(f"{'kind':10s} {'size':4s} {'params':>8s} {'seq_len':>7s} {'pairs':>5s} {'steps':>5s} {'accuracy':>8s}")
+for r in rows:
+  print(f"{r['kind']:10s} {r['size']:4s} {int(r['params']):8d} {int(r['seq_len']):7d} {int(r['num_pairs']):5d} "
+        f"{int(r['steps']):5d} {float(r['eval_accuracy']):8.3f}")
+
+# %%
+png = os.path.splitext(path)[0] + ".png"
+retrieval.plot(rows, png)
+try:
+  from IPython.display import Image, display
+  display(Image(png))
+except ImportError:
+  print("plot written to", png)

@@ -1,0 +1,223 @@
+"""Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
+
+    python -m recipes.retrieval --steps 2000 --out results/retrieval.csv                 # GPU study
+    python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv        # minutes on CPU
+
+The task (multi-query associative recall, as in Zoology): a sequence starts
+with `num_pairs` key-value pairs, then a query region of filler tokens in
+which every key appears once more, in random order and at random places,
+followed by its value.  The loss and the accuracy count only the answer
+tokens (predicting the value after a queried key); everything else is
+unsupervised.  Keys are distinct within a sequence; values are drawn with
+replacement.  Vocabulary: 0 = filler, keys in [1, vocab/2), values in
+[vocab/2, vocab).
+
+For every (kind, size, context length) a fresh model is trained for `--steps`
+steps (AdamW, cosine schedule) on freshly generated batches and evaluated on
+held-out batches.  Writes one CSV row per run and a plot (accuracy vs context
+length, one panel per size) next to the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mx01 import model as model_lib
+from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
+
+FILLER = 0
+
+# name -> (hidden, layers, heads, kv_heads, head_dim); hybrid layers: lightning, then softmax last.
+SIZES = {
+    "xs": (64, 2, 2, 1, 32),
+    "s": (128, 4, 4, 2, 32),
+}
+KINDS = ("softmax", "lightning", "hybrid")
+
+
+# ---- the task ------------------------------------------------------------------------
+
+def mqar_batch(rng: np.random.Generator, batch_size: int, seq_len: int, num_pairs: int,
+               vocab_size: int = 1024) -> dict:
+  """A batch of MQAR sequences.
+
+  Returns {"tokens": [batch, seq_len + 1] int32 (the model reads tokens[:, :-1]
+  and predicts tokens[:, 1:]), "loss_mask": [batch, seq_len] bool, True where
+  the target tokens[:, t + 1] is an answer (the value after a queried key)}.
+  Needs 4 * num_pairs <= seq_len + 1 and num_pairs < vocab_size / 2.
+  """
+  half = vocab_size // 2
+  total = seq_len + 1
+  if 4 * num_pairs > total:
+    raise ValueError(f"num_pairs={num_pairs} needs 4 * num_pairs <= seq_len + 1 = {total}")
+  if num_pairs > half - 1:
+    raise ValueError(f"num_pairs={num_pairs} needs at least num_pairs + 1 keys; vocab_size={vocab_size} gives {half - 1}")
+  tokens = np.full((batch_size, total), FILLER, np.int32)
+  mask = np.zeros((batch_size, seq_len), bool)
+  slots = (total - 2 * num_pairs) // 2  # two-token query slots after the key-value pairs
+  for b in range(batch_size):
+    keys = rng.choice(np.arange(1, half), size=num_pairs, replace=False)
+    values = rng.integers(half, vocab_size, size=num_pairs)
+    tokens[b, 0:2 * num_pairs:2] = keys
+    tokens[b, 1:2 * num_pairs:2] = values
+    order = rng.permutation(num_pairs)
+    where = np.sort(rng.choice(slots, size=num_pairs, replace=False))
+    key_pos = 2 * num_pairs + 2 * where
+    tokens[b, key_pos] = keys[order]
+    tokens[b, key_pos + 1] = values[order]
+    mask[b, key_pos] = True  # input position of the queried key; its target is the value
+  return {"tokens": tokens, "loss_mask": mask}
+
+
+def num_pairs_for(seq_len: int, pairs_per_token: float, vocab_size: int) -> int:
+  return int(max(1, min(int(seq_len * pairs_per_token), (seq_len + 1) // 4, vocab_size // 2 - 1)))
+
+
+# ---- models and training -----------------------------------------------------------------
+
+def model_config(kind: str, size: str, *, vocab_size: int, seq_len: int, compute_dtype: str = "float32") -> ModelConfig:
+  hidden, layers, heads, kv_heads, head_dim = SIZES[size]
+  types = {"softmax": (SOFTMAX,) * layers, "lightning": (LIGHTNING,) * layers,
+           "hybrid": (LIGHTNING,) * (layers - 1) + (SOFTMAX,)}[kind]
+  return ModelConfig(vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                     num_kv_heads=kv_heads, head_dim=head_dim, layer_types=types, ffn_type="dense",
+                     intermediate_size=4 * hidden, num_experts=1, num_experts_per_tok=1,
+                     block_size=min(64, seq_len), rotary_dim=head_dim, max_seq_len=max(seq_len, 8),
+                     compute_dtype=compute_dtype, lightning_impl="auto")
+
+
+def masked_loss(params, batch, *, config: ModelConfig):
+  """Cross-entropy and accuracy on answer tokens only: (loss, accuracy)."""
+  tokens = batch["tokens"]
+  logits, _ = model_lib.apply(params, tokens[:, :-1], config=config)
+  targets = tokens[:, 1:]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  m = batch["loss_mask"].astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(m), 1.0)
+  acc = jnp.sum((jnp.argmax(logits, -1) == targets) * m) / count
+  return jnp.sum(nll * m) / count, acc
+
+
+def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
+              pairs_per_token: float, eval_batches: int, seed: int, compute_dtype: str = "float32") -> dict:
+  cfg = model_config(kind, size, vocab_size=vocab_size, seq_len=seq_len, compute_dtype=compute_dtype)
+  pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size)
+  params = model_lib.init(cfg, jax.random.key(seed))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    (loss, acc), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, batch, config=cfg)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
+
+  eval_fn = jax.jit(lambda p, b: masked_loss(p, b, config=cfg))
+  train_rng = np.random.default_rng(seed)
+  t0 = time.perf_counter()
+  loss = acc = float("nan")
+  for _ in range(steps):
+    batch = mqar_batch(train_rng, batch_size, seq_len, pairs, vocab_size)
+    params, opt_state, loss, acc = step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
+  train_s = time.perf_counter() - t0
+  eval_rng = np.random.default_rng(10_000 + seed)
+  accs = [float(eval_fn(params, {k: jnp.asarray(v) for k, v in mqar_batch(eval_rng, batch_size, seq_len, pairs,
+                                                                            vocab_size).items()})[1])
+          for _ in range(eval_batches)]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  return {"kind": kind, "size": size, "params": n_params, "seq_len": seq_len, "num_pairs": pairs, "steps": steps,
+          "batch_size": batch_size, "final_train_loss": float(loss), "final_train_accuracy": float(acc),
+          "eval_accuracy": float(np.mean(accs)), "train_seconds": train_s, "backend": jax.default_backend()}
+
+
+# ---- outputs -----------------------------------------------------------------------------
+
+def write_csv(rows: list, path: str):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_csv(path: str) -> list:
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def plot(rows: list, path: str, title: str = "MQAR accuracy"):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sizes = sorted({r["size"] for r in rows}, key=lambda s: list(SIZES).index(s) if s in SIZES else 99)
+  fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.8), squeeze=False)
+  for ax, size in zip(axes[0], sizes):
+    for kind, marker in zip(KINDS, "os^"):
+      pts = sorted((int(r["seq_len"]), float(r["eval_accuracy"])) for r in rows if r["size"] == size
+                   and r["kind"] == kind)
+      if pts:
+        ax.plot(*zip(*pts), marker=marker, label=kind)
+    params = {r["params"] for r in rows if r["size"] == size}
+    ax.set_title(f"{title}: size {size} ({', '.join(sorted(params))} params)", fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("answer accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> list:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--kinds", default=",".join(KINDS))
+  ap.add_argument("--sizes", default=",".join(SIZES))
+  ap.add_argument("--lengths", default="64,128,256,512,1024")
+  ap.add_argument("--steps", type=int, default=2000, help="training steps per run (the budget)")
+  ap.add_argument("--batch-size", type=int, default=64)
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--vocab-size", type=int, default=1024)
+  ap.add_argument("--pairs-per-token", type=float, default=1 / 8)
+  ap.add_argument("--eval-batches", type=int, default=4)
+  ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--cpu-smoke", action="store_true",
+                  help="tiny budget for a CPU: lengths 32,64, 250 steps, batch 32, vocab 64, lr 3e-3")
+  ap.add_argument("--out", default="results/retrieval.csv")
+  ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
+  args = ap.parse_args(argv)
+  if args.cpu_smoke:
+    args.lengths, args.steps, args.batch_size, args.vocab_size, args.eval_batches = "32,64", 250, 32, 64, 2
+    args.lr = 3e-3
+  rows = []
+  for size in args.sizes.split(","):
+    for seq_len in (int(x) for x in args.lengths.split(",")):
+      for kind in args.kinds.split(","):
+        row = train_one(kind, size, seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        vocab_size=args.vocab_size, pairs_per_token=args.pairs_per_token,
+                        eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype)
+        rows.append(row)
+        print(f"{kind:9s} size={size} L={seq_len:5d} pairs={row['num_pairs']:3d} acc={row['eval_accuracy']:.3f} "
+              f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)
+        write_csv(rows, args.out)  # after every run, so a cut-off study keeps what finished
+  plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)

@@ -1,0 +1,45 @@
+"""The MQAR generator of recipes/retrieval.py: shapes, determinism, answers."""
+
+import numpy as np
+import pytest
+
+from recipes.retrieval import FILLER, model_config, mqar_batch, num_pairs_for
+
+
+def test_shapes_and_determinism():
+  a = mqar_batch(np.random.default_rng(7), 3, 63, 8, vocab_size=64)
+  b = mqar_batch(np.random.default_rng(7), 3, 63, 8, vocab_size=64)
+  assert a["tokens"].shape == (3, 64) and a["tokens"].dtype == np.int32
+  assert a["loss_mask"].shape == (3, 63) and a["loss_mask"].dtype == bool
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+  c = mqar_batch(np.random.default_rng(8), 3, 63, 8, vocab_size=64)
+  assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+@pytest.mark.parametrize("seq_len,pairs", [(16, 4), (64, 8), (255, 64)])
+def test_every_key_is_queried_once_and_answers_are_its_value(seq_len, pairs):
+  vocab = 256
+  batch = mqar_batch(np.random.default_rng(0), 4, seq_len, pairs, vocab_size=vocab)
+  for toks, mask in zip(batch["tokens"], batch["loss_mask"]):
+    keys, values = toks[0:2 * pairs:2], toks[1:2 * pairs:2]
+    assert len(set(keys.tolist())) == pairs
+    assert np.all((keys >= 1) & (keys < vocab // 2)) and np.all(values >= vocab // 2)
+    table = dict(zip(keys.tolist(), values.tolist()))
+    query_pos = np.nonzero(mask)[0]
+    assert len(query_pos) == pairs and np.all(query_pos >= 2 * pairs)  # answers only in the query region
+    assert sorted(toks[query_pos].tolist()) == sorted(keys.tolist())
+    for t in query_pos:
+      assert toks[t + 1] == table[toks[t]]  # the target of a masked position is the key's value
+    rest = np.ones(seq_len + 1, bool)
+    rest[:2 * pairs] = False
+    rest[query_pos] = rest[query_pos + 1] = False
+    assert np.all(toks[rest] == FILLER)
+
+
+def test_invalid_sizes_raise_and_configs_build():
+  with pytest.raises(ValueError, match="num_pairs"):
+    mqar_batch(np.random.default_rng(0), 1, 15, 8)
+  assert num_pairs_for(1024, 1 / 8, 256) == 127
+  cfg = model_config("hybrid", "s", vocab_size=64, seq_len=32)
+  assert cfg.resolved_layer_types == ("lightning", "lightning", "lightning", "softmax")
