@@ -50,7 +50,9 @@ def _layout_id(p):
   return f"d{p.data}s{p.sequence}t{p.tensor}e{p.expert}et{p.expert_tensor}"
 
 
-@pytest.mark.parametrize("parallel, capacity_factor", [(LAYOUTS[0], None)] + [(p, 0.5) for p in LAYOUTS],
+@pytest.mark.parametrize("parallel, capacity_factor",
+                         [(LAYOUTS[0], None), (LAYOUTS[0], 0.5)] +
+                         [pytest.param(p, 0.5, marks=pytest.mark.slow) for p in LAYOUTS[1:]],
                          ids=[_layout_id(LAYOUTS[0]) + "-dropless"] + [_layout_id(p) + "-drops" for p in LAYOUTS])
 def test_expert_parallel_equals_single_device(parallel, capacity_factor):
   cfg = tiny_config(hidden_size=D, intermediate_size=I, num_experts=E, capacity_factor=capacity_factor)
