@@ -330,3 +330,53 @@ def format_dry_run(d: DryRun) -> str:
       "the same parameter count here); with remat=full, temporaries grow by one saved layer input per layer "
       "and the one-layer working set stays constant (without remat they grow by a full working set per layer).",
   ])
+
+
+def sharded_dry_run(config: Config, *, num_layers: int = 2, seq_len: Optional[int] = None) -> DryRun:
+  """Compiles `mx01.parallel.step.make_sharded_train_step` at reduced depth on the config's full mesh.
+
+  Needs config.parallel.num_devices devices: on a CPU host, start Python with
+  XLA_FLAGS=--xla_force_host_platform_device_count=N (the CLI's
+  --dry_run_sharded does).  Inputs are ShapeDtypeStructs carrying the rules'
+  shardings, so nothing is allocated; memory_analysis() is per device.  Slow:
+  about 6 minutes for hybrid_456b at 2 layers on 64 emulated CPU devices.
+  """
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+
+  from mx01 import model as model_lib
+  from mx01 import training
+  from mx01.parallel import mesh as mesh_lib
+  from mx01.parallel import rules
+  from mx01.parallel import step as step_lib
+
+  n = config.parallel.num_devices
+  rows = max(1, config.train.batch_size // max(config.train.grad_accum, 1))
+  small = reduced_config(config, num_layers, batch_rows=rows, seq_len=seq_len)
+  small = dataclasses.replace(small, parallel=config.parallel)
+  pmesh = mesh_lib.build_mesh(small.parallel, jax.devices()[:n])
+  optimizer, _ = training.make_optimizer(small.train)
+  params = model_lib.abstract_params(small.model)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                        rules.param_shardings(params, pmesh))
+  opt_state = jax.eval_shape(jax.jit(optimizer.init), params)
+  batch_sharding = NamedSharding(pmesh.mesh, rules.batch_spec(pmesh))
+  batch = {k: jax.ShapeDtypeStruct((rows, small.data.seq_len + 1), jnp.int32, sharding=batch_sharding)
+           for k in ("tokens", "segment_ids")}
+  step = step_lib.make_sharded_train_step(small, pmesh, optimizer)
+  t0 = time.time()
+  ma = step.lower(params, opt_state, batch).compile().memory_analysis()
+  compile_s = time.time() - t0
+  plan = _plan_memory(small, small.parallel, _param_groups(small.model))
+  return DryRun(
+      num_layers=num_layers, layer_types=small.model.resolved_layer_types, seq_len=small.data.seq_len,
+      batch_rows=rows, compile_s=compile_s, argument_bytes=int(ma.argument_size_in_bytes),
+      output_bytes=int(ma.output_size_in_bytes), temp_bytes=int(ma.temp_size_in_bytes),
+      alias_bytes=int(ma.alias_size_in_bytes), grad_only_temp_bytes=None,
+      plan_param_bytes=plan["param_bytes"], plan_grad_bytes=plan["grad_bytes"],
+      plan_optimizer_bytes=plan["optimizer_bytes"], plan_activation_bytes=plan["activation_bytes"],
+      notes=(f"sharded step (mx01/parallel/step.py) on {n} {jax.devices()[0].platform} devices, "
+             f"per-device figures; {_layout(small.parallel)}"))

@@ -266,6 +266,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
         ckpt.save(step, state, data_state=it.get_state(), extra={"tokens_seen": step * tokens_per_step})
     if pending:
       flush_pending(step, None)
+    if eval_loss is None:  # e.g. resumed a run that had already finished
+      eval_loss = evaluate(state["params"])
   finally:
     it.close()
     ckpt.close()
@@ -300,6 +302,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--dry_run", action="store_true",
                       help="print the plan, then lower and compile the train step at reduced depth and "
                            "report the compiler's memory estimate; trains nothing")
+  parser.add_argument("--dry_run_sharded", action="store_true",
+                      help="with --dry_run: compile the sharded step of mx01/parallel on the config's full mesh "
+                           "(emulated CPU devices when no accelerators; slow, minutes)")
   parser.add_argument("--dry_run_layers", type=int, default=2, help="decoder layers compiled by --dry_run")
   parser.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU for the plan")
   parser.add_argument("--assumed_mfu", type=float, default=0.4, help="MFU the plan's step time assumes")
@@ -309,6 +314,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
 
+  if args.dry_run and args.dry_run_sharded and "jax" not in sys.modules:
+    import os
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                               f"{config.parallel.num_devices}")
   import jax
   from recipes import plan as plan_lib
   n_devices = jax.device_count()
@@ -317,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(plan_lib.format_plan(plan))
     if args.dry_run:
       print(plan_lib.format_dry_run(plan_lib.dry_run(config, num_layers=args.dry_run_layers)))
+      if args.dry_run_sharded:
+        print(plan_lib.format_dry_run(plan_lib.sharded_dry_run(config, num_layers=args.dry_run_layers)))
     if config.parallel.num_devices > n_devices and not (args.plan or args.dry_run):
       print(f"\nNot started: this config's mesh needs {config.parallel.num_devices} devices "
             f"(parallel.data*tensor*sequence) and the plan above needs {plan.devices_needed} GPUs of "
