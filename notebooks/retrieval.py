@@ -27,7 +27,10 @@
 import os
 import sys
 
-ROOT = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+# The repository root: $MX01_ROOT, else the first of cwd and its parents that holds recipes/retrieval.py.
+ROOT = os.environ.get("MX01_ROOT") or next(
+    (d for d in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.exists(os.path.join(d, "recipes", "retrieval.py"))),
+    os.getcwd())
 sys.path.insert(0, ROOT)
 
 import numpy as np
