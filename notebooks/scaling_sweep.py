@@ -38,6 +38,7 @@ SWEEP_CSV = Path(os.environ.get("MX01_SWEEP_CSV", ROOT / "results" / "sweep.csv"
 
 import itertools
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -79,7 +80,8 @@ frontier_fits = {}
 if by_arch:
   fig, ax = plt.subplots(figsize=(7.5, 5))
   c_all = np.concatenate([columns(rs)[2] for rs in by_arch.values()])
-  c_grid = np.geomspace(c_all.min() / 2, c_all.max() * 4, 200)
+  loss_all = np.concatenate([columns(rs)[3] for rs in by_arch.values()])
+  c_grid = np.geomspace(c_all.min() / 1.5, c_all.max() * 1.5, 200)  # bands only near the data
   for arch, rs in sorted(by_arch.items()):
     n, d, c, loss = columns(rs)
     color = COLORS.get(arch, None)
@@ -103,6 +105,7 @@ if by_arch:
     print(f"{arch:9s} frontier fit ({form}, {len(front)} points): a={f.estimates['a']}, b={f.estimates['b']}, "
           f"c={f.estimates['c']}")
   ax.set_xscale("log")
+  ax.set_ylim(loss_all.min() - 0.1, loss_all.max() + 0.15)
   ax.set_xlabel("training compute C (FLOPs)")
   ax.set_ylabel(f"{LOSS_COLUMN} (nats/byte)")
   ax.set_title("Sweep: loss vs compute (marker size ~ N; circled: frontier; bands: 95% bootstrap)")
@@ -163,6 +166,7 @@ if param_fits:
       grid_n = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
       ax.plot(grid_n, p.predict(grid_n, tokens), lw=1, label=f"D = {tokens:.2g}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("non-embedding parameters N")
     ax.set_title(f"{arch}: L(N, D) fit")
   axes[0][0].set_ylabel(f"{LOSS_COLUMN} (nats/byte)")
