@@ -26,6 +26,8 @@ Per device (dense view: tokens [b_local, t_local, hidden], replicated over
    back to the owning rank; a second `all_to_all` returns them.
 6. Combine with the routing weights, then all-gather over `tensor` to restore
    the dense view.
+Without expert parallelism (expert = expert_tensor = 1) steps 5-6 are the
+grouped matmuls of the single-device MoE on the device's own tokens.
 
 Expert weights: wi_gate/wi_up [E/expert, hidden, I/expert_tensor],
 wo [E/expert, I/expert_tensor, hidden] (replicated over expert_data).
@@ -159,21 +161,37 @@ def moe_expert_parallel(x, params, *, config: ModelConfig, pmesh: ParallelMesh, 
     slots = min(capacity, n_tok)
   weights = weights * keep
 
+  if p.expert == 1 and p.expert_tensor == 1:
+    # No expert parallelism: every device holds every expert; grouped matmuls over its own tokens.
+    y = moe_lib.experts_grouped(xf, expert_idx, weights, params["wi_gate"], params["wi_up"], params["wo"])
+  else:
+    y = _dispatch_compute_combine(xf, expert_idx, weights, keep, params, slots=slots, e_total=e_total,
+                                  e_local=e_local, ep=p.expert, expert_axes=expert_axes, etp_axes=etp_axes)
+  y = y.reshape(b, n_chunks, block, d)
+  if tensor_axes:
+    y = comm.all_gather_replicated(y, tensor_axes, axis=2)
+  return y.reshape(b, t, d), stats
+
+
+def _dispatch_compute_combine(xf, expert_idx, weights, keep, params, *, slots, e_total, e_local, ep, expert_axes,
+                              etp_axes):
+  """Steps 5-6 with expert parallelism: xf [n, d], expert_idx/weights/keep [n, k] -> y [n, d]."""
+  n_tok, top_k = expert_idx.shape
+  d = xf.shape[-1]
   # 5. Dispatch into [E, slots, d]; dropped assignments go out of range and are discarded.
   slot = _dispatch_slots(expert_idx, keep, e_total)
   dest = jnp.where(keep, expert_idx, e_total)
   token_of = jnp.broadcast_to(jnp.arange(n_tok)[:, None], (n_tok, top_k))
-  send = jnp.zeros((e_total, slots, d), x.dtype).at[dest, slot].set(xf[token_of], mode="drop")
+  send = jnp.zeros((e_total, slots, d), xf.dtype).at[dest, slot].set(xf[token_of], mode="drop")
   if expert_axes:
     # [E, slots, d] -> [E (= source rank x local expert), slots, d]: block r now comes from EP rank r.
     recv = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True)
   else:
     recv = send
-  ep = p.expert
   tokens_in = recv.reshape(ep, e_local, slots, d).transpose(1, 0, 2, 3).reshape(e_local, ep * slots, d)
   if etp_axes:
     tokens_in = jax.lax.all_gather(tokens_in, etp_axes, axis=1, tiled=True)  # [E_l, ET*ep*slots, d]
-  dt = x.dtype
+  dt = xf.dtype
   wi_gate, wi_up, wo = (params[k].astype(dt) for k in ("wi_gate", "wi_up", "wo"))
   hidden = jax.nn.silu(jnp.einsum("emd,edi->emi", tokens_in, wi_gate)) * jnp.einsum("emd,edi->emi", tokens_in, wi_up)
   out = jnp.einsum("emi,eid->emd", hidden, wo)  # partial over the I slice when ETP > 1
@@ -183,10 +201,6 @@ def moe_expert_parallel(x, params, *, config: ModelConfig, pmesh: ParallelMesh, 
   if expert_axes:
     out = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)  # back in our send layout
 
-  # 6. Combine, then restore the dense view.
+  # 6. Combine with the routing weights.
   gathered = out[jnp.minimum(dest, e_total - 1), slot].astype(jnp.float32)  # [n, k, d]
-  y = jnp.sum(gathered * weights[..., None], axis=1).astype(dt)
-  y = y.reshape(b, n_chunks, block, d)
-  if tensor_axes:
-    y = comm.all_gather_replicated(y, tensor_axes, axis=2)
-  return y.reshape(b, t, d), stats
+  return jnp.sum(gathered * weights[..., None], axis=1).astype(dt)

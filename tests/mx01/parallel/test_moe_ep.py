@@ -22,6 +22,7 @@ LAYOUTS = [
     ParallelConfig(data=2, sequence=2, tensor=2, expert=2, expert_tensor=2),  # all axes
     ParallelConfig(data=8, expert=2, expert_tensor=2),  # data x expert x expert_tensor
     ParallelConfig(data=1, sequence=4, tensor=2, expert=4, expert_tensor=2),  # rows split over sequence
+    ParallelConfig(data=4, tensor=2),  # no expert parallelism: local grouped matmuls
 ]
 
 
@@ -51,9 +52,10 @@ def _layout_id(p):
 
 
 @pytest.mark.parametrize("parallel, capacity_factor",
-                         [(LAYOUTS[0], None), (LAYOUTS[0], 0.5)] +
-                         [pytest.param(p, 0.5, marks=pytest.mark.slow) for p in LAYOUTS[1:]],
-                         ids=[_layout_id(LAYOUTS[0]) + "-dropless"] + [_layout_id(p) + "-drops" for p in LAYOUTS])
+                         [(LAYOUTS[0], None), (LAYOUTS[0], 0.5), (LAYOUTS[3], 0.5)] +
+                         [pytest.param(p, 0.5, marks=pytest.mark.slow) for p in LAYOUTS[1:3]],
+                         ids=[_layout_id(LAYOUTS[0]) + "-dropless"] +
+                         [_layout_id(p) + "-drops" for p in (LAYOUTS[0], LAYOUTS[3], LAYOUTS[1], LAYOUTS[2])])
 def test_expert_parallel_equals_single_device(parallel, capacity_factor):
   cfg = tiny_config(hidden_size=D, intermediate_size=I, num_experts=E, capacity_factor=capacity_factor)
   params = _params(jax.random.key(0))
