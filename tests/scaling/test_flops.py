@@ -240,8 +240,19 @@ _HAVE_MODEL = importlib.util.find_spec("mx01.model") is not None
 
 
 def _model_fns(cfg):
+  """init, forward and gradient of mx01/model.py with the routed (grouped-matmul) MoE experts.
+
+  The FLOP model counts the activated experts only.  On CPU the model may run
+  every expert on every token instead (E/k times the expert FLOPs, a speed
+  choice for few experts), so the routed path is pinned here.
+  """
+  import functools
   from mx01 import model as mx01_model
-  fwd = lambda p, t: mx01_model.apply(p, t, config=cfg)[0]
+  from mx01 import ops as ops_lib
+  from mx01.layers import moe as moe_lib
+  ops = dataclasses.replace(ops_lib.default_ops(cfg),
+                            moe=functools.partial(moe_lib.moe_forward, experts_fn=moe_lib.experts_grouped))
+  fwd = lambda p, t: mx01_model.apply(p, t, config=cfg, ops=ops)[0]
   loss = lambda p, t: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(fwd(p, t)), t[..., None], axis=-1))
   return mx01_model.init, fwd, jax.grad(loss)
 
