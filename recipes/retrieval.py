@@ -170,7 +170,7 @@ def plot(rows: list, path: str, title: str = "MQAR accuracy"):
                    and r["kind"] == kind)
       if pts:
         ax.plot(*zip(*pts), marker=marker, label=kind)
-    params = {r["params"] for r in rows if r["size"] == size}
+    params = {str(r["params"]) for r in rows if r["size"] == size}
     ax.set_title(f"{title}: size {size} ({', '.join(sorted(params))} params)", fontsize=9)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
