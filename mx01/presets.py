@@ -51,7 +51,7 @@ def _tiny() -> Config:
       num_experts=4, num_experts_per_tok=2, block_size=64, rotary_dim=16,
       lightning_alpha=_deepnorm_alpha(4), softmax_alpha=_deepnorm_alpha(4), mlp_alpha=_deepnorm_alpha(4))
   return Config(model=model, data=DataConfig(seq_len=256),
-                train=TrainConfig(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30, run_dir="runs/tiny"))
+                train=TrainConfig(steps=200, batch_size=16, learning_rate=3e-3, warmup_steps=20, run_dir="runs/tiny"))
 
 
 def _hybrid_456b() -> Config:

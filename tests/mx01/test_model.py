@@ -63,10 +63,10 @@ def test_moe_grouped_equals_dense_reference():
   x = jax.random.normal(rng[0], (2, 9, 32))
   p = {"router": jax.random.normal(rng[1], (32, 4)), "wi_gate": jax.random.normal(rng[2], (4, 32, 24)) * 0.1,
        "wi_up": jax.random.normal(rng[3], (4, 32, 24)) * 0.1, "wo": jax.random.normal(rng[4], (4, 24, 32)) * 0.1}
-  y1, s1 = moe_lib.moe_forward(x, p, config=CFG)
+  y1, s1 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)
   y2, s2 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
-  g1 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG)[0].sum())(p)
+  g1 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)[0].sum())(p)
   g2 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)[0].sum())(p)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4)
