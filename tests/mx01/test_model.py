@@ -126,3 +126,24 @@ def test_dense_ffn_variant():
   assert "mlp" in p["layers_0"] and "moe" not in p["layers_0"]
   logits, aux = model.apply(p, jnp.zeros((1, 5), jnp.int32), config=cfg)
   assert logits.shape == (1, 5, 64) and float(aux["aux_loss"]) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_kernels_in_the_model_match_xla():
+  """The model with Pallas lightning + Pallas flash attention equals the XLA paths (logits and gradients)."""
+  cfg = dataclasses.replace(CFG, head_dim=16, rotary_dim=8, block_size=16)
+  p = model.init(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 45), 0, cfg.vocab_size)
+  seg = jnp.asarray(np.array([[1] * 20 + [2] * 25, [1] * 45]))
+  fast = dataclasses.replace(cfg, lightning_impl="pallas", attention_impl="pallas")
+  slow = dataclasses.replace(cfg, lightning_impl="xla", attention_impl="xla")
+
+  def loss(p, c):
+    return jnp.mean(model.apply(p, tokens, seg, config=c)[0] ** 2)
+
+  with jax.default_matmul_precision("float32"):
+    lf, gf = jax.value_and_grad(loss)(p, fast)
+    ls, gs = jax.value_and_grad(loss)(p, slow)
+  np.testing.assert_allclose(lf, ls, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7), gf, gs)
