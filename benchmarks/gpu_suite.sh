@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one device call.  Each stage runs under a time limit;
+# logs and JSON land in $OUT/res, packed into $OUT/results.tgz, with a summary in $OUT/suite.log.
+#
+#   bash benchmarks/gpu_suite.sh a     # tests, train-step throughput, recipe throughput, shard_map overhead, decode
+#   bash benchmarks/gpu_suite.sh b     # long-context latency split, scaling sweep, retrieval study, 2-GPU run
+#
+# Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+R=$OUT/res
+mkdir -p "$R"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+NGPU=$(nvidia-smi -L | wc -l)
+
+stage() {  # stage NAME GPU LIMIT_S CMD...
+  local name=$1 gpu=$2 limit=$3
+  shift 3
+  echo "=== [$name] gpu=$gpu start $(date -u +%T): $*"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  echo "=== [$name] rc=$? end $(date -u +%T)"
+}
+
+# Second GPU if there is one, else the first (stages then run one after the other).
+G1=$(( NGPU > 1 ? 1 : 0 ))
+
+case "${1:-a}" in
+  a)
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import jax, flax, optax, orbax.checkpoint, grain; print('jax', jax.__version__, jax.devices())"
+    } > "$R/env.log" 2>&1
+    cat "$R/env.log"
+    (
+      stage gpu_tests 0 240 python3 -m pytest -m gpu tests/pallas_kernels tests/mx01/test_attention.py \
+        tests/mx01/test_model.py -q -rA --durations=8
+      stage train_step 0 300 python3 -m benchmarks.train_step \
+        --presets hybrid_1b,lightning_1b,softmax_1b,hybrid_moe_1b --seq 2048,8192,32768 \
+        --tokens_per_step 32768 --steps 4 --warmup 1 --time_budget_s 240 --out "$R/train_step.json"
+    ) &
+    A=$!
+    if [ "$G1" = 0 ]; then wait $A; fi
+    stage train_presets "$G1" 200 python3 benchmarks/train_presets.py \
+      --presets softmax_100m lightning_100m hybrid_100m hybrid_moe_100m --steps 30 --out "$R/train_presets.json"
+    stage overhead "$G1" 100 python3 benchmarks/shard_map_overhead.py --out "$R/overhead.json"
+    stage decode "$G1" 150 python3 benchmarks/decode.py --out "$R/decode.json"
+    wait
+    ;;
+  b)
+    stage latency 0 300 python3 benchmarks/long_context_latency.py --out "$R/latency.json" &
+    A=$!
+    if [ "$G1" = 0 ]; then wait $A; fi
+    # Small models share the other GPU: one process per architecture, a slice of memory each.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.15
+    for arch in softmax lightning hybrid; do
+      stage "sweep_$arch" "$G1" 240 python3 -m recipes.sweep --out "$R/sweep_$arch.csv" --archs $arch \
+        --sizes s3,s4,s5,s6 --tokens 2e6,6e6 --batch_size 32 --seq_len 256 --run_root "/tmp/sweep_$arch" &
+      stage "retrieval_$arch" "$G1" 240 python3 -m recipes.retrieval --kinds $arch --lengths 128,512 \
+        --steps 1000 --out "$R/retrieval_$arch.csv" &
+    done
+    wait
+    unset XLA_PYTHON_CLIENT_MEM_FRACTION
+    if [ "$NGPU" -gt 1 ] && [ -f benchmarks/multi_gpu.py ]; then
+      stage multi_gpu 0,1 120 python3 benchmarks/multi_gpu.py --out "$R/multi_gpu.json"
+    fi
+    ;;
+esac
+
+for f in "$R"/*.log; do echo "----- $(basename "$f") (tail)"; tail -n 30 "$f"; done > "$OUT/suite.log"
+tar -czf "$OUT/results.tgz" -C "$OUT" res
+cat "$OUT/suite.log"

@@ -1,0 +1,182 @@
+"""The sharded train step on several GPUs: equivalence, weak scaling, and a long-context step.
+
+    python benchmarks/multi_gpu.py --out multi_gpu.json
+
+1. Equivalence: for each layout that the visible GPUs allow (data, expert,
+   expert_tensor, tensor, sequence: LASP+ and ring attention), the sharded loss,
+   aux loss and gradients of a small hybrid MoE model on a random packed batch
+   against the same model on one GPU (float32, highest matmul precision).
+2. Weak scaling: the train step of a hybrid MoE preset with a fixed batch per
+   GPU on 1 GPU (plain step) and on all GPUs (data x expert), tokens/s and MFU
+   per GPU, and the collective bytes of the compiled step.
+3. Long context: a lightning-heavy hybrid with the sequence axis across all GPUs
+   at growing context (batch 1, rematerialised) until it no longer fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.shard_map_overhead import synthetic_batch, time_step  # noqa: E402
+from mx01 import model as model_lib  # noqa: E402
+from mx01 import training  # noqa: E402
+from mx01.config import LIGHTNING, SOFTMAX, Config, ModelConfig, ParallelConfig, apply_overrides  # noqa: E402
+from mx01.parallel import mesh as mesh_lib  # noqa: E402
+from mx01.parallel import step as step_lib  # noqa: E402
+from mx01.presets import get_preset  # noqa: E402
+from scaling import flops  # noqa: E402
+
+
+def _max_rel(a, b) -> float:
+  errs = [float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12)) for x, y in
+          zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return max(errs)
+
+
+def equivalence(n: int) -> list:
+  cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                    layer_types=(LIGHTNING, SOFTMAX), intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                    block_size=16, rotary_dim=8, router_aux_loss_coef=0.1)
+  params = model_lib.init(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = synthetic_batch(rng, 4, 128, cfg.vocab_size, docs_per_row=5)
+  with jax.default_device(jax.devices()[0]):
+    (loss_ref, m_ref), g_ref = jax.jit(jax.value_and_grad(
+        lambda p, b: training.loss_fn(p, b, config=cfg), has_aux=True))(params, batch)
+  layouts = [ParallelConfig(data=n), ParallelConfig(data=n, expert=n), ParallelConfig(data=n, expert_tensor=n),
+             ParallelConfig(tensor=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n),
+             ParallelConfig(data=n, fsdp=True)]
+  rows = []
+  for capacity in (None, 0.75):
+    c = cfg if capacity is None else ModelConfig(**{**cfg.__dict__, "capacity_factor": capacity})
+    if capacity is not None:
+      with jax.default_device(jax.devices()[0]):
+        (loss_ref, m_ref), g_ref = jax.jit(jax.value_and_grad(
+            lambda p, b: training.loss_fn(p, b, config=c), has_aux=True))(params, batch)
+    for par in layouts:
+      name = ", ".join(f"{k}={v}" for k, v in par.__dict__.items() if not isinstance(v, bool) and v != 1)
+      name += (", fsdp" if par.fsdp else "") + (f", capacity={capacity}" if capacity else "")
+      try:
+        pm = mesh_lib.build_mesh(par)
+        loss_fn = step_lib.make_sharded_loss(c, pm)
+        (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+        row = dict(layout=name, loss_abs_err=abs(float(loss) - float(loss_ref)),
+                   aux_abs_err=abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])),
+                   grad_max_rel_err=_max_rel(g, g_ref),
+                   expert_load_equal=bool(np.array_equal(np.asarray(m["expert_load"]), np.asarray(m_ref["expert_load"]))))
+      except Exception as e:  # report, keep going
+        row = dict(layout=name, error=str(e).splitlines()[0][:300])
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  return rows
+
+
+def _collective_bytes(compiled_text: str) -> dict:
+  ops = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+  counts = {op: 0 for op in ops}
+  for line in compiled_text.splitlines():
+    for op in ops:
+      if re.search(rf"\b{op}(-start)?\(", line):
+        counts[op] += 1
+  return counts
+
+
+def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int) -> list:
+  base = get_preset(preset)
+  peak = flops.detect_peak_flops()
+  rows = []
+  for devices in sorted({1, n}):
+    par = ParallelConfig(data=devices, expert=devices) if devices > 1 else ParallelConfig()
+    cfg = apply_overrides(base, [f"data.seq_len={seq}"])
+    cfg = Config(model=cfg.model, parallel=par, train=cfg.train, data=cfg.data)
+    params = model_lib.init(cfg.model, jax.random.key(0))
+    opt = optax.adamw(1e-4)
+    batch = synthetic_batch(np.random.default_rng(0), per_gpu_batch * devices, seq, cfg.model.vocab_size)
+    if devices == 1:
+      step = jax.jit(training.make_train_step(cfg.model, opt), donate_argnums=(0, 1))
+      opt_state = opt.init(params)
+      text = ""
+    else:
+      pm = mesh_lib.build_mesh(par, jax.devices()[:devices])
+      params = step_lib.shard_params(params, pm)
+      opt_state = jax.jit(opt.init)(params)
+      step = step_lib.make_sharded_train_step(cfg, pm, opt)
+      text = step.lower(params, opt_state, batch).compile().as_text()
+    dt, compile_s, loss = time_step(step, params, opt_state, batch, steps, 2)
+    tps_gpu = per_gpu_batch * seq / dt
+    row = dict(preset=preset, gpus=devices, seq=seq, batch_per_gpu=per_gpu_batch, step_ms=dt * 1e3,
+               tokens_per_s_per_gpu=tps_gpu, mfu_per_gpu=flops.mfu(tps_gpu, cfg.model, seq, peak) if peak else None,
+               collectives=_collective_bytes(text) if text else None, loss=loss)
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  if len(rows) == 2:
+    rows[1]["weak_scaling_efficiency"] = rows[1]["tokens_per_s_per_gpu"] / rows[0]["tokens_per_s_per_gpu"]
+  return rows
+
+
+def long_context(n: int, preset: str, seqs: list, budget_s: float) -> list:
+  rows, start = [], time.time()
+  for seq in seqs:
+    if time.time() - start > budget_s:
+      break
+    base = apply_overrides(get_preset(preset), [f"data.seq_len={seq}", "model.remat=full"])
+    cfg = Config(model=base.model, parallel=ParallelConfig(sequence=n), train=base.train, data=base.data)
+    try:
+      pm = mesh_lib.build_mesh(cfg.parallel, jax.devices()[:n])
+      params = step_lib.shard_params(model_lib.init(cfg.model, jax.random.key(0)), pm)
+      opt = optax.adamw(1e-4)
+      opt_state = jax.jit(opt.init)(params)
+      step = step_lib.make_sharded_train_step(cfg, pm, opt)
+      batch = synthetic_batch(np.random.default_rng(0), 1, seq, cfg.model.vocab_size)
+      dt, compile_s, loss = time_step(step, params, opt_state, batch, 2, 1)
+      mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n]) / 2**30
+      row = dict(preset=preset, sequence=n, seq=seq, step_s=dt, tokens_per_s=seq / dt, peak_gib_per_gpu=mem,
+                 loss=loss)
+    except Exception as e:
+      row = dict(preset=preset, sequence=n, seq=seq, error=str(e).splitlines()[0][:300])
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      break
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", default="hybrid_moe_100m")
+  ap.add_argument("--seq", type=int, default=2048)
+  ap.add_argument("--batch_per_gpu", type=int, default=8)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--long_preset", default="hybrid_100m")
+  ap.add_argument("--long_seqs", default="32768,65536,131072,262144")
+  ap.add_argument("--long_budget_s", type=float, default=40)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  n = jax.device_count()
+  print(f"{n} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  result = dict(devices=n, device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
+  with jax.default_matmul_precision("highest"):
+    result["equivalence"] = equivalence(n)
+  result["weak_scaling"] = weak_scaling(n, args.preset, args.seq, args.batch_per_gpu, args.steps)
+  result["long_context"] = long_context(n, args.long_preset, [int(s) for s in args.long_seqs.split(",")],
+                                        args.long_budget_s)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
