@@ -28,11 +28,11 @@ float32 states, independent of the sequence length.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import chex
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mx01.lightning import segment_starts_to_index
 from mx01.parallel import comm
@@ -43,7 +43,7 @@ def _to_global_chunks(gathered, layout: SequenceLayout):
   """[S, b, n_local, ...] gathered per device -> [b, G, ...] in global chunk order."""
   s, b, n = gathered.shape[:3]
   flat = jnp.moveaxis(gathered, 0, 1).reshape((b, s * n) + gathered.shape[3:])
-  order = jnp.argsort(jnp.asarray(layout.chunk_ids().reshape(-1)))  # global chunk g lives at flat index order[g]
+  order = np.argsort(layout.chunk_ids().reshape(-1))  # global chunk g lives at flat index order[g]
   return jnp.take(flat, order, axis=1)
 
 

@@ -36,7 +36,6 @@ wo [E/expert, I/expert_tensor, hidden] (replicated over expert_data).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import chex
 import jax

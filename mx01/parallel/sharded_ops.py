@@ -9,6 +9,8 @@ initial/final-state interface of `mx01.lightning.lightning_attention`.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from mx01 import ops as ops_lib
 from mx01.config import ModelConfig
 from mx01.parallel import comm
@@ -18,8 +20,6 @@ from mx01.parallel.mesh import ParallelMesh
 from mx01.parallel.moe_ep import moe_expert_parallel
 from mx01.parallel.ring_attention import ring_attention
 from mx01.parallel.tensor_parallel import LAYER_LOG_DECAY
-
-import jax.numpy as jnp
 
 
 def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: SequenceLayout,

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
 
