@@ -7,6 +7,10 @@ lightning kernels, the expert-parallel MoE with padded dispatch buffers) and
 the rules' sharding constraints.  Reports step time of each and the ratio, and
 checks that both give the same loss.
 
+Both paths use the XLA block-wise lightning attention by default
+(`--lightning_impl xla`): the Pallas kernels' `pallas_call` output shapes do
+not yet carry the varying-axes type that `shard_map(check_vma=True)` needs.
+
   python -m benchmarks.shard_map_overhead --preset hybrid_moe_20m --seq 2048 --batch 8 --out overhead.json
 """
 
@@ -57,11 +61,12 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--lightning_impl", default="xla", help="model.lightning_impl for both paths")
   ap.add_argument("--override", action="append", default=[], help="section.key=value")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
-  cfg = apply_overrides(get_preset(args.preset), args.override)
+  cfg = apply_overrides(get_preset(args.preset), [f"model.lightning_impl={args.lightning_impl}"] + args.override)
   cfg = Config(model=cfg.model, parallel=ParallelConfig(), train=cfg.train, data=cfg.data)
   mcfg = cfg.model
   device = jax.devices()[0]
