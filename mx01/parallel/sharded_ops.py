@@ -22,10 +22,29 @@ from mx01.parallel.ring_attention import ring_attention
 from mx01.parallel.tensor_parallel import LAYER_LOG_DECAY
 
 
+def _explain_vma_errors(inner, config: ModelConfig):
+  """Re-raises the error of a kernel whose outputs lack shard_map's varying-axes type, with the fix."""
+
+  def call(*args, **kwargs):
+    try:
+      return inner(*args, **kwargs)
+    except ValueError as e:
+      if "manual_axis_type" not in str(e) and "vma" not in str(e):
+        raise
+      raise ValueError(
+          f"the lightning implementation {config.lightning_impl!r} (resolved: "
+          f"{ops_lib.resolve_lightning_impl(config.lightning_impl)!r}) cannot run inside shard_map(check_vma=True): "
+          "its pallas_call output shapes must carry the inputs' varying mesh axes "
+          "(jax.ShapeDtypeStruct(..., manual_axis_type=jax.typeof(q).manual_axis_type)); until then set "
+          "model.lightning_impl='xla' for the sharded step") from e
+
+  return call
+
+
 def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: SequenceLayout,
                       global_batch: int) -> ops_lib.ModelOps:
   """Ops for one device of `pmesh`; `config` is the global model config."""
-  inner = ops_lib.default_ops(config).lightning
+  inner = _explain_vma_errors(ops_lib.default_ops(config).lightning, config)
   sequence_axes = pmesh.axes("sequence")
 
   def lightning(q, k, v, log_decay, *, block_size, segment_ids=None, initial_state=None):
