@@ -89,3 +89,35 @@ def block_masks(log_decay, seg, prev_seg, block: int, seq_len: int, start):
   same_seg = seg[:, None] == seg[None, :]
   next_prev_seg = jnp.where(padding_only, prev_seg, last_seg)
   return q_decay, k_decay, state_decay, same_seg, next_prev_seg
+
+
+def _varying_axes(x) -> frozenset:
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def match_varying(args):
+  """Inside `shard_map(check_vma=True)`: marks every input as varying over the union of the
+  inputs' mesh axes and returns (args, manual_axis_type for the outputs); outside, (args, None).
+
+  A pallas_call's output shapes must state how they vary across the mesh; our kernels'
+  outputs vary exactly as their inputs together do.
+  """
+  axes = frozenset().union(*(_varying_axes(a) for a in args))
+  if not axes:
+    return list(args), None
+  cast = getattr(jax.lax, "pcast", None)
+  out = []
+  for a in args:
+    missing = tuple(sorted(axes - _varying_axes(a)))
+    if missing:
+      a = cast(a, missing, to="varying") if cast is not None else jax.lax.pvary(a, missing)
+    out.append(a)
+  return out, jax.typeof(out[0]).manual_axis_type
+
+
+def out_struct(shape, dtype, manual_axis_type=None):
+  """jax.ShapeDtypeStruct carrying the mesh-varying type from `match_varying` when there is one."""
+  if manual_axis_type is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual_axis_type)

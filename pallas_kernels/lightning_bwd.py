@@ -133,10 +133,11 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   if has_init:
     in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda bi, hi, ki: (bi, hi, ki, 0)))
     args.append(initial_state.astype(jnp.float32))
+  args, vary = cm.match_varying(args)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block=block, seq_len=seq_len, num_blocks=num_blocks, has_seg=has_seg,
                         has_init=has_init, compute_dtype=compute_dtype),
-      out_shape=jax.ShapeDtypeStruct((b, t_pad, h, dk), q.dtype), grid=(b, h, dk // block_k),
+      out_shape=cm.out_struct((b, t_pad, h, dk), q.dtype, vary), grid=(b, h, dk // block_k),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((sq, t_pad, sq, block_k), lambda bi, hi, ki: (bi, 0, hi, ki)),
       compiler_params=params, interpret=interpret, name="lightning_bwd_dq")(*args)
@@ -157,10 +158,11 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
     args.append(segment_index.astype(jnp.int32))
   in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)))
   args.append(grad_state.astype(jnp.float32))
+  args, vary = cm.match_varying(args)
   out_shape = [
-      jax.ShapeDtypeStruct((num_v, b, t_pad, h, dk), dk_dtype),
-      jax.ShapeDtypeStruct((b, t_pad, h, dv), v.dtype),
-      jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),
+      cm.out_struct((num_v, b, t_pad, h, dk), dk_dtype, vary),
+      cm.out_struct((b, t_pad, h, dv), v.dtype, vary),
+      cm.out_struct((b, h, dk, dv), jnp.float32, vary),
   ]
   out_specs = [
       pl.BlockSpec((sq, sq, t_pad, sq, dk), lambda bi, hi, vi: (vi, bi, 0, hi, 0)),

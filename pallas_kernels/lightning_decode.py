@@ -53,9 +53,10 @@ def lightning_decode(q, k, v, log_decay, state, *, config: LightningConfig | Non
       raise ValueError(f"head dim {name} must be a power of two >= 16, got {size}")
   block_v = min(cfg.decode_block_v, dv)
   sq = cm.SQUEEZED
+  args, vary = cm.match_varying([q, k, v, cm.decay_rows(log_decay), state.astype(jnp.float32)])
   out, new_state = pl.pallas_call(
       _decode_kernel,
-      out_shape=[jax.ShapeDtypeStruct((b, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
+      out_shape=[cm.out_struct((b, h, dv), q.dtype, vary), cm.out_struct((b, h, dk, dv), jnp.float32, vary)],
       grid=(b, h, dv // block_v),
       in_specs=[
           pl.BlockSpec((sq, sq, dk), lambda bi, hi, vi: (bi, hi, 0)),
@@ -70,5 +71,5 @@ def lightning_decode(q, k, v, log_decay, state, *, config: LightningConfig | Non
       ],
       input_output_aliases={4: 1},
       compiler_params=cm.compiler_params(cfg.decode_num_warps, 1),
-      interpret=interpret, name="lightning_decode")(q, k, v, cm.decay_rows(log_decay), state.astype(jnp.float32))
+      interpret=interpret, name="lightning_decode")(*args)
   return out, new_state

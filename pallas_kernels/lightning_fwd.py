@@ -92,8 +92,9 @@ def lightning_forward(q, k, v, log_decay, segment_index, initial_state, *, seq_l
       pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
       pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)),
   ]
-  out_shape = [jax.ShapeDtypeStruct((b, t_pad, h, dv), q.dtype),
-               jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
+  args, vary = cm.match_varying(args)
+  out_shape = [cm.out_struct((b, t_pad, h, dv), q.dtype, vary),
+               cm.out_struct((b, h, dk, dv), jnp.float32, vary)]
   kernel = functools.partial(_fwd_kernel, block=block, seq_len=seq_len, num_blocks=t_pad // block,
                              has_seg=has_seg, has_init=has_init, compute_dtype=compute_dtype)
   out, state = pl.pallas_call(
