@@ -1,12 +1,16 @@
 """Parameter counting: analytic, and checked against the real init's shapes.
 
-`count_params(config)` counts from the architecture alone; `count_from_shapes`
+`param_count(config)` counts from the architecture alone, by group;
+`count_params(config)` gives the headline numbers as a dict; `count_from_shapes`
 sums the shapes that `jax.eval_shape` gives for `mx01.model.init` (nothing is
-allocated).  The tests require the two to agree exactly.
+allocated).  The tests require the analytic and the real counts to agree
+exactly.  This is the one parameter counter of the repository (`scaling/flops.py`
+builds its FLOP model on it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,21 +18,73 @@ import jax
 from mx01.config import LIGHTNING, ModelConfig
 
 
-def layer_params(config: ModelConfig, kind: str) -> dict:
-  """Parameters of one decoder layer: {"attention", "ffn_total", "ffn_activated", "norms"}."""
-  c = config
-  d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  """Parameter counts of a ModelConfig, by group.
+
+  `ffn_total` holds every expert, `ffn_active` the `num_experts_per_tok` a token
+  uses; `router` the MoE routers; `norms` every RMSNorm weight (two per layer,
+  the lightning layers' head norm, the final norm).
+  """
+
+  embedding: int
+  lm_head: int  # 0 when tied to the embedding
+  attention: int
+  ffn_total: int
+  ffn_active: int
+  router: int
+  norms: int
+
+  @property
+  def total(self) -> int:
+    return self.embedding + self.lm_head + self.attention + self.ffn_total + self.router + self.norms
+
+  @property
+  def non_embedding(self) -> int:
+    """All parameters except the vocabulary matrices (embedding and LM head)."""
+    return self.attention + self.ffn_total + self.router + self.norms
+
+  @property
+  def active_non_embedding(self) -> int:
+    """Non-embedding parameters one token uses (activated experts only)."""
+    return self.attention + self.ffn_active + self.router + self.norms
+
+  @property
+  def vocab_matmul(self) -> int:
+    """The vocabulary matrix a token multiplies through at the output."""
+    return self.lm_head if self.lm_head else self.embedding
+
+  @property
+  def matmul_active(self) -> int:
+    """Parameters a token multiplies through: active non-embedding without norms, plus the LM head matrix."""
+    return self.attention + self.ffn_active + self.router + self.vocab_matmul
+
+
+def attention_params(config: ModelConfig, kind: str) -> int:
+  """Projection weights of one attention layer (lightning: fused qkv, gate, out; softmax: q, k, v, o)."""
+  d, h, hd = config.hidden_size, config.num_heads, config.head_dim
   if kind == LIGHTNING:
-    attn = d * 3 * h * hd + d * h * hd + h * hd * d + h * hd  # qkv, gate, out, head norm
-  else:
-    attn = d * h * hd + 2 * d * kv * hd + h * hd * d  # q, k, v, o
+    return d * 3 * h * hd + d * h * hd + h * hd * d
+  return d * h * hd + 2 * d * config.num_kv_heads * hd + h * hd * d
+
+
+def param_count(config: ModelConfig) -> ParamCount:
+  """Counts the parameters of `config` by group (no biases; mx01/model.py's layout)."""
+  c = config
+  d, v = c.hidden_size, c.vocab_size
+  kinds = c.resolved_layer_types
+  expert = 3 * d * c.intermediate_size  # SwiGLU gate, up, down
   if c.is_moe:
-    expert = 3 * d * c.intermediate_size
-    ffn_total = d * c.num_experts + c.num_experts * expert
-    ffn_active = d * c.num_experts + c.num_experts_per_tok * expert
+    ffn_total, ffn_active = c.num_layers * c.num_experts * expert, c.num_layers * c.num_experts_per_tok * expert
+    router = c.num_layers * d * c.num_experts
   else:
-    ffn_total = ffn_active = 3 * d * c.intermediate_size
-  return {"attention": attn, "ffn_total": ffn_total, "ffn_activated": ffn_active, "norms": 2 * d}
+    ffn_total = ffn_active = c.num_layers * expert
+    router = 0
+  n_lightning = sum(kind == LIGHTNING for kind in kinds)
+  norms = c.num_layers * 2 * d + n_lightning * c.num_heads * c.head_dim + d
+  return ParamCount(embedding=v * d, lm_head=0 if c.tie_word_embeddings else v * d,
+                    attention=sum(attention_params(c, kind) for kind in kinds), ffn_total=ffn_total,
+                    ffn_active=ffn_active, router=router, norms=norms)
 
 
 def count_params(config: ModelConfig) -> dict:
@@ -36,29 +92,20 @@ def count_params(config: ModelConfig) -> dict:
 
   Returns {"total", "activated", "embedding", "non_embedding", "non_embedding_activated",
   "attention", "ffn", "norms"}.  "embedding" counts the input embedding and the LM
-  head (once if tied); "activated" counts top-k experts per MoE layer.
+  head (once if tied); "activated" counts top-k experts per MoE layer; "ffn"
+  includes the routers.
   """
-  c = config
-  embedding = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-  attn = ffn_total = ffn_active = norms = 0
-  for kind in c.resolved_layer_types:
-    p = layer_params(c, kind)
-    attn += p["attention"]
-    ffn_total += p["ffn_total"]
-    ffn_active += p["ffn_activated"]
-    norms += p["norms"]
-  norms += c.hidden_size  # final norm
-  non_emb = attn + ffn_total + norms
-  non_emb_active = attn + ffn_active + norms
+  p = param_count(config)
+  embedding = p.embedding + p.lm_head
   return {
-      "total": embedding + non_emb,
-      "activated": embedding + non_emb_active,
+      "total": p.total,
+      "activated": embedding + p.active_non_embedding,
       "embedding": embedding,
-      "non_embedding": non_emb,
-      "non_embedding_activated": non_emb_active,
-      "attention": attn,
-      "ffn": ffn_total,
-      "norms": norms,
+      "non_embedding": p.non_embedding,
+      "non_embedding_activated": p.active_non_embedding,
+      "attention": p.attention,
+      "ffn": p.ffn_total + p.router,
+      "norms": p.norms,
   }
 
 

@@ -34,6 +34,7 @@ import math
 from typing import Optional
 
 from mx01.config import LIGHTNING, Config, ModelConfig, ParallelConfig
+from mx01.params import count_params
 
 GIB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2}
@@ -79,17 +80,9 @@ class Plan:
 
 def _param_groups(model: ModelConfig) -> dict:
   """{"vocab", "dense", "experts", "total", "activated", "non_embedding", "layer_dense", "layer_experts"}."""
-  try:
-    from mx01.params import count_params
-    c = count_params(model)
-    total, activated, non_emb, vocab = c["total"], c["activated"], c["non_embedding"], c["embedding"]
-    experts = c["ffn"] if model.is_moe else 0
-  except ImportError:  # fall back to the FLOP model's counter
-    from scaling.flops import param_count
-    pc = param_count(model)
-    total, non_emb = pc.total, pc.non_embedding
-    activated, vocab = pc.active_non_embedding + pc.embedding + pc.lm_head, pc.embedding + pc.lm_head
-    experts = pc.ffn_total if model.is_moe else 0
+  c = count_params(model)
+  total, activated, non_emb, vocab = c["total"], c["activated"], c["non_embedding"], c["embedding"]
+  experts = c["ffn"] if model.is_moe else 0
   dense = total - vocab - experts
   return {"vocab": vocab, "dense": dense, "experts": experts, "total": total, "activated": activated,
           "non_embedding": non_emb, "layer_dense": dense / model.num_layers,

@@ -52,6 +52,7 @@ import math
 from typing import Literal, Optional
 
 from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
+from mx01.params import ParamCount, attention_params, param_count  # noqa: F401
 
 AttentionMode = Literal["causal", "masked"]
 _MODES = ("causal", "masked")
@@ -68,72 +69,7 @@ PEAK_FLOPS_BF16 = {
 
 # ---- parameters ----------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class ParamCount:
-  """Parameter counts of a ModelConfig, by group (units: parameters).
-
-  `ffn_total` holds every expert; `ffn_active` the `num_experts_per_tok` a token
-  uses.  Norm weights are counted (2 RMSNorms per layer, one on the lightning
-  attention output, the final norm).
-  """
-
-  embedding: int
-  lm_head: int  # 0 when tied to the embedding
-  attention: int
-  ffn_total: int
-  ffn_active: int
-  router: int
-  norms: int
-
-  @property
-  def total(self) -> int:
-    return self.embedding + self.lm_head + self.attention + self.ffn_total + self.router + self.norms
-
-  @property
-  def non_embedding(self) -> int:
-    """All parameters except the vocabulary matrices (embedding and LM head)."""
-    return self.attention + self.ffn_total + self.router + self.norms
-
-  @property
-  def active_non_embedding(self) -> int:
-    """Non-embedding parameters one token uses (activated experts only)."""
-    return self.attention + self.ffn_active + self.router + self.norms
-
-  @property
-  def matmul_active(self) -> int:
-    """Parameters a token multiplies through: active non-embedding without norms, plus the LM head matrix."""
-    return self.attention + self.ffn_active + self.router + self.vocab_matmul
-
-  @property
-  def vocab_matmul(self) -> int:
-    return self.lm_head if self.lm_head else self.embedding
-
-
-def _attention_projection_params(config: ModelConfig, kind: str) -> int:
-  h, heads, d = config.hidden_size, config.num_heads, config.head_dim
-  if kind == LIGHTNING:
-    return h * 3 * heads * d + h * heads * d + heads * d * h  # fused qkv, output gate, out proj
-  kv = config.num_kv_heads
-  return h * heads * d + 2 * h * kv * d + heads * d * h  # q, k, v, o
-
-
-def param_count(config: ModelConfig) -> ParamCount:
-  """Counts the parameters of `config` (no biases; matches mx01/model.py's layout)."""
-  h, v = config.hidden_size, config.vocab_size
-  types = config.resolved_layer_types
-  attention = sum(_attention_projection_params(config, kind) for kind in types)
-  expert = 3 * h * config.intermediate_size  # SwiGLU gate, up, down
-  if config.is_moe:
-    ffn_total = config.num_layers * config.num_experts * expert
-    ffn_active = config.num_layers * config.num_experts_per_tok * expert
-    router = config.num_layers * h * config.num_experts
-  else:
-    ffn_total = ffn_active = config.num_layers * expert
-    router = 0
-  n_lightning = sum(kind == LIGHTNING for kind in types)
-  norms = config.num_layers * 2 * h + n_lightning * config.num_heads * config.head_dim + h
-  return ParamCount(embedding=v * h, lm_head=0 if config.tie_word_embeddings else v * h, attention=attention,
-                    ffn_total=ffn_total, ffn_active=ffn_active, router=router, norms=norms)
+# `ParamCount` / `param_count` live in mx01/params.py, the one parameter counter; re-exported here.
 
 
 # ---- FLOPs -------------------------------------------------------------------
@@ -210,7 +146,7 @@ def forward_flops_breakdown(config: ModelConfig, seq_len: int,
   types = config.resolved_layer_types
   n_lightning = sum(kind == LIGHTNING for kind in types)
   n_softmax = sum(kind == SOFTMAX for kind in types)
-  projections = 2.0 * sum(_attention_projection_params(config, kind) for kind in types)
+  projections = 2.0 * sum(attention_params(config, kind) for kind in types)
   softmax = n_softmax * heads * 4.0 * d * softmax_pairs_per_token(seq_len, mode)
   intra = n_lightning * heads * 4.0 * d * lightning_pairs_per_token(seq_len, config.block_size, mode)
   inter = n_lightning * heads * 4.0 * d * d * lightning_state_tokens_per_token(seq_len, config.block_size, mode)
