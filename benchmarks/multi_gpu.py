@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.shard_map_overhead import synthetic_batch, time_step  # noqa: E402
+from benchmarks.common import synthetic_batch, time_step  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
 from mx01 import training  # noqa: E402
 from mx01.config import LIGHTNING, SOFTMAX, Config, ModelConfig, ParallelConfig, apply_overrides  # noqa: E402

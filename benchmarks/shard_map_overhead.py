@@ -18,40 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import numpy as np
 import optax
 
+from benchmarks.common import synthetic_batch, time_step
 from mx01 import model as model_lib
 from mx01.config import Config, ParallelConfig, apply_overrides
 from mx01.parallel import mesh as mesh_lib
 from mx01.parallel import step as step_lib
 from mx01.presets import get_preset
 from mx01.training import make_train_step
-
-
-def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, docs_per_row: int = 4):
-  tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-  cuts = np.sort(rng.choice(np.arange(1, seq), size=docs_per_row - 1, replace=False))
-  seg = (np.searchsorted(cuts, np.arange(seq + 1), side="right") + 1).astype(np.int32)
-  return {"tokens": tokens, "segment_ids": np.broadcast_to(seg, tokens.shape).copy()}
-
-
-def time_step(step, params, opt_state, batch, steps: int, warmup: int):
-  t0 = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m["loss"])
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m["loss"])
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m["loss"])
-  return (time.perf_counter() - t0) / steps, compile_s, float(m["loss"])
 
 
 def main():

@@ -17,22 +17,15 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import synthetic_batch, time_step
 from mx01 import model as model_lib
 from mx01.config import apply_overrides
 from mx01.presets import get_preset
 from mx01.training import make_train_step
 from scaling import flops
-
-
-def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, docs_per_row: int = 4):
-  tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-  cuts = np.sort(rng.choice(np.arange(1, seq), size=docs_per_row - 1, replace=False))
-  seg = (np.searchsorted(cuts, np.arange(seq + 1), side="right") + 1).astype(np.int32)
-  return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(np.broadcast_to(seg, tokens.shape).copy())}
 
 
 def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int):
@@ -42,20 +35,9 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int):
   opt_state = opt.init(params)
   step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
   data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size)
-  t0 = time.perf_counter()
-  params, opt_state, m = step(params, opt_state, data)
-  jax.block_until_ready(m["loss"])
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    params, opt_state, m = step(params, opt_state, data)
-  jax.block_until_ready(m["loss"])
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, m = step(params, opt_state, data)
-  jax.block_until_ready(m["loss"])
-  dt = (time.perf_counter() - t0) / steps
+  dt, compile_s, loss = time_step(step, params, opt_state, data, steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
-  return dt, compile_s, stats.get("peak_bytes_in_use", 0), float(m["loss"])
+  return dt, compile_s, stats.get("peak_bytes_in_use", 0), loss
 
 
 def main(argv=None):

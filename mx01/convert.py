@@ -145,36 +145,37 @@ def _global_map(config: ModelConfig):
   return rows
 
 
-def from_hf_state_dict(state_dict: Mapping, config: ModelConfig, *, dtype=None) -> dict:
+def from_hf_state_dict(state_dict: Mapping, config: ModelConfig) -> dict:
   """transformers state dict -> mx01 params.  Raises ConversionError listing every problem."""
-  dtype = np.dtype(dtype or config.param_dtype) if (dtype or config.param_dtype) != "bfloat16" else None
   problems, params, used = [], {}, set()
-  for i in range(config.num_layers):
-    layer = {}
-    for name, path, fn, shape in _layer_map(config, i):
-      if name not in state_dict:
-        problems.append(f"missing tensor {name} (expected shape {shape})")
-        continue
-      w = _to_numpy(state_dict[name])
-      used.add(name)
-      if tuple(w.shape) != shape:
-        problems.append(f"{name}: shape {tuple(w.shape)} but the config needs {shape}")
-        continue
-      _set(layer, path, fn(w) if fn else w)
-    # Experts: gate_up_proj [E, 2I, H] -> wi_gate, wi_up [E, H, I].
-    name = f"model.layers.{i}.mlp.experts.gate_up_proj"
-    shape = (config.num_experts, 2 * config.intermediate_size, config.hidden_size)
+
+  def take(name, shape):
+    """The tensor `name` as numpy if present with `shape`; otherwise records the problem and returns None."""
     if name not in state_dict:
       problems.append(f"missing tensor {name} (expected shape {shape})")
-    else:
-      w = _to_numpy(state_dict[name])
-      used.add(name)
-      if tuple(w.shape) != shape:
-        problems.append(f"{name}: shape {tuple(w.shape)} but the config needs {shape}")
-      else:
-        inter = config.intermediate_size
-        _set(layer, ("moe", "wi_gate"), w[:, :inter].transpose(0, 2, 1))
-        _set(layer, ("moe", "wi_up"), w[:, inter:].transpose(0, 2, 1))
+      return None
+    used.add(name)
+    w = _to_numpy(state_dict[name])
+    if tuple(w.shape) != shape:
+      problems.append(f"{name}: shape {tuple(w.shape)} but the config needs {shape}")
+      return None
+    return w
+
+  def take_all(rows, tree):
+    for name, path, fn, shape in rows:
+      w = take(name, shape)
+      if w is not None:
+        _set(tree, path, fn(w) if fn else w)
+
+  for i in range(config.num_layers):
+    layer = {}
+    take_all(_layer_map(config, i), layer)
+    # Experts: gate_up_proj [E, 2I, H] -> wi_gate, wi_up [E, H, I].
+    inter = config.intermediate_size
+    w = take(f"model.layers.{i}.mlp.experts.gate_up_proj", (config.num_experts, 2 * inter, config.hidden_size))
+    if w is not None:
+      _set(layer, ("moe", "wi_gate"), w[:, :inter].transpose(0, 2, 1))
+      _set(layer, ("moe", "wi_up"), w[:, inter:].transpose(0, 2, 1))
     if config.resolved_layer_types[i] == LIGHTNING:
       name = f"model.layers.{i}.self_attn.slope_rate"
       for buf in _DECAY_BUFFERS:
@@ -186,16 +187,7 @@ def from_hf_state_dict(state_dict: Mapping, config: ModelConfig, *, dtype=None) 
           problems.append(f"{name}: decay rates differ from the config's (num_heads={config.num_heads}, "
                           f"layer {i} of {config.num_layers}); is num_hidden_layers right?")
     params[f"layers_{i}"] = layer
-  for name, path, fn, shape in _global_map(config):
-    if name not in state_dict:
-      problems.append(f"missing tensor {name} (expected shape {shape})")
-      continue
-    w = _to_numpy(state_dict[name])
-    used.add(name)
-    if tuple(w.shape) != shape:
-      problems.append(f"{name}: shape {tuple(w.shape)} but the config needs {shape}")
-      continue
-    _set(params, path, fn(w) if fn else w)
+  take_all(_global_map(config), params)
   extra = sorted(set(state_dict) - used)
   if config.tie_word_embeddings and "lm_head.weight" in extra:
     extra.remove("lm_head.weight")  # transformers may store the tied head too
