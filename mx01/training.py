@@ -66,6 +66,13 @@ def loss_fn(params, batch, *, config: ModelConfig, ops: Optional[ModelOps] = Non
   return loss, metrics
 
 
+def init_train_state(config: ModelConfig, optimizer: optax.GradientTransformation, init_key, run_key) -> dict:
+  """The state a run checkpoints: {"params", "opt_state", "step" [] int32, "rng" (key data of run_key)}."""
+  params = model_lib.init(config, init_key)
+  return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(run_key)}
+
+
 # ---- optimizer -------------------------------------------------------------------
 
 def weight_decay_mask(params):

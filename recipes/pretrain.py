@@ -54,14 +54,6 @@ class InsufficientDevicesError(RuntimeError):
   """The config's mesh needs more devices than are attached."""
 
 
-def _non_embedding_params(params) -> tuple[int, int]:
-  """(non-embedding, total) parameter counts of a parameter pytree (embedding and LM head excluded)."""
-  import jax
-  total = sum(int(x.size) for x in jax.tree.leaves(params))
-  vocab = sum(int(x.size) for k in ("embed", "lm_head") if k in params for x in jax.tree.leaves(params[k]))
-  return total - vocab, total
-
-
 def _peak_flops_per_device() -> Optional[float]:
   try:
     from scaling import flops as flops_lib
@@ -112,15 +104,14 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   """
   t_start = time.time()
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from mx01 import checkpoint as ckpt_lib
   from mx01 import metrics as metrics_lib
-  from mx01 import model as model_lib
   from mx01 import training
   from mx01.data import DataPipeline
+  from mx01.params import count_params
 
   tc, dc = config.train, config.data
   devices = list(devices) if devices is not None else jax.devices()
@@ -141,9 +132,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   init_key, run_key = jax.random.split(key)
 
   def make_state(k):
-    params = model_lib.init(config.model, k)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(run_key)}
+    return training.init_train_state(config.model, optimizer, k, run_key)
 
   abstract = jax.eval_shape(make_state, init_key)
   state_shardings = jax.tree.map(lambda _: replicated, abstract)
@@ -166,7 +155,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   if state is None:
     state = init_state(init_key)
 
-  n_params, n_params_total = _non_embedding_params(state["params"])
+  counts = count_params(config.model)
+  n_params, n_params_total = counts["non_embedding"], counts["total"]
   tokens_per_step = tc.batch_size * dc.seq_len
   peak = _peak_flops_per_device()
   log(f"{config.model.num_layers} layers, {n_params:,} non-embedding parameters ({n_params_total:,} total), "

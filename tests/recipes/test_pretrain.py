@@ -44,19 +44,19 @@ def _losses(run_dir):
   return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")}
 
 
+def _abstract_state(cfg):
+  """Shapes of the checkpointed training state (for restoring outside the recipe)."""
+  from mx01 import training
+  opt, _ = training.make_optimizer(cfg.train)
+  key = jax.random.key(0)
+  return jax.eval_shape(lambda k: training.init_train_state(cfg.model, opt, k, k), key)
+
+
 def _final_state(cfg, run_dir):
   ckpt = ckpt_lib.Checkpointer(pathlib.Path(run_dir) / "checkpoints", cfg, log=lambda s: None)
   steps = ckpt.all_steps()
   meta = ckpt._read_meta(steps[-1])
-  from mx01 import model as model_lib, training
-  opt, _ = training.make_optimizer(cfg.train)
-
-  def make(k):
-    p = model_lib.init(cfg.model, k)
-    return {"params": p, "opt_state": opt.init(p), "step": jax.numpy.zeros((), "int32"),
-            "rng": jax.random.key_data(k)}
-
-  restored = ckpt.restore(jax.eval_shape(make, jax.random.key(0)))
+  restored = ckpt.restore(_abstract_state(cfg))
   ckpt.close()
   return restored, meta
 
@@ -134,15 +134,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
       path.write_bytes(os.urandom(max(16, path.stat().st_size)))
   messages = []
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg, log=messages.append)
-  from mx01 import model as model_lib, training
-  opt, _ = training.make_optimizer(cfg.train)
-
-  def make(k):
-    p = model_lib.init(cfg.model, k)
-    return {"params": p, "opt_state": opt.init(p), "step": jax.numpy.zeros((), "int32"),
-            "rng": jax.random.key_data(k)}
-
-  restored = ckpt.restore(jax.eval_shape(make, jax.random.key(0)))
+  restored = ckpt.restore(_abstract_state(cfg))
   ckpt.close()
   assert restored.step == 8
   assert any("step 12 is corrupt" in m for m in messages)
