@@ -1,10 +1,6 @@
 """Shared pytest configuration."""
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "gpu: needs a GPU backend (compiled kernels); skipped elsewhere")
-
-
 # ---- parallelism tests (tests/mx01/parallel) ---------------------------------
 # Eight host CPU devices for the sharded tests.  Set before any test module
 # makes jax start its CPU backend; it only affects the CPU platform.
