@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from mx01.lightning import segment_starts_to_index
 from pallas_kernels import _common as cm
 from pallas_kernels import lightning_states
 from pallas_kernels.config import DEFAULT_CONFIG, LightningConfig
@@ -110,8 +111,7 @@ def _check_inputs(q, k, v, log_decay, segment_ids, initial_state):
 
 def _segment_index(segment_ids, b, t, t_pad):
   """[b, t] ids -> [b, t_pad] int32 running index from 0, -1 on padding."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  idx = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(change.astype(jnp.int32), axis=1)], axis=1)
+  idx = segment_starts_to_index(segment_ids)
   return jnp.pad(idx, ((0, 0), (0, t_pad - t)), constant_values=-1)
 
 

@@ -36,13 +36,12 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
   return max(1, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, offset=None, token_mask=None):
-  """Which (token, choice) assignments fit in their expert's capacity.
+def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, token_mask=None):
+  """Which (token, choice) assignments fit in their expert's capacity, on one device.
 
   Priority is choice-major then token order (every token's first choice before
-  any second choice), the GShard policy.  `offset` [k, E] counts assignments of
-  each choice rank that precede this shard in the global order (for global
-  routing across expert-parallel shards); zero for a single device.
+  any second choice), the GShard policy; `mx01.parallel.moe_ep.global_keep_mask`
+  applies the same order across expert-parallel shards.
   expert_idx [tokens, k] -> keep [tokens, k] bool.
   """
   t, k = expert_idx.shape
@@ -52,8 +51,6 @@ def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, offset=No
   per_rank = jnp.sum(one_hot, axis=1)  # [k, E]
   # Assignments of earlier choice ranks (all tokens) come first.
   earlier_ranks = jnp.cumsum(per_rank, axis=0) - per_rank  # [k, E]
-  if offset is not None:
-    earlier_ranks = earlier_ranks + offset
   pos = jnp.cumsum(one_hot, axis=1) - one_hot + earlier_ranks[:, None, :]  # [k, t, E]
   pos_in_expert = jnp.sum(pos * one_hot, axis=-1)  # [k, t]
   return (pos_in_expert < capacity).T

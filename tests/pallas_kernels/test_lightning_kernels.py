@@ -32,21 +32,8 @@ SMALL = pk.LightningConfig(block_size=16, block_v=16, bwd_block_k=16, bwd_block_
 
 
 def numpy_lightning(q, k, v, log_decay, segment_ids=None, initial_state=None):
-  """The recurrence in float64 NumPy: (out [b, t, h, dv], final_state [b, h, dk, dv])."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  lam = np.exp(np.asarray(log_decay, np.float64))[None, :, None, None]
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
-  state = np.zeros((b, h, dk, dv)) if initial_state is None else np.asarray(initial_state, np.float64).copy()
-  seg = None if segment_ids is None else np.asarray(segment_ids)
-  out = np.zeros((b, t, h, dv))
-  for j in range(t):
-    decay = np.broadcast_to(lam, (b, h, 1, 1)).copy()
-    if seg is not None and j > 0:
-      decay[seg[:, j] != seg[:, j - 1]] = 0.0
-    state = state * decay + k[:, j, :, :, None] * v[:, j, :, None, :]
-    out[:, j] = np.einsum("bhk,bhkv->bhv", q[:, j], state)
-  return out, state
+  """The recurrence in float64 NumPy (mx01's reference loop): (out [b, t, h, dv], final_state [b, h, dk, dv])."""
+  return ref.lightning_attention_numpy(q, k, v, log_decay, segment_ids=segment_ids, initial_state=initial_state)
 
 
 def rel_err(x, y):
