@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from mx01 import model as model_lib
+from mx01 import training
 from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
 
 FILLER = 0
@@ -102,12 +103,11 @@ def masked_loss(params, batch, *, config: ModelConfig):
   tokens = batch["tokens"]
   logits, _ = model_lib.apply(params, tokens[:, :-1], config=config)
   targets = tokens[:, 1:]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   m = batch["loss_mask"].astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(m), 1.0)
+  nll_sum, count = training.cross_entropy(logits, targets, m)
+  count = jnp.maximum(count, 1.0)
   acc = jnp.sum((jnp.argmax(logits, -1) == targets) * m) / count
-  return jnp.sum(nll * m) / count, acc
+  return nll_sum / count, acc
 
 
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
