@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_suite.sh a     # tests, train-step throughput, recipe throughput, shard_map overhead, decode
 #   bash benchmarks/gpu_suite.sh b     # long-context latency split, scaling sweep, retrieval study, 2-GPU run
+#   bash benchmarks/gpu_suite.sh moe   # MoE expert kernels, MoE train step per moe_impl, step profile, 1M-token step
+#   bash benchmarks/gpu_suite.sh retrieval   # the MQAR study (one process per attention kind)
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
 set -u
@@ -65,6 +67,37 @@ case "${1:-a}" in
     if [ "$NGPU" -gt 1 ] && [ -f benchmarks/multi_gpu.py ]; then
       stage multi_gpu 0,1 120 python3 benchmarks/multi_gpu.py --out "$R/multi_gpu.json"
     fi
+    ;;
+  moe)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
+    python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> "$R/env.log" 2>&1
+    cat "$R/env.log"
+    stage gpu_tests 0 90 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
+    stage moe_experts 0 100 python3 -m benchmarks.moe_experts --tokens 32768 --out "$R/moe_experts.json"
+    stage moe_experts_paper 0 60 python3 -m benchmarks.moe_experts --shape paper --tokens 8192 \
+      --variants balanced,ragged,ragged_mosaic,capacity_1.25 --out "$R/moe_experts_paper.json"
+    for impl in capacity ragged_mosaic ragged; do
+      extra=""; [ "$impl" = capacity ] && extra="--override model.capacity_factor=1.25"
+      stage "train_moe_$impl" 0 100 python3 -m benchmarks.train_step --presets hybrid_moe_1b --seq 8192 \
+        --tokens_per_step 32768 --steps 3 --warmup 1 --override model.moe_impl=$impl $extra \
+        --out "$R/train_moe_$impl.json"
+    done
+    stage profile_hybrid_1b 0 90 python3 -m benchmarks.profile_step --preset hybrid_1b --seq 8192 --batch 4 \
+      --out "$R/profile_hybrid_1b.json"
+    stage lightning_1m 0 150 python3 -m benchmarks.train_step --presets lightning_400m --seq 262144,1048576 \
+      --tokens_per_step 1 --steps 2 --warmup 1 --override model.remat=full --override model.loss_chunk_size=16384 \
+      --out "$R/lightning_1m.json"
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false stage train_dense_no_triton_gemm 0 80 \
+      python3 -m benchmarks.train_step --presets hybrid_1b --seq 8192 --tokens_per_step 32768 --steps 3 \
+      --warmup 1 --out "$R/train_dense_no_triton_gemm.json"
+    ;;
+  retrieval)
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
+    for kind in softmax lightning hybrid; do
+      stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \
+        --out "$R/retrieval_$kind.csv" &
+    done
+    wait
     ;;
 esac
 

@@ -60,6 +60,12 @@ class ModelConfig:
   num_experts_per_tok: int = 2
   # Expert capacity as a multiple of the even share (tokens*k/E); None = no drop.
   capacity_factor: Optional[float] = None
+  # How the experts run (mx01/layers/moe.py): "capacity" (batched matmul over
+  # per-expert buffers; needs capacity_factor), "ragged" (dropless
+  # jax.lax.ragged_dot), "ragged_mosaic" (dropless, jax's Hopper kernels),
+  # "dense" (every expert on every token: the reference); "auto" = capacity when
+  # capacity_factor is set, else ragged on accelerators and dense on CPU.
+  moe_impl: Literal["auto", "capacity", "ragged", "ragged_mosaic", "dense"] = "auto"
   router_aux_loss_coef: float = 0.001
   # "per_layer": mean over layers of E*sum_e f_e*P_e (GShard/Switch per layer);
   # "pooled": the transformers formula, f and P pooled over all layers first.
@@ -90,6 +96,10 @@ class ModelConfig:
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   # Rematerialise each decoder layer in the backward pass.
   remat: Literal["none", "full", "save_dots"] = "none"
+  # Training loss: apply the LM head and cross-entropy in sequence chunks of
+  # this many tokens (rematerialised), so [batch, seq, vocab] logits never
+  # exist at once -- what makes 1M-token steps fit.  None = one piece.
+  loss_chunk_size: Optional[int] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -113,6 +123,11 @@ class ModelConfig:
     _require(self.ffn_type in ("moe", "dense"), "ffn_type", f"must be 'moe' or 'dense', got {self.ffn_type!r}")
     if self.capacity_factor is not None:
       _require(self.capacity_factor > 0, "capacity_factor", f"must be > 0 or None, got {self.capacity_factor}")
+    _require(self.moe_impl in ("auto", "capacity", "ragged", "ragged_mosaic", "dense"), "moe_impl",
+             f"must be one of auto/capacity/ragged/ragged_mosaic/dense, got {self.moe_impl!r}")
+    _require(not (self.moe_impl == "capacity" and self.capacity_factor is None), "moe_impl",
+             "'capacity' needs capacity_factor (e.g. 1.25); set it or use a dropless moe_impl "
+             "('ragged', 'ragged_mosaic', 'dense')")
     rd = self.rotary_dim if self.rotary_dim is not None else self.head_dim
     _require(0 < rd <= self.head_dim and rd % 2 == 0, "rotary_dim",
              f"must be even and in (0, head_dim={self.head_dim}], got {rd}")
@@ -122,6 +137,9 @@ class ModelConfig:
              f"must be one of auto/reference/xla/pallas, got {self.lightning_impl!r}")
     _require(self.attention_impl in ("auto", "xla", "pallas", "cudnn"), "attention_impl",
              f"must be one of auto/xla/pallas/cudnn, got {self.attention_impl!r}")
+    if self.loss_chunk_size is not None:
+      _require(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size > 0, "loss_chunk_size",
+               f"must be a positive integer or None, got {self.loss_chunk_size!r}")
     _require(self.remat in ("none", "full", "save_dots"), "remat",
              f"must be one of none/full/save_dots, got {self.remat!r}")
     for name in ("param_dtype", "compute_dtype"):

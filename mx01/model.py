@@ -81,8 +81,13 @@ class Decoder(nn.Module):
   ops: Any = None
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, initial_states=None, return_state=False):
-    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32, aux dict."""
+  def __call__(self, tokens, segment_ids=None, positions=None, initial_states=None, return_state=False,
+               return_hidden=False):
+    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32, aux dict.
+
+    return_hidden=True returns the final-normed hidden states [batch, seq, hidden]
+    instead of logits (the LM head is then `lm_head_matrix`, for a chunked loss).
+    """
     cfg = self.config
     ops = self.ops or default_ops(cfg)
     cd, pd = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
@@ -102,7 +107,9 @@ class Decoder(nn.Module):
         all_stats.append(stats)
       states.append(state)
     x = RMSNorm(cfg.rms_norm_eps, pd, name="final_norm")(x)
-    if cfg.tie_word_embeddings:
+    if return_hidden:
+      logits = x
+    elif cfg.tie_word_embeddings:
       emb = self.variables["params"]["embed"]["embedding"]
       logits = jnp.dot(x, emb.astype(cd).T, preferred_element_type=jnp.float32)
     else:
@@ -115,7 +122,7 @@ class Decoder(nn.Module):
       aux["aux_loss"] = load_balancing_loss(stacked, cfg.aux_loss_reduction)
     if return_state:
       aux["states"] = states
-    return logits.astype(jnp.float32), aux
+    return (logits if return_hidden else logits.astype(jnp.float32)), aux
 
 
 def init(config: ModelConfig, rng: jax.Array, *, seq_len: int = 8) -> dict:
@@ -130,7 +137,18 @@ def abstract_params(config: ModelConfig) -> dict:
 
 
 def apply(params: dict, tokens, segment_ids=None, positions=None, *, config: ModelConfig,
-          ops: Optional[ModelOps] = None, initial_states=None, return_state: bool = False):
-  """Forward pass: tokens [batch, seq] -> (logits [batch, seq, vocab] float32, aux)."""
+          ops: Optional[ModelOps] = None, initial_states=None, return_state: bool = False,
+          return_hidden: bool = False):
+  """Forward pass: tokens [batch, seq] -> (logits [batch, seq, vocab] float32, aux).
+
+  return_hidden=True: (final-normed hidden [batch, seq, hidden] in compute dtype, aux).
+  """
   return Decoder(config, ops).apply({"params": params}, tokens, segment_ids, positions, initial_states,
-                                    return_state)
+                                    return_state, return_hidden)
+
+
+def lm_head_matrix(params: dict, config: ModelConfig):
+  """The output projection [hidden, vocab] (the embedding, transposed, when tied)."""
+  if config.tie_word_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]

@@ -40,6 +40,37 @@ def cross_entropy(logits, targets, mask):
   return jnp.sum(nll * m), jnp.sum(m)
 
 
+def chunked_cross_entropy(hidden, head, targets, mask, *, chunk_size: int):
+  """`cross_entropy` of logits = hidden @ head, computed chunk_size tokens at a time.
+
+  hidden [b, t, d] (compute dtype), head [d, V], targets/mask [b, t].  Each
+  chunk's logits are rematerialised in the backward pass, so the live logits
+  are [b, chunk_size, V] instead of [b, t, V].  Returns (summed nll, count).
+  """
+  b, t, d = hidden.shape
+  n = -(-t // chunk_size)
+  pad = n * chunk_size - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk_size, *x.shape[2:]), 1, 0)  # noqa: E731
+  w = head.astype(hidden.dtype)
+
+  @jax.checkpoint
+  def chunk_loss(h, tgt, m):
+    logits = jnp.dot(h, w, preferred_element_type=jnp.float32)  # [b, chunk, V]
+    return cross_entropy(logits, tgt, m)
+
+  def body(carry, xs):
+    nll, cnt = chunk_loss(*xs)
+    return (carry[0] + nll, carry[1] + cnt), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll_sum, count), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(targets), split(mask)))
+  return nll_sum, count
+
+
 def expert_load_imbalance(tokens_per_expert):
   """Mean over MoE layers of max_e(load) / mean_e(load).  tokens_per_expert [layers, E] -> [] (1.0 = balanced)."""
   load = tokens_per_expert.astype(jnp.float32)
@@ -54,8 +85,13 @@ def loss_fn(params, batch, *, config: ModelConfig, ops: Optional[ModelOps] = Non
   "expert_load_max_over_mean" (see `expert_load_imbalance`).
   """
   inputs, targets, seg, mask = split_batch(batch)
-  logits, aux = model_lib.apply(params, inputs, seg, config=config, ops=ops)
-  nll_sum, count = cross_entropy(logits, targets, mask)
+  if config.loss_chunk_size is not None:
+    hidden, aux = model_lib.apply(params, inputs, seg, config=config, ops=ops, return_hidden=True)
+    nll_sum, count = chunked_cross_entropy(hidden, model_lib.lm_head_matrix(params, config), targets, mask,
+                                           chunk_size=config.loss_chunk_size)
+  else:
+    logits, aux = model_lib.apply(params, inputs, seg, config=config, ops=ops)
+    nll_sum, count = cross_entropy(logits, targets, mask)
   ce = nll_sum / jnp.maximum(count, 1.0)
   loss = ce + config.router_aux_loss_coef * aux["aux_loss"]
   metrics = {"loss": ce, "aux_loss": aux["aux_loss"], "tokens": count}

@@ -1,7 +1,7 @@
 """Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
 
-    python -m recipes.retrieval --steps 2000 --out results/retrieval.csv                 # GPU study
-    python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv        # minutes on CPU
+    python -m recipes.retrieval --out results/retrieval.csv                        # GPU study
+    python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv  # minutes on CPU
 
 The task (multi-query associative recall, as in Zoology): a sequence starts
 with `num_pairs` key-value pairs, then a query region of filler tokens in
@@ -12,9 +12,16 @@ unsupervised.  Keys are distinct within a sequence; values are drawn with
 replacement.  Vocabulary: 0 = filler, keys in [1, vocab/2), values in
 [vocab/2, vocab).
 
+The default study holds the number of pairs fixed (`--num-pairs 8`) and
+grows the context around them, so a longer context means the same facts
+spread over more filler: softmax attention can look them up at any distance,
+a lightning layer must keep them in its decaying fixed-size state.
+(`--pairs-per-token` instead scales the pairs with the length.)
+
 For every (kind, size, context length) a fresh model is trained for `--steps`
 steps (AdamW, cosine schedule) on freshly generated batches and evaluated on
-held-out batches.  Writes one CSV row per run and a plot (accuracy vs context
+held-out batches; a progress line every `--log-every` steps shows the answer
+loss and accuracy.  Writes one CSV row per run and a plot (accuracy vs context
 length, one panel per size) next to the CSV.
 """
 
@@ -81,8 +88,10 @@ def mqar_batch(rng: np.random.Generator, batch_size: int, seq_len: int, num_pair
   return {"tokens": tokens, "loss_mask": mask}
 
 
-def num_pairs_for(seq_len: int, pairs_per_token: float, vocab_size: int) -> int:
-  return int(max(1, min(int(seq_len * pairs_per_token), (seq_len + 1) // 4, vocab_size // 2 - 1)))
+def num_pairs_for(seq_len: int, pairs_per_token: Optional[float], vocab_size: int, num_pairs: int = 8) -> int:
+  """Pairs per sequence: `num_pairs`, or seq_len * pairs_per_token when that is given; capped by what fits."""
+  want = num_pairs if pairs_per_token is None else int(seq_len * pairs_per_token)
+  return int(max(1, min(want, (seq_len + 1) // 4, vocab_size // 2 - 1)))
 
 
 # ---- models and training -----------------------------------------------------------------
@@ -111,9 +120,10 @@ def masked_loss(params, batch, *, config: ModelConfig):
 
 
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
-              pairs_per_token: float, eval_batches: int, seed: int, compute_dtype: str = "float32") -> dict:
+              pairs_per_token: Optional[float], eval_batches: int, seed: int, compute_dtype: str = "float32",
+              num_pairs: int = 8, log_every: int = 0) -> dict:
   cfg = model_config(kind, size, vocab_size=vocab_size, seq_len=seq_len, compute_dtype=compute_dtype)
-  pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size)
+  pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size, num_pairs)
   params = model_lib.init(cfg, jax.random.key(seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -129,9 +139,16 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
   train_rng = np.random.default_rng(seed)
   t0 = time.perf_counter()
   loss = acc = float("nan")
-  for _ in range(steps):
+  steps_to_90 = None  # first logged step with training answer accuracy >= 0.9
+  for i in range(steps):
     batch = mqar_batch(train_rng, batch_size, seq_len, pairs, vocab_size)
     params, opt_state, loss, acc = step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
+    if log_every and (i % log_every == 0 or i == steps - 1):
+      loss, acc = float(loss), float(acc)
+      if steps_to_90 is None and acc >= 0.9:
+        steps_to_90 = i
+      print(f"  {kind} {size} L={seq_len} step {i:5d}  answer loss {loss:.3f}  acc {acc:.3f}  "
+            f"{(i + 1) / (time.perf_counter() - t0):.0f} steps/s", flush=True)
   train_s = time.perf_counter() - t0
   eval_rng = np.random.default_rng(10_000 + seed)
   accs = [float(eval_fn(params, {k: jnp.asarray(v) for k, v in mqar_batch(eval_rng, batch_size, seq_len, pairs,
@@ -139,8 +156,8 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
           for _ in range(eval_batches)]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return {"kind": kind, "size": size, "params": n_params, "seq_len": seq_len, "num_pairs": pairs, "steps": steps,
-          "batch_size": batch_size, "final_train_loss": float(loss), "final_train_accuracy": float(acc),
-          "eval_accuracy": float(np.mean(accs)), "train_seconds": train_s, "backend": jax.default_backend()}
+          "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size, "final_train_loss": float(loss),
+          "final_train_accuracy": float(acc), "steps_to_90": steps_to_90, "eval_accuracy": float(np.mean(accs)), "train_seconds": train_s, "backend": jax.default_backend()}
 
 
 # ---- outputs -----------------------------------------------------------------------------
@@ -186,30 +203,33 @@ def main(argv=None) -> list:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--kinds", default=",".join(KINDS))
   ap.add_argument("--sizes", default=",".join(SIZES))
-  ap.add_argument("--lengths", default="64,128,256,512,1024")
-  ap.add_argument("--steps", type=int, default=2000, help="training steps per run (the budget)")
+  ap.add_argument("--lengths", default="64,256,1024")
+  ap.add_argument("--steps", type=int, default=4000, help="training steps per run (the budget)")
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--lr", type=float, default=1e-3)
-  ap.add_argument("--vocab-size", type=int, default=1024)
-  ap.add_argument("--pairs-per-token", type=float, default=1 / 8)
+  ap.add_argument("--vocab-size", type=int, default=256)
+  ap.add_argument("--num-pairs", type=int, default=8, help="key-value pairs per sequence, at every length")
+  ap.add_argument("--pairs-per-token", type=float, default=None, help="scale the pairs with the length instead")
+  ap.add_argument("--log-every", type=int, default=250)
   ap.add_argument("--eval-batches", type=int, default=4)
   ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
-                  help="tiny budget for a CPU: lengths 32,64, 250 steps, batch 32, vocab 64, lr 3e-3")
+                  help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, vocab 64, lr 3e-3")
   ap.add_argument("--out", default="results/retrieval.csv")
   ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
   args = ap.parse_args(argv)
   if args.cpu_smoke:
     args.lengths, args.steps, args.batch_size, args.vocab_size, args.eval_batches = "32,64", 250, 32, 64, 2
-    args.lr = 3e-3
+    args.lr, args.num_pairs = 3e-3, 4
   rows = []
   for size in args.sizes.split(","):
     for seq_len in (int(x) for x in args.lengths.split(",")):
       for kind in args.kinds.split(","):
         row = train_one(kind, size, seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         vocab_size=args.vocab_size, pairs_per_token=args.pairs_per_token,
-                        eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype)
+                        eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype,
+                        num_pairs=args.num_pairs, log_every=args.log_every)
         rows.append(row)
         print(f"{kind:9s} size={size} L={seq_len:5d} pairs={row['num_pairs']:3d} acc={row['eval_accuracy']:.3f} "
               f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)

@@ -6,8 +6,18 @@ single-device model and the expert-parallel version in `mx01/parallel/`:
   params = {"router": [hidden, E], "wi_gate": [E, hidden, I], "wi_up": [E, hidden, I], "wo": [E, I, hidden]}
 
 Routing (as MiniMax-Text-01): softmax over experts in float32, top-k, the k
-weights renormalised to sum to one.  Experts run as a grouped matmul over the
-tokens sorted by expert (`jax.lax.ragged_dot`): no dense one-hot dispatch.
+weights renormalised to sum to one.  The experts themselves run one of four
+ways (`ModelConfig.moe_impl`), none with a dense one-hot dispatch matmul:
+
+  "capacity"  with a capacity (MiniMax's token-drop training): tokens are
+              scattered into per-expert buffers [E, capacity, hidden] and the
+              experts are one batched matmul -- dense-GEMM speed, capacity_factor
+              times the routed FLOPs;
+  "ragged"    dropless grouped matmuls over the tokens sorted by expert
+              (`jax.lax.ragged_dot`);
+  "ragged_mosaic"  the same with jax's Hopper (Mosaic GPU) ragged-dot kernels;
+  "dense"     every expert on every token (the reference; fastest on CPUs for
+              a handful of experts).
 """
 
 from __future__ import annotations
@@ -36,13 +46,13 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
   return max(1, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, token_mask=None):
-  """Which (token, choice) assignments fit in their expert's capacity, on one device.
+def capacity_positions(expert_idx, num_experts: int, *, token_mask=None):
+  """Each (token, choice) assignment's place in its expert's queue, on one device.
 
   Priority is choice-major then token order (every token's first choice before
   any second choice), the GShard policy; `mx01.parallel.moe_ep.global_keep_mask`
-  applies the same order across expert-parallel shards.
-  expert_idx [tokens, k] -> keep [tokens, k] bool.
+  applies the same order across expert-parallel shards.  Masked tokens take no
+  place.  expert_idx [tokens, k] -> positions [tokens, k] int32.
   """
   t, k = expert_idx.shape
   one_hot = jax.nn.one_hot(expert_idx.T, num_experts, dtype=jnp.int32)  # [k, t, E]
@@ -53,7 +63,15 @@ def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, token_mas
   earlier_ranks = jnp.cumsum(per_rank, axis=0) - per_rank  # [k, E]
   pos = jnp.cumsum(one_hot, axis=1) - one_hot + earlier_ranks[:, None, :]  # [k, t, E]
   pos_in_expert = jnp.sum(pos * one_hot, axis=-1)  # [k, t]
-  return (pos_in_expert < capacity).T
+  if token_mask is not None:
+    # A masked token (padding) takes no place and never fits: it gets no expert output.
+    pos_in_expert = jnp.where(token_mask[None, :].astype(bool), pos_in_expert, jnp.iinfo(jnp.int32).max)
+  return pos_in_expert.T
+
+
+def capacity_keep_mask(expert_idx, num_experts: int, capacity: int, *, token_mask=None):
+  """Which assignments fit in their expert's capacity.  expert_idx [tokens, k] -> keep [tokens, k] bool."""
+  return capacity_positions(expert_idx, num_experts, token_mask=token_mask) < capacity
 
 
 def routing_stats(probs, expert_idx, token_mask=None):
@@ -93,10 +111,16 @@ def swiglu(x, wi_gate, wi_up, wo):
   return h @ wo
 
 
-def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo):
+def _ragged_dot(x, w, group_sizes):
+  return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, *, grouped_dot=_ragged_dot):
   """All routed experts as grouped matmuls over tokens sorted by expert.
 
   x [tokens, hidden], expert_idx/weights [tokens, k], wi_* [E, hidden, I], wo [E, I, hidden].
+  grouped_dot(x [m, a], w [E, a, b], group_sizes [E]) -> [m, b] is the grouped
+  matmul (default `jax.lax.ragged_dot`).
   Returns sum_k weights * expert_k(x) as [tokens, hidden] in x.dtype.
   """
   t, k = expert_idx.shape
@@ -106,12 +130,10 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo):
   token_of = order // k
   group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
   xs = x[token_of]
-  dt = x.dtype
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, wi_gate.astype(dt), group_sizes)) * jax.lax.ragged_dot(
-      xs, wi_up.astype(dt), group_sizes)
-  ys = jax.lax.ragged_dot(h, wo.astype(dt), group_sizes)
+  h = jax.nn.silu(grouped_dot(xs, wi_gate, group_sizes)) * grouped_dot(xs, wi_up, group_sizes)
+  ys = grouped_dot(h, wo, group_sizes)
   ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-  return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token_of].add(ys).astype(dt)
+  return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token_of].add(ys).astype(x.dtype)
 
 
 def experts_dense_reference(x, expert_idx, weights, wi_gate, wi_up, wo):
@@ -128,26 +150,87 @@ def experts_dense_reference(x, expert_idx, weights, wi_gate, wi_up, wo):
   return out.astype(x.dtype)
 
 
+def experts_capacity(x, expert_idx, weights, positions, wi_gate, wi_up, wo, *, capacity: int):
+  """All experts as one batched matmul over fixed-size per-expert buffers.
+
+  x [tokens, hidden]; expert_idx/weights/positions [tokens, k], positions from
+  `capacity_positions` (an assignment at or past `capacity` is dropped: it is
+  never written to the buffer and contributes nothing).  The buffers are
+  [E, capacity, hidden]; unfilled slots are zeros and are computed but never
+  read back.  Returns sum_k weights * expert_k(x) over kept assignments, [tokens, hidden] in x.dtype.
+  """
+  t, k = expert_idx.shape
+  e, d = wi_gate.shape[0], x.shape[-1]
+  chex.assert_shape([expert_idx, weights, positions], (t, k))
+  dt = x.dtype
+  slot = jnp.minimum(positions, capacity)  # `capacity` is out of range: mode="drop" discards it
+  token_of = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
+  buf = jnp.zeros((e, capacity, d), dt).at[expert_idx, slot].set(x[token_of], mode="drop")  # [E, C, hidden]
+  h = jax.nn.silu(jnp.einsum("ecd,edi->eci", buf, wi_gate.astype(dt))) * jnp.einsum("ecd,edi->eci", buf,
+                                                                                    wi_up.astype(dt))
+  out = jnp.einsum("eci,eid->ecd", h, wo.astype(dt))  # [E, C, hidden]
+  kept = positions < capacity
+  gathered = out[expert_idx, jnp.minimum(positions, capacity - 1)].astype(jnp.float32)  # [t, k, hidden]
+  return jnp.sum(gathered * (weights * kept)[..., None], axis=1).astype(dt)
+
+
+MOE_IMPLS = ("auto", "capacity", "ragged", "ragged_mosaic", "dense")
+
+
+def resolve_moe_impl(impl: str, capacity_factor: Optional[float]) -> str:
+  """The config's moe_impl as used on this backend.
+
+  auto: "capacity" when a capacity is set (token-drop training); otherwise
+  dropless "ragged" grouped matmuls on accelerators and "dense" on CPUs, where
+  ragged_dot is slow.
+  """
+  if impl == "auto":
+    if capacity_factor is not None:
+      return "capacity"
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+  if impl == "capacity" and capacity_factor is None:
+    raise ValueError("moe_impl='capacity' needs model.capacity_factor (e.g. 1.25); "
+                     "set it, or pick a dropless moe_impl ('ragged', 'ragged_mosaic' or 'dense')")
+  return impl
+
+
 def default_experts_fn():
-  """Grouped matmuls on accelerators; all experts densely on CPU, where ragged_dot is slow."""
+  """Dropless grouped matmuls on accelerators; all experts densely on CPU, where ragged_dot is slow."""
   return experts_dense_reference if jax.default_backend() == "cpu" else experts_grouped
+
+
+def _dropless_experts_fn(impl: str):
+  if impl == "ragged":
+    return experts_grouped
+  if impl == "dense":
+    return experts_dense_reference
+  if impl == "ragged_mosaic":
+    from mx01.layers import grouped_matmul  # Hopper-only kernels, imported on demand
+    return grouped_matmul.experts_grouped_mosaic
+  raise ValueError(f"unknown moe_impl {impl!r}; expected one of {MOE_IMPLS}")
 
 
 def moe_forward(x, params, *, config, token_mask=None, experts_fn=None):
   """The MoE block on one device.
 
   x [batch, seq, hidden]; token_mask [batch, seq] excludes tokens (padding)
-  from the load statistics.  Returns (y [batch, seq, hidden], routing_stats).
+  from the load statistics and from expert capacity.  `experts_fn` (a dropless
+  experts function) overrides config.moe_impl.  Returns (y [batch, seq, hidden], routing_stats).
   """
   b, t, d = x.shape
   chex.assert_shape(params["router"], (d, config.num_experts))
   xf = x.reshape(b * t, d)
   tm = None if token_mask is None else token_mask.reshape(b * t)
   probs, expert_idx, weights = route(xf, params["router"], config.num_experts_per_tok)
+  w = (params["wi_gate"], params["wi_up"], params["wo"])
   cap = expert_capacity(b * t, config.num_experts, config.num_experts_per_tok, config.capacity_factor)
+  impl = resolve_moe_impl(getattr(config, "moe_impl", "auto"), config.capacity_factor)
   if cap is not None:
-    keep = capacity_keep_mask(expert_idx, config.num_experts, cap, token_mask=tm)
-    weights = weights * keep  # dropped assignments pass through the residual only
-  experts_fn = experts_fn or default_experts_fn()
-  y = experts_fn(xf, expert_idx, weights, params["wi_gate"], params["wi_up"], params["wo"])
+    positions = capacity_positions(expert_idx, config.num_experts, token_mask=tm)
+    if experts_fn is None and impl == "capacity":
+      y = experts_capacity(xf, expert_idx, weights, positions, *w, capacity=cap)
+      return y.reshape(b, t, d), routing_stats(probs, expert_idx, tm)
+    weights = weights * (positions < cap)  # dropped assignments pass through the residual only
+  experts_fn = experts_fn or _dropless_experts_fn(impl)
+  y = experts_fn(xf, expert_idx, weights, *w)
   return y.reshape(b, t, d), routing_stats(probs, expert_idx, tm)

@@ -102,7 +102,10 @@ def global_keep_mask(expert_idx, num_experts: int, capacity: int, placement: Tok
   within = jnp.cumsum(one_hot, axis=2) - one_hot  # [r, nb, c, k, E]
   pos = within + prefix[:, :, None] + earlier_ranks[None, None, None]
   pos_in_expert = jnp.sum(pos * one_hot, axis=-1)  # [r, nb, c, k]
-  return pos_in_expert < capacity
+  keep = pos_in_expert < capacity
+  if token_mask is not None:
+    keep = keep & token_mask.astype(bool)[..., None]  # masked tokens take no place and get no expert output
+  return keep
 
 
 def _dispatch_slots(expert_idx, keep, num_experts: int):

@@ -81,6 +81,59 @@ def test_moe_capacity_drops_in_priority_order():
   assert moe_lib.expert_capacity(6, 4, 2, 1.0) == 3
 
 
+def _capacity_positions_numpy(idx, num_experts, mask):
+  # Choice-major, then token order; masked tokens take no place and never fit.
+  t, k = idx.shape
+  pos = np.full((t, k), np.iinfo(np.int32).max)
+  filled = np.zeros(num_experts, int)
+  for j in range(k):
+    for i in range(t):
+      if mask[i]:
+        pos[i, j] = filled[idx[i, j]]
+        filled[idx[i, j]] += 1
+  return pos
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])
+def test_moe_capacity_impl_equals_dense_with_drops(capacity_factor):
+  # The batched-buffer experts ("capacity") against every-expert-on-every-token with the same drops.
+  rng = jax.random.split(jax.random.key(5), 6)
+  x = jax.random.normal(rng[0], (2, 13, 32))
+  p = {"router": jax.random.normal(rng[1], (32, 4)), "wi_gate": jax.random.normal(rng[2], (4, 32, 24)) * 0.1,
+       "wi_up": jax.random.normal(rng[3], (4, 32, 24)) * 0.1, "wo": jax.random.normal(rng[4], (4, 24, 32)) * 0.1}
+  mask = jax.random.uniform(rng[5], (2, 13)) > 0.25
+  cfg_cap = dataclasses.replace(CFG, capacity_factor=capacity_factor, moe_impl="capacity")
+  cfg_ref = dataclasses.replace(CFG, capacity_factor=capacity_factor, moe_impl="dense")
+  _, idx, _ = moe_lib.route(x.reshape(26, 32), p["router"], 2)
+  pos = moe_lib.capacity_positions(idx, 4, token_mask=mask.reshape(26))
+  np.testing.assert_array_equal(pos, _capacity_positions_numpy(np.asarray(idx), 4, np.asarray(mask).reshape(26)))
+  cap = moe_lib.expert_capacity(26, 4, 2, capacity_factor)
+  if capacity_factor < 1:
+    assert int(jnp.sum(pos < cap)) < int(jnp.sum(mask)) * 2  # some assignments really are dropped
+
+  def run(cfg, p):
+    y, stats = moe_lib.moe_forward(x, p, config=cfg, token_mask=mask)
+    return y, stats
+
+  (y1, s1), (y2, s2) = run(cfg_cap, p), run(cfg_ref, p)
+  np.testing.assert_allclose(y1, y2, atol=1e-5)
+  np.testing.assert_allclose(s1["tokens_per_expert"], s2["tokens_per_expert"])
+  w = jax.random.normal(jax.random.key(6), y1.shape)
+  g1 = jax.grad(lambda p: jnp.sum(run(cfg_cap, p)[0] * w))(p)
+  g2 = jax.grad(lambda p: jnp.sum(run(cfg_ref, p)[0] * w))(p)
+  for k in ("wi_gate", "wi_up", "wo", "router"):
+    np.testing.assert_allclose(g1[k], g2[k], atol=1e-4, rtol=1e-4)
+
+
+def test_moe_impl_config_errors():
+  with pytest.raises(Exception, match="capacity_factor"):
+    dataclasses.replace(CFG, moe_impl="capacity")
+  with pytest.raises(Exception, match="moe_impl"):
+    dataclasses.replace(CFG, moe_impl="megablocks")
+  assert moe_lib.resolve_moe_impl("auto", 1.25) == "capacity"
+  assert moe_lib.resolve_moe_impl("auto", None) in ("ragged", "dense")
+
+
 def test_aux_loss_formula():
   # Perfectly balanced routing gives E * sum_e (k/E)(1/E) = k.
   stats = {"tokens_per_expert": jnp.full((1, 4), 5.0), "prob_sum": jnp.full((1, 4), 2.5), "num_tokens": jnp.array([10.0])}

@@ -88,3 +88,18 @@ def test_legacy_signature_still_works():
   opt = optax.adamw(1e-3)
   p, s, m = jax.jit(training.make_train_step(cfg.model, opt))(params, opt.init(params), _batch(cfg))
   assert set(m) >= {"loss", "aux_loss", "tokens", "total_loss", "grad_norm"}
+
+
+def test_chunked_loss_equals_full_loss_and_grads():
+  # loss_chunk_size that does not divide the sequence (16 targets in chunks of 5), tied and untied heads.
+  for tied in (False, True):
+    cfg = apply_overrides(_small(), {"model.tie_word_embeddings": tied})
+    chunked = apply_overrides(cfg, {"model.loss_chunk_size": 5})
+    params = model_lib.init(cfg.model, jax.random.key(1))
+    batch = _batch(cfg, seed=3)
+    (l1, m1), g1 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg.model)
+    (l2, m2), g2 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=chunked.model)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    assert float(m1["tokens"]) == float(m2["tokens"])
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)

@@ -41,5 +41,7 @@ def test_invalid_sizes_raise_and_configs_build():
   with pytest.raises(ValueError, match="num_pairs"):
     mqar_batch(np.random.default_rng(0), 1, 15, 8)
   assert num_pairs_for(1024, 1 / 8, 256) == 127
+  assert num_pairs_for(1024, None, 256, num_pairs=8) == 8  # fixed pairs at every length...
+  assert num_pairs_for(16, None, 256, num_pairs=8) == 4  # ...capped by what fits
   cfg = model_config("hybrid", "s", vocab_size=64, seq_len=32)
   assert cfg.resolved_layer_types == ("lightning", "lightning", "lightning", "softmax")

@@ -1,0 +1,147 @@
+"""Where a train step's device time goes: a jax.profiler trace, summarised by kernel category.
+
+    python -m benchmarks.profile_step --preset hybrid_1b --seq 8192 --batch 4 --out results/gpu/profile.json
+
+Runs the jitted train step (as benchmarks/train_step.py) a few times under
+`jax.profiler.trace`, reads the trace the profiler writes
+(plugins/profile/*/*.trace.json.gz, Chrome trace format), keeps the device
+events (processes named /device:GPU:*), and sums kernel time per step by
+category: matmuls (cuBLAS/CUTLASS GEMMs), the Pallas lightning kernels, flash
+attention, grouped (ragged) matmuls, XLA fusions (elementwise, reductions,
+norms), copies/transposes, collectives, other.  Also the device-busy fraction
+of the wall time (gaps are launch or host overhead) and the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+CATEGORIES = (
+    ("lightning_pallas", re.compile(r"lightning", re.I)),
+    ("flash_attention", re.compile(r"mha|flash|attention|fmha|cudnn", re.I)),
+    ("grouped_matmul", re.compile(r"ragged|grouped", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|wgmma|triton_dot|__dot|dot_", re.I)),
+    ("collective", re.compile(r"nccl|all_reduce|all-reduce|all_gather|all-gather|reduce_scatter|all_to_all", re.I)),
+    ("copy_transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic_update_slice|concatenate", re.I)),
+    ("fusion", re.compile(r"fusion|reduce|loop_|input_|wrapped_|convert|add|multiply|select|scatter|gather", re.I)),
+)
+
+
+def categorise(name: str) -> str:
+  for cat, pattern in CATEGORIES:
+    if pattern.search(name):
+      return cat
+  return "other"
+
+
+def load_trace(log_dir: str) -> dict:
+  paths = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")), key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f"no *.trace.json.gz under {log_dir}/plugins/profile")
+  with gzip.open(paths[-1], "rb") as f:
+    return json.load(f)
+
+
+def device_events(trace: dict, device_pattern: str = r"/device:GPU:0") -> list:
+  """Complete ('X') events of the first matching device process: [(name, start_us, dur_us)]."""
+  pids = {e["pid"] for e in trace.get("traceEvents", [])
+          if e.get("ph") == "M" and e.get("name") == "process_name"
+          and re.search(device_pattern, str(e.get("args", {}).get("name", "")))}
+  return [(e.get("name", ""), float(e["ts"]), float(e.get("dur", 0.0))) for e in trace.get("traceEvents", [])
+          if e.get("ph") == "X" and e.get("pid") in pids]
+
+
+def summarise(events: list, steps: int, wall_s: float, top: int = 25) -> dict:
+  by_cat, by_name = collections.Counter(), collections.Counter()
+  for name, _, dur in events:
+    by_cat[categorise(name)] += dur
+    by_name[name] += dur
+  total = sum(by_cat.values())
+  # Busy time: union of the kernel intervals (streams may overlap).
+  busy, end = 0.0, -1.0
+  for _, ts, dur in sorted(events, key=lambda e: e[1]):
+    if ts + dur <= end:
+      continue
+    busy += ts + dur - max(ts, end)
+    end = ts + dur
+  per_step = lambda us: us / steps / 1e3  # noqa: E731  -> ms per step
+  return {
+      "steps": steps, "wall_ms_per_step": wall_s / steps * 1e3, "kernel_ms_per_step": per_step(total),
+      "busy_ms_per_step": per_step(busy), "num_kernels_per_step": len(events) / steps,
+      "by_category_ms_per_step": {c: per_step(v) for c, v in by_cat.most_common()},
+      "by_category_share": {c: v / total for c, v in by_cat.most_common()} if total else {},
+      "top_kernels_ms_per_step": [(n, per_step(v)) for n, v in by_name.most_common(top)],
+  }
+
+
+def main(argv=None):
+  import jax
+  import numpy as np
+  import optax
+
+  from benchmarks.common import synthetic_batch
+  from mx01 import model as model_lib
+  from mx01.config import apply_overrides
+  from mx01.presets import get_preset
+  from mx01.training import make_train_step
+
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--preset", default="hybrid_1b")
+  ap.add_argument("--seq", type=int, default=8192)
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--override", action="append", default=[])
+  ap.add_argument("--log_dir", default=None, help="keep the raw trace here (default: a temporary folder)")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+
+  cfg = apply_overrides(get_preset(args.preset), [f"data.seq_len={args.seq}", f"model.max_seq_len={args.seq}"]
+                        + args.override)
+  mcfg = cfg.model
+  params = model_lib.init(mcfg, jax.random.key(0))
+  opt = optax.adamw(1e-4, weight_decay=0.1)
+  opt_state = opt.init(params)
+  step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
+  batch = synthetic_batch(np.random.default_rng(0), args.batch, args.seq, mcfg.vocab_size)
+  for _ in range(2):  # compile and warm up outside the trace
+    params, opt_state, metrics = step(params, opt_state, batch)
+  jax.block_until_ready(metrics)
+  log_dir = args.log_dir or tempfile.mkdtemp(prefix="mx01_profile_")
+  with jax.profiler.trace(log_dir):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      params, opt_state, metrics = step(params, opt_state, batch)
+    jax.block_until_ready(metrics)
+    wall = time.perf_counter() - t0
+  pattern = r"/device:GPU:0" if jax.default_backend() == "gpu" else r"/host:CPU|/device:CPU"
+  trace = load_trace(log_dir)
+  events = device_events(trace, pattern)
+  if not events:
+    names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", [])
+                    if e.get("ph") == "M" and e.get("name") == "process_name"})
+    raise RuntimeError(f"no events of a process matching {pattern!r}; processes in the trace: {names}")
+  summary = summarise(events, args.steps, wall)
+  summary.update(preset=args.preset, seq=args.seq, batch=args.batch, overrides=args.override,
+                 device=jax.devices()[0].device_kind, jax=jax.__version__)
+  print(f"{args.preset} seq {args.seq} batch {args.batch}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
+        f"kernels {summary['kernel_ms_per_step']:.1f}, busy {summary['busy_ms_per_step']:.1f}")
+  for c, v in summary["by_category_ms_per_step"].items():
+    print(f"  {c:18s} {v:8.2f} ms  {100 * summary['by_category_share'][c]:5.1f}%")
+  for n, v in summary["top_kernels_ms_per_step"][:15]:
+    print(f"  {v:8.2f} ms  {n[:100]}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,78 @@
+"""Dropless MoE experts on Hopper GPUs with jax's Mosaic GPU ragged-dot kernels.
+
+`jax.lax.ragged_dot` is the portable grouped matmul, but XLA's GPU lowering
+of it runs far below dense-GEMM speed (BENCHMARKS.md, "MoE experts").  jax
+ships Hopper kernels for the two grouped products a MoE needs
+(jax.experimental.pallas.ops.gpu.ragged_dot_mgpu / transposed_ragged_dot_mgpu):
+
+  ragged_dot(x [m, k], w [g, k, n])            y[rows of group i] = x[rows] @ w[i]
+  transposed_ragged_dot(x [m, k], dy [m, n])   dw[i] = x[rows of i]^T @ dy[rows of i]
+
+`grouped_matmul` wires them into a differentiable op (dx is a ragged_dot
+against the transposed weights, read in place), and `experts_grouped_mosaic`
+is `mx01.layers.moe.experts_grouped` on top of it.  Hopper only (wgmma/TMA):
+there is no CPU or interpret path, so the tests compare it with
+`jax.lax.ragged_dot` on the GPU (tests/mx01/test_grouped_matmul_gpu.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMatmulTiling:
+  """Tile sizes of the Mosaic GPU kernels (block_k must divide the contracted dims)."""
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 1
+
+
+DEFAULT_TILING = GroupedMatmulTiling()
+
+
+def _kernels():
+  # Imported on demand: the Mosaic GPU modules need a CUDA jaxlib.
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+  return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
+
+
+def _tile_kwargs(t: GroupedMatmulTiling) -> dict:
+  return dict(block_m=t.block_m, block_n=t.block_n, block_k=t.block_k, max_concurrent_steps=t.max_concurrent_steps,
+              grid_block_n=t.grid_block_n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def grouped_matmul(x, w, group_sizes, tiling: GroupedMatmulTiling = DEFAULT_TILING):
+  """x [m, k] (rows sorted by group), w [g, k, n], group_sizes [g] int32 summing to <= m -> [m, n] in x.dtype."""
+  ragged_dot, _ = _kernels()
+  return ragged_dot(x, w.astype(x.dtype), group_sizes=group_sizes, **_tile_kwargs(tiling))
+
+
+def _fwd(x, w, group_sizes, tiling):
+  return grouped_matmul(x, w, group_sizes, tiling), (x, w, group_sizes)
+
+
+def _bwd(tiling, res, dy):
+  x, w, group_sizes = res
+  ragged_dot, transposed_ragged_dot = _kernels()
+  dy = dy.astype(x.dtype)
+  # dx = dy @ w[i]^T: w [g, k, n] read as [g, n_out=k, contract=n].
+  dx = ragged_dot(dy, w.astype(x.dtype), group_sizes=group_sizes, transpose_rhs=True, **_tile_kwargs(tiling))
+  dw = transposed_ragged_dot(x, dy, group_sizes=group_sizes, **_tile_kwargs(tiling))  # [g, k, n]
+  return dx, dw.astype(w.dtype), None
+
+
+grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def experts_grouped_mosaic(x, expert_idx, weights, wi_gate, wi_up, wo, *, tiling: GroupedMatmulTiling = DEFAULT_TILING):
+  """`mx01.layers.moe.experts_grouped` with the Hopper kernels for its three grouped matmuls."""
+  from mx01.layers import moe  # moe imports this module lazily
+  dot = lambda a, w, gs: grouped_matmul(a, w, gs, tiling)
+  return moe.experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, grouped_dot=dot)
