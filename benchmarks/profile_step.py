@@ -51,23 +51,42 @@ def load_trace(log_dir: str) -> dict:
 
 
 def device_events(trace: dict, device_pattern: str = r"/device:GPU:0") -> list:
-  """Complete ('X') events of the first matching device process: [(name, start_us, dur_us)]."""
+  """Complete ('X') events of the matching device processes: [(name, start_us, dur_us, args)]."""
   pids = {e["pid"] for e in trace.get("traceEvents", [])
           if e.get("ph") == "M" and e.get("name") == "process_name"
           and re.search(device_pattern, str(e.get("args", {}).get("name", "")))}
-  return [(e.get("name", ""), float(e["ts"]), float(e.get("dur", 0.0))) for e in trace.get("traceEvents", [])
-          if e.get("ph") == "X" and e.get("pid") in pids]
+  return [(e.get("name", ""), float(e["ts"]), float(e.get("dur", 0.0)), e.get("args", {}))
+          for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("pid") in pids]
 
 
-def summarise(events: list, steps: int, wall_s: float, top: int = 25) -> dict:
-  by_cat, by_name = collections.Counter(), collections.Counter()
-  for name, _, dur in events:
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+
+
+def hlo_index(hlo_text: str) -> dict:
+  """Instruction name (dots as underscores, as kernels are named) -> (shape and op, jax op_name, source)."""
+  index = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_LINE.match(line)
+    if not m:
+      continue
+    name, rest = m.group(1).replace(".", "_"), m.group(2)
+    op = re.search(r'op_name="([^"]*)"', rest)
+    src = re.search(r'source_file="([^"]*)" source_line=(\d+)', rest)
+    index.setdefault(name, (rest.split(", metadata=")[0][:240], op.group(1)[-200:] if op else "",
+                            f"{os.path.basename(src.group(1))}:{src.group(2)}" if src else ""))
+  return index
+
+
+def summarise(events: list, steps: int, wall_s: float, top: int = 25, hlo: dict | None = None) -> dict:
+  by_cat, by_name, args_of = collections.Counter(), collections.Counter(), {}
+  for name, _, dur, args in events:
     by_cat[categorise(name)] += dur
     by_name[name] += dur
+    args_of.setdefault(name, args)
   total = sum(by_cat.values())
   # Busy time: union of the kernel intervals (streams may overlap).
   busy, end = 0.0, -1.0
-  for _, ts, dur in sorted(events, key=lambda e: e[1]):
+  for _, ts, dur, _ in sorted(events, key=lambda e: e[1]):
     if ts + dur <= end:
       continue
     busy += ts + dur - max(ts, end)
@@ -79,6 +98,11 @@ def summarise(events: list, steps: int, wall_s: float, top: int = 25) -> dict:
       "by_category_ms_per_step": {c: per_step(v) for c, v in by_cat.most_common()},
       "by_category_share": {c: v / total for c, v in by_cat.most_common()} if total else {},
       "top_kernels_ms_per_step": [(n, per_step(v)) for n, v in by_name.most_common(top)],
+      # What each top kernel is: the trace's own args and, where the name matches an HLO
+      # instruction of the compiled step, its shape/op, the jax op_name and the source line.
+      "top_kernels_detail": {n: {"trace_args": {k: str(v)[:300] for k, v in args_of[n].items()},
+                                 "hlo": (hlo or {}).get(str(args_of[n].get("hlo_op", n)).replace(".", "_"))}
+                             for n, _ in by_name.most_common(top)},
   }
 
 
@@ -111,6 +135,7 @@ def main(argv=None):
   opt_state = opt.init(params)
   step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
   batch = synthetic_batch(np.random.default_rng(0), args.batch, args.seq, mcfg.vocab_size)
+  hlo_text = step.lower(params, opt_state, batch).compile().as_text()
   for _ in range(2):  # compile and warm up outside the trace
     params, opt_state, metrics = step(params, opt_state, batch)
   jax.block_until_ready(metrics)
@@ -128,7 +153,7 @@ def main(argv=None):
     names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", [])
                     if e.get("ph") == "M" and e.get("name") == "process_name"})
     raise RuntimeError(f"no events of a process matching {pattern!r}; processes in the trace: {names}")
-  summary = summarise(events, args.steps, wall)
+  summary = summarise(events, args.steps, wall, hlo=hlo_index(hlo_text))
   summary.update(preset=args.preset, seq=args.seq, batch=args.batch, overrides=args.override,
                  device=jax.devices()[0].device_kind, jax=jax.__version__)
   print(f"{args.preset} seq {args.seq} batch {args.batch}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
@@ -136,7 +161,9 @@ def main(argv=None):
   for c, v in summary["by_category_ms_per_step"].items():
     print(f"  {c:18s} {v:8.2f} ms  {100 * summary['by_category_share'][c]:5.1f}%")
   for n, v in summary["top_kernels_ms_per_step"][:15]:
-    print(f"  {v:8.2f} ms  {n[:100]}")
+    detail = summary["top_kernels_detail"][n]
+    hlo = detail["hlo"] or ("", detail["trace_args"].get("hlo_op", ""), "")
+    print(f"  {v:8.2f} ms  {n[:60]:60s} {hlo[2]:28s} {hlo[1][-90:]}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(summary, f, indent=1)

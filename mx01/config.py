@@ -338,42 +338,60 @@ def _check_value_type(value, typ, key: str):
   return value
 
 
+def _replace_many(cfg, items: list, prefix: str = ""):
+  """Sets several dotted paths at once; each dataclass is rebuilt (and validated) once, with all its changes."""
+  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  changes, nested = {}, {}
+  for path, value, from_string in items:
+    head, _, rest = path.partition(".")
+    full = prefix + path
+    if head not in fields:
+      close = difflib.get_close_matches(head, fields, n=1)
+      hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+      raise ConfigError(f"unknown config key {full!r} in {type(cfg).__name__}{hint} "
+                        f"(valid: {', '.join(sorted(fields))})")
+    if rest:
+      if not dataclasses.is_dataclass(getattr(cfg, head)):
+        raise ConfigError(f"{full!r}: {prefix + head!r} is a value, not a section")
+      nested.setdefault(head, []).append((rest, value, from_string))
+      continue
+    typ = _field_types(type(cfg))[head]
+    if dataclasses.is_dataclass(typ):
+      raise ConfigError(f"{full!r} is a section; set one of its fields, e.g. {full}.{dataclasses.fields(typ)[0].name}")
+    changes[head] = _parse_value(value, typ, full) if from_string else _check_value_type(value, typ, full)
+  for head, sub_items in nested.items():
+    changes[head] = _replace_many(getattr(cfg, head), sub_items, prefix + head + ".")
+  return dataclasses.replace(cfg, **changes)
+
+
 def replace(cfg, path: str, value: Any, *, from_string: bool = False):
   """Returns `cfg` with the dotted `path` (e.g. "model.num_layers") set to `value`.
 
   Unknown keys raise ConfigError naming the nearest valid key.
   """
-  head, _, rest = path.partition(".")
-  fields = {f.name: f for f in dataclasses.fields(cfg)}
-  if head not in fields:
-    close = difflib.get_close_matches(head, fields, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown config key {path!r} in {type(cfg).__name__}{hint} "
-                      f"(valid: {', '.join(sorted(fields))})")
-  if rest:
-    sub = getattr(cfg, head)
-    if not dataclasses.is_dataclass(sub):
-      raise ConfigError(f"{path!r}: {head!r} is a value, not a section")
-    return dataclasses.replace(cfg, **{head: replace(sub, rest, value, from_string=from_string)})
-  typ = _field_types(type(cfg))[head]
-  if dataclasses.is_dataclass(typ):
-    raise ConfigError(f"{path!r} is a section; set one of its fields, e.g. {path}.{dataclasses.fields(typ)[0].name}")
-  value = _parse_value(value, typ, path) if from_string else _check_value_type(value, typ, path)
-  return dataclasses.replace(cfg, **{head: value})
+  return _replace_many(cfg, [(path, value, from_string)])
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
-  """Applies overrides given as {"model.num_layers": 4} or ["model.num_layers=4", ...]."""
+  """Applies overrides given as {"model.num_layers": 4} or ["model.num_layers=4", ...].
+
+  All overrides are applied together and validated once, so their order does
+  not matter (model.moe_impl=capacity may come before model.capacity_factor=1.25);
+  a key given twice takes its last value.
+  """
+  items = []
   if isinstance(overrides, dict):
-    for k, v in overrides.items():
-      cfg = replace(cfg, k, v, from_string=isinstance(v, str))
-    return cfg
-  for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"override {item!r} must look like section.key=value")
-    k, v = item.split("=", 1)
-    cfg = replace(cfg, k.strip(), v.strip(), from_string=True)
-  return cfg
+    items = [(k, v, isinstance(v, str)) for k, v in overrides.items()]
+  else:
+    for item in overrides:
+      if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+      k, v = item.split("=", 1)
+      items.append((k.strip(), v.strip(), True))
+  last = {}
+  for k, v, fs in items:
+    last[k] = (k, v, fs)
+  return _replace_many(cfg, list(last.values())) if last else cfg
 
 
 def to_dict(cfg) -> dict:

@@ -48,7 +48,7 @@ def test_overrides_parse_and_validate():
                                 "model.layer_types=(lightning,softmax)", "parallel.fsdp=true"])
   assert cfg.model.num_layers == 2 and cfg.train.learning_rate == 1e-4 and cfg.model.capacity_factor == 1.25
   assert cfg.model.layer_types == ("lightning", "softmax") and cfg.parallel.fsdp is True
-  with pytest.raises(C.ConfigError, match="did you mean 'num_layers'"):
+  with pytest.raises(C.ConfigError, match="did you mean 'model.num_layers'"):
     C.apply_overrides(cfg, ["model.num_layer=2"])
   with pytest.raises(C.ConfigError, match="expected an integer"):
     C.apply_overrides(cfg, ["model.num_layers=two"])
@@ -76,3 +76,13 @@ def test_parallel_config_checks():
     C.ParallelConfig(data=2, expert=4)
   p = C.ParallelConfig(data=4, tensor=2, expert=4)
   assert p.num_devices == 8 and p.expert_data == 2
+
+
+def test_overrides_apply_together_in_any_order():
+  # Each one alone would be invalid (capacity impl without a capacity); together they are valid.
+  cfg = C.apply_overrides(get_preset("tiny"), ["model.moe_impl=capacity", "model.capacity_factor=1.25"])
+  assert cfg.model.moe_impl == "capacity" and cfg.model.capacity_factor == 1.25
+  cfg = C.apply_overrides(get_preset("tiny"), ["model.num_layers=2", "model.num_layers=3"])
+  assert cfg.model.num_layers == 3  # the last value wins
+  with pytest.raises(C.ConfigError, match="capacity_factor"):
+    C.apply_overrides(get_preset("tiny"), ["model.moe_impl=capacity"])
