@@ -95,6 +95,11 @@ case "${1:-a}" in
       --tokens_per_step 16384 --steps 3 --warmup 1 --override model.moe_impl=ragged --out "$R/train_moe_ragged.json"
     ;;
   retrieval)
+    # First, alone on the GPU: the step profile without CUDA command buffers, so every
+    # kernel names its HLO op (command buffers hide them behind one name).
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= stage profile_nocb 0 70 python3 -m benchmarks.profile_step \
+      --preset hybrid_1b --seq 8192 --batch 4 --top 40 --out "$R/profile_hybrid_1b_nocb.json"
+    stage gpu_tests 0 45 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
     for kind in softmax lightning hybrid; do
       stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \

@@ -122,6 +122,7 @@ def main(argv=None):
   ap.add_argument("--seq", type=int, default=8192)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--top", type=int, default=25, help="how many kernels to list by time")
   ap.add_argument("--override", action="append", default=[])
   ap.add_argument("--log_dir", default=None, help="keep the raw trace here (default: a temporary folder)")
   ap.add_argument("--out", default=None)
@@ -153,14 +154,14 @@ def main(argv=None):
     names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", [])
                     if e.get("ph") == "M" and e.get("name") == "process_name"})
     raise RuntimeError(f"no events of a process matching {pattern!r}; processes in the trace: {names}")
-  summary = summarise(events, args.steps, wall, hlo=hlo_index(hlo_text))
+  summary = summarise(events, args.steps, wall, top=args.top, hlo=hlo_index(hlo_text))
   summary.update(preset=args.preset, seq=args.seq, batch=args.batch, overrides=args.override,
                  device=jax.devices()[0].device_kind, jax=jax.__version__)
   print(f"{args.preset} seq {args.seq} batch {args.batch}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
         f"kernels {summary['kernel_ms_per_step']:.1f}, busy {summary['busy_ms_per_step']:.1f}")
   for c, v in summary["by_category_ms_per_step"].items():
     print(f"  {c:18s} {v:8.2f} ms  {100 * summary['by_category_share'][c]:5.1f}%")
-  for n, v in summary["top_kernels_ms_per_step"][:15]:
+  for n, v in summary["top_kernels_ms_per_step"][:args.top]:
     detail = summary["top_kernels_detail"][n]
     hlo = detail["hlo"] or ("", detail["trace_args"].get("hlo_op", ""), "")
     print(f"  {v:8.2f} ms  {n[:60]:60s} {hlo[2]:28s} {hlo[1][-90:]}")

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +48,20 @@ def _tile_kwargs(t: GroupedMatmulTiling) -> dict:
               grid_block_n=t.grid_block_n)
 
 
+_ROW_MULTIPLE = 8  # the kernels' TMA tiling needs the row count to be a multiple of 8
+
+
+def _pad_rows(a):
+  pad = -a.shape[0] % _ROW_MULTIPLE
+  return jnp.pad(a, ((0, pad), (0, 0))) if pad else a  # padded rows belong to no group
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def grouped_matmul(x, w, group_sizes, tiling: GroupedMatmulTiling = DEFAULT_TILING):
-  """x [m, k] (rows sorted by group), w [g, k, n], group_sizes [g] int32 summing to <= m -> [m, n] in x.dtype."""
+  """x [m, k] (rows sorted by group), w [g, k, n], group_sizes [g] int32 summing to m -> [m, n] in x.dtype."""
   ragged_dot, _ = _kernels()
-  return ragged_dot(x, w.astype(x.dtype), group_sizes=group_sizes, **_tile_kwargs(tiling))
+  m = x.shape[0]
+  return ragged_dot(_pad_rows(x), w.astype(x.dtype), group_sizes=group_sizes, **_tile_kwargs(tiling))[:m]
 
 
 def _fwd(x, w, group_sizes, tiling):
@@ -61,10 +71,11 @@ def _fwd(x, w, group_sizes, tiling):
 def _bwd(tiling, res, dy):
   x, w, group_sizes = res
   ragged_dot, transposed_ragged_dot = _kernels()
-  dy = dy.astype(x.dtype)
+  m = x.shape[0]
+  xp, dyp = _pad_rows(x), _pad_rows(dy.astype(x.dtype))
   # dx = dy @ w[i]^T: w [g, k, n] read as [g, n_out=k, contract=n].
-  dx = ragged_dot(dy, w.astype(x.dtype), group_sizes=group_sizes, transpose_rhs=True, **_tile_kwargs(tiling))
-  dw = transposed_ragged_dot(x, dy, group_sizes=group_sizes, **_tile_kwargs(tiling))  # [g, k, n]
+  dx = ragged_dot(dyp, w.astype(x.dtype), group_sizes=group_sizes, transpose_rhs=True, **_tile_kwargs(tiling))[:m]
+  dw = transposed_ragged_dot(xp, dyp, group_sizes=group_sizes, **_tile_kwargs(tiling))  # [g, k, n]
   return dx, dw.astype(w.dtype), None
 
 
