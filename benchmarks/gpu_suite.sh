@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh a     # tests, train-step throughput, recipe throughput, shard_map overhead, decode
 #   bash benchmarks/gpu_suite.sh b     # long-context latency split, scaling sweep, retrieval study, 2-GPU run
 #   bash benchmarks/gpu_suite.sh moe   # MoE expert kernels, MoE train step per moe_impl, step profile, 1M-token step
-#   bash benchmarks/gpu_suite.sh retrieval   # the MQAR study (one process per attention kind)
+#   bash benchmarks/gpu_suite.sh retrieval   # step profile without command buffers, then the MQAR study
+#   bash benchmarks/gpu_suite.sh multi # grouped-matmul GPU tests, shard_map overhead, then the 2-GPU run
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
 set -u
@@ -93,6 +94,17 @@ case "${1:-a}" in
       --variants balanced,ragged_mosaic,capacity_1.0,capacity_1.25 --out "$R/moe_experts_paper.json"
     stage train_moe_ragged 0 80 python3 -m benchmarks.train_step --presets hybrid_moe_1b --seq 2048 \
       --tokens_per_step 16384 --steps 3 --warmup 1 --override model.moe_impl=ragged --out "$R/train_moe_ragged.json"
+    ;;
+  multi)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
+    python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> "$R/env.log" 2>&1
+    cat "$R/env.log"
+    stage gpu_tests 0 150 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA &
+    stage overhead "$G1" 150 python3 benchmarks/shard_map_overhead.py --out "$R/overhead.json"
+    wait
+    if [ "$NGPU" -gt 1 ]; then
+      stage multi_gpu 0,1 300 python3 benchmarks/multi_gpu.py --out "$R/multi_gpu.json"
+    fi
     ;;
   retrieval)
     # First, alone on the GPU: the step profile without CUDA command buffers, so every

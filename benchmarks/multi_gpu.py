@@ -59,6 +59,24 @@ def equivalence(n: int) -> list:
              ParallelConfig(tensor=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n),
              ParallelConfig(data=n, fsdp=True)]
   rows = []
+  # The Pallas lightning kernels inside shard_map (LASP+ on the kernels' initial/final states): explicit
+  # lightning_impl="pallas", as "auto" takes the XLA form inside shard_map.
+  pallas_cfg = ModelConfig(**{**cfg.__dict__, "lightning_impl": "pallas"})
+  with jax.default_device(jax.devices()[0]):
+    (loss_p, m_p), g_p = jax.jit(jax.value_and_grad(
+        lambda p, b: training.loss_fn(p, b, config=cfg), has_aux=True))(params, batch)
+  for par in (ParallelConfig(data=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n)):
+    name = ", ".join(f"{k}={v}" for k, v in par.__dict__.items() if not isinstance(v, bool) and v != 1)
+    try:
+      pm = mesh_lib.build_mesh(par)
+      loss_fn = step_lib.make_sharded_loss(pallas_cfg, pm)
+      (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+      row = dict(layout=name + ", lightning=pallas", loss_abs_err=abs(float(loss) - float(loss_p)),
+                 aux_abs_err=abs(float(m["aux_loss"]) - float(m_p["aux_loss"])), grad_max_rel_err=_max_rel(g, g_p))
+    except Exception as e:  # report, keep going
+      row = dict(layout=name + ", lightning=pallas", error=str(e).splitlines()[0][:300])
+    print(json.dumps(row), flush=True)
+    rows.append(row)
   for capacity in (None, 0.75):
     c = cfg if capacity is None else ModelConfig(**{**cfg.__dict__, "capacity_factor": capacity})
     if capacity is not None:

@@ -17,6 +17,7 @@ not yet carry the varying-axes type that `shard_map(check_vma=True)` needs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -28,6 +29,7 @@ from mx01 import model as model_lib
 from mx01.config import Config, ParallelConfig, apply_overrides
 from mx01.parallel import mesh as mesh_lib
 from mx01.parallel import step as step_lib
+from mx01.ops import resolve_attention_impl
 from mx01.presets import get_preset
 from mx01.training import make_train_step
 
@@ -58,6 +60,16 @@ def main():
   dt, compile_s, loss = time_step(plain, params, optimizer.init(params), batch, args.steps, args.warmup)
   results["plain"] = {"step_ms": dt * 1e3, "compile_s": compile_s, "loss": loss}
 
+  # Inside shard_map the softmax layers use the XLA attention when the sequence axis is 1 (jax's Pallas
+  # flash attention has no shard_map varying-axes typing); timing the plain step with the same attention
+  # separates the cost of that choice from the cost of the shard_map machinery itself.
+  if resolve_attention_impl(mcfg.attention_impl) != "xla":
+    xcfg = dataclasses.replace(mcfg, attention_impl="xla")
+    params = model_lib.init(xcfg, jax.random.key(0))
+    plain_x = jax.jit(make_train_step(xcfg, optimizer), donate_argnums=(0, 1))
+    dt_x, compile_x, loss_x = time_step(plain_x, params, optimizer.init(params), batch, args.steps, args.warmup)
+    results["plain_xla_attention"] = {"step_ms": dt_x * 1e3, "compile_s": compile_x, "loss": loss_x}
+
   pmesh = mesh_lib.build_mesh(cfg.parallel, devices=[device])
   params = step_lib.shard_params(model_lib.init(mcfg, jax.random.key(0)), pmesh)
   sharded = step_lib.make_sharded_train_step(cfg, pmesh, optimizer)
@@ -65,6 +77,8 @@ def main():
                                       args.warmup)
   results["shard_map"] = {"step_ms": dt_s * 1e3, "compile_s": compile_s, "loss": loss_s}
   results["overhead"] = dt_s / dt - 1.0
+  if "plain_xla_attention" in results:
+    results["overhead_same_attention"] = dt_s / (results["plain_xla_attention"]["step_ms"] / 1e3) - 1.0
   print(json.dumps(results, indent=2))
   print(f"{args.preset} seq={args.seq} batch={args.batch} on {device.device_kind}: plain {dt * 1e3:.2f} ms, "
         f"shard_map {dt_s * 1e3:.2f} ms ({100 * results['overhead']:+.1f}%), "
