@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh b     # long-context latency split, scaling sweep, retrieval study, 2-GPU run
 #   bash benchmarks/gpu_suite.sh moe   # MoE expert kernels, MoE train step per moe_impl, step profile, 1M-token step
 #   bash benchmarks/gpu_suite.sh retrieval   # step profile without command buffers, then the MQAR study
+#     (RETRIEVAL_ONLY=1 skips the profile; RETRIEVAL_ARGS="--steps 10000 ..." passes options to the study)
 #   bash benchmarks/gpu_suite.sh multi # grouped-matmul GPU tests, shard_map overhead, then the 2-GPU run
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
@@ -109,13 +110,15 @@ case "${1:-a}" in
   retrieval)
     # First, alone on the GPU: the step profile without CUDA command buffers, so every
     # kernel names its HLO op (command buffers hide them behind one name).
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= stage profile_nocb 0 70 python3 -m benchmarks.profile_step \
-      --preset hybrid_1b --seq 8192 --batch 4 --top 40 --out "$R/profile_hybrid_1b_nocb.json"
-    stage gpu_tests 0 45 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
+    if [ -z "${RETRIEVAL_ONLY:-}" ]; then
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= stage profile_nocb 0 70 python3 -m benchmarks.profile_step \
+        --preset hybrid_1b --seq 8192 --batch 4 --top 40 --out "$R/profile_hybrid_1b_nocb.json"
+      stage gpu_tests 0 45 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
+    fi
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
     for kind in softmax lightning hybrid; do
       stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \
-        --out "$R/retrieval_$kind.csv" &
+        --out "$R/retrieval_$kind.csv" ${RETRIEVAL_ARGS:-} &
     done
     wait
     ;;

@@ -71,20 +71,21 @@ def mqar_batch(rng: np.random.Generator, batch_size: int, seq_len: int, num_pair
     raise ValueError(f"num_pairs={num_pairs} needs 4 * num_pairs <= seq_len + 1 = {total}")
   if num_pairs > half - 1:
     raise ValueError(f"num_pairs={num_pairs} needs at least num_pairs + 1 keys; vocab_size={vocab_size} gives {half - 1}")
-  tokens = np.full((batch_size, total), FILLER, np.int32)
-  mask = np.zeros((batch_size, seq_len), bool)
   slots = (total - 2 * num_pairs) // 2  # two-token query slots after the key-value pairs
-  for b in range(batch_size):
-    keys = rng.choice(np.arange(1, half), size=num_pairs, replace=False)
-    values = rng.integers(half, vocab_size, size=num_pairs)
-    tokens[b, 0:2 * num_pairs:2] = keys
-    tokens[b, 1:2 * num_pairs:2] = values
-    order = rng.permutation(num_pairs)
-    where = np.sort(rng.choice(slots, size=num_pairs, replace=False))
-    key_pos = 2 * num_pairs + 2 * where
-    tokens[b, key_pos] = keys[order]
-    tokens[b, key_pos + 1] = values[order]
-    mask[b, key_pos] = True  # input position of the queried key; its target is the value
+  rows = np.arange(batch_size)[:, None]
+  # Vectorised over the batch: distinct keys and query slots from the first columns of random permutations.
+  keys = np.argsort(rng.random((batch_size, half - 1)), axis=1)[:, :num_pairs] + 1  # [B, P] in [1, half)
+  values = rng.integers(half, vocab_size, size=(batch_size, num_pairs))
+  order = np.argsort(rng.random((batch_size, num_pairs)), axis=1)  # the order keys are queried in
+  where = np.sort(np.argsort(rng.random((batch_size, slots)), axis=1)[:, :num_pairs], axis=1)
+  key_pos = 2 * num_pairs + 2 * where  # [B, P]
+  tokens = np.full((batch_size, total), FILLER, np.int32)
+  tokens[:, 0:2 * num_pairs:2] = keys
+  tokens[:, 1:2 * num_pairs:2] = values
+  tokens[rows, key_pos] = keys[rows, order]
+  tokens[rows, key_pos + 1] = values[rows, order]
+  mask = np.zeros((batch_size, seq_len), bool)
+  mask[rows, key_pos] = True  # input position of the queried key; its target is the value
   return {"tokens": tokens, "loss_mask": mask}
 
 
