@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_suite.sh retrieval   # step profile without command buffers, then the MQAR study
 #     (RETRIEVAL_ONLY=1 skips the profile; RETRIEVAL_ARGS="--steps 10000 ..." passes options to the study)
 #   bash benchmarks/gpu_suite.sh multi # grouped-matmul GPU tests, shard_map overhead, then the 2-GPU run
+#   bash benchmarks/gpu_suite.sh verify   # one GPU: shard_map overhead and equivalence with the GPU kernels
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
 set -u
@@ -106,6 +107,12 @@ case "${1:-a}" in
     if [ "$NGPU" -gt 1 ]; then
       stage multi_gpu 0,1 300 python3 benchmarks/multi_gpu.py --out "$R/multi_gpu.json"
     fi
+    ;;
+  verify)
+    # One GPU: the shard_map path with the GPU kernels against the plain step (values and time).
+    stage overhead 0 150 python3 benchmarks/shard_map_overhead.py --out "$R/overhead.json"
+    stage equivalence_1gpu 0 200 python3 benchmarks/multi_gpu.py --steps 2 --long_budget_s 0 \
+      --out "$R/multi_gpu_1gpu.json"
     ;;
   retrieval)
     # First, alone on the GPU: the step profile without CUDA command buffers, so every

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Callable, Optional
 
 import jax
@@ -54,9 +55,39 @@ def causal_attention(q, k, v, *, segment_ids=None, implementation: str = "xla", 
   return out.reshape(b, t, h, d)
 
 
+def _flash_attention_module():
+  """jax's Pallas (Triton) flash attention module, made usable inside `shard_map(check_vma=True)`.
+
+  Inside shard_map a pallas_call must state how its outputs vary across the
+  mesh (`manual_axis_type`), and jax's attention kernels do not.  Their module
+  reaches `pallas_call` through its global `pl`; pointing that at a namespace
+  whose `pallas_call` declares the inputs' varying axes on every output (as
+  our own kernels do, pallas_kernels/_common.py) lets the same kernels run in
+  the sharded step.  Outside shard_map the wrapper changes nothing.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas.ops.gpu import attention as module
+
+  if not getattr(module.pl, "_mx01_declares_varying_axes", False):
+    from pallas_kernels._common import match_varying, out_struct
+
+    def pallas_call(kernel, *args, out_shape, **kwargs):
+      def call(*operands):
+        operands, axis_type = match_varying(operands)
+        shapes = jax.tree.map(lambda s: out_struct(s.shape, s.dtype, axis_type), out_shape)
+        return pl.pallas_call(kernel, *args, out_shape=shapes, **kwargs)(*operands)
+      return call
+
+    namespace = types.SimpleNamespace(**{n: getattr(pl, n) for n in dir(pl) if not n.startswith("__")})
+    namespace.pallas_call = pallas_call
+    namespace._mx01_declares_varying_axes = True
+    module.pl = namespace
+  return module
+
+
 def _pallas_flash_attention(q, k, v, segment_ids, scale, interpret):
   """jax's Pallas (Triton) flash attention; K/V heads repeated for GQA, the tail padded to a block."""
-  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+  pallas_attention = _flash_attention_module()
   b, t, h, d = q.shape
   rep = h // k.shape[2]
   if rep > 1:

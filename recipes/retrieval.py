@@ -89,6 +89,17 @@ def mqar_batch(rng: np.random.Generator, batch_size: int, seq_len: int, num_pair
   return {"tokens": tokens, "loss_mask": mask}
 
 
+def elimination_baseline(num_pairs: int) -> float:
+  """Answer accuracy of recalling nothing but which values are present and not yet answered.
+
+  A model that has not learned the key -> value lookup can still pick, at the
+  j-th query, uniformly among the num_pairs - j + 1 values of pairs that have
+  not been queried yet: mean over queries of 1/(remaining) = H_P / P (0.34 for
+  8 pairs).  Accuracy at this level means no associative recall.
+  """
+  return float(sum(1.0 / k for k in range(1, num_pairs + 1)) / num_pairs)
+
+
 def num_pairs_for(seq_len: int, pairs_per_token: Optional[float], vocab_size: int, num_pairs: int = 8) -> int:
   """Pairs per sequence: `num_pairs`, or seq_len * pairs_per_token when that is given; capped by what fits."""
   want = num_pairs if pairs_per_token is None else int(seq_len * pairs_per_token)
@@ -188,13 +199,17 @@ def plot(rows: list, path: str, title: str = "MQAR accuracy"):
                    and r["kind"] == kind)
       if pts:
         ax.plot(*zip(*pts), marker=marker, label=kind)
+    pairs = sorted({int(r["num_pairs"]) for r in rows if r["size"] == size})
+    if len(pairs) == 1:
+      ax.axhline(elimination_baseline(pairs[0]), color="gray", ls="--", lw=1,
+                 label=f"no recall (pick an unused value, H_P/P, P={pairs[0]})")
     params = {str(r["params"]) for r in rows if r["size"] == size}
     ax.set_title(f"{title}: size {size} ({', '.join(sorted(params))} params)", fontsize=9)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("answer accuracy")
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

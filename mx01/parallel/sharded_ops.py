@@ -9,8 +9,6 @@ initial/final-state interface of `mx01.lightning.lightning_attention`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from mx01 import ops as ops_lib
@@ -46,10 +44,9 @@ def _explain_vma_errors(inner, config: ModelConfig):
 def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: SequenceLayout,
                       global_batch: int) -> ops_lib.ModelOps:
   """Ops for one device of `pmesh`; `config` is the global model config."""
-  # "auto" takes the XLA block-wise form inside shard_map: it is the path the sharded tests verify.
-  # An explicit lightning_impl="pallas" runs the kernels, which declare their outputs' varying mesh axes.
-  local = config if config.lightning_impl != "auto" else dataclasses.replace(config, lightning_impl="xla")
-  inner = _explain_vma_errors(ops_lib.default_ops(local).lightning, config)
+  # The config's lightning implementation ("auto": the Pallas kernels on GPU, which declare their
+  # outputs' varying mesh axes; checked against the single-device model on GPUs by benchmarks/multi_gpu.py).
+  inner = _explain_vma_errors(ops_lib.default_ops(config).lightning, config)
   sequence_axes = pmesh.axes("sequence")
 
   def lightning(q, k, v, log_decay, *, block_size, segment_ids=None, initial_state=None):
@@ -64,9 +61,12 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
     return lasp_lightning(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
                           initial_state=initial_state, inner=inner, layout=layout, sequence_axes=sequence_axes)
 
+  attention_impl = ops_lib.resolve_attention_impl(config.attention_impl)
+
   def attention(q, k, v, *, segment_ids=None):
     if pmesh.parallel.sequence == 1:
-      return ops_lib.causal_attention(q, k, v, segment_ids=segment_ids)
+      # The config's kernel (Pallas flash attention on GPU): it declares varying mesh axes (mx01/ops.py).
+      return ops_lib.causal_attention(q, k, v, segment_ids=segment_ids, implementation=attention_impl)
     return ring_attention(q, k, v, segment_ids=segment_ids, layout=layout, sequence_axes=sequence_axes)
 
   def moe(x, params, *, config=None, token_mask=None):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from recipes.retrieval import FILLER, model_config, mqar_batch, num_pairs_for
+from recipes.retrieval import FILLER, elimination_baseline, model_config, mqar_batch, num_pairs_for
 
 
 def test_shapes_and_determinism():
@@ -45,3 +45,12 @@ def test_invalid_sizes_raise_and_configs_build():
   assert num_pairs_for(16, None, 256, num_pairs=8) == 4  # ...capped by what fits
   cfg = model_config("hybrid", "s", vocab_size=64, seq_len=32)
   assert cfg.resolved_layer_types == ("lightning", "lightning", "lightning", "softmax")
+
+
+def test_elimination_baseline_matches_simulation():
+  # Guessing uniformly among the not-yet-answered values of the sequence, simulated.
+  rng = np.random.default_rng(0)
+  for pairs in (1, 4, 8):
+    hits = [rng.integers(0, pairs - j) == 0 for _ in range(4000) for j in range(pairs)]
+    assert abs(np.mean(hits) - elimination_baseline(pairs)) < 0.02
+  assert abs(elimination_baseline(8) - 0.3397) < 1e-3

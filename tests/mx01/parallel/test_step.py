@@ -1,5 +1,7 @@
 """The whole model on the mesh == the single-device model: forward, loss, aux loss, gradients, optimizer step."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -85,3 +87,29 @@ def test_sharded_train_step_equals_single_device():
   # A second step runs on the returned (donated) state.
   _, _, m2 = step(p_new, opt_state, batch)
   assert bool(jnp.isfinite(m2["total_loss"]))
+
+
+@pytest.mark.parametrize("parallel", [ParallelConfig(data=8), ParallelConfig(data=2, sequence=4, expert=2)],
+                         ids=_layout_id)
+def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
+  # The sharded train step with the Pallas lightning kernels and jax's Pallas flash attention inside
+  # shard_map(check_vma=True), lowered for CUDA without a GPU: every pallas_call declares how its
+  # outputs vary over the mesh.  (Values are checked on GPUs by benchmarks/multi_gpu.py.)
+  import dataclasses
+  from pallas_kernels import _common
+  monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
+  cfg = dataclasses.replace(tiny_config(), lightning_impl="pallas", attention_impl="pallas", compute_dtype="bfloat16",
+                            head_dim=16, block_size=16)
+  pm = mesh_lib.build_mesh(parallel)
+  params = jax.eval_shape(lambda: step_lib.shard_params(model_lib.init(cfg, jax.random.key(0)), pm))
+  batch = jax.eval_shape(lambda: packed_batch(jax.random.key(1), cfg, 8, 64))
+  loss_fn = step_lib.make_sharded_loss(cfg, pm)
+  grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
+  try:
+    text = grad_fn.trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
+  except TypeError as e:  # a jax without cross-platform lowering
+    pytest.skip(f"cannot lower for cuda here: {e}")
+  kernels = set(re.findall(r'name = "([^"]+)"', text))
+  assert {"lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkdv"} <= kernels
+  if parallel.sequence == 1:  # with a sequence axis the softmax layers use ring attention instead
+    assert {"mha_forward", "mha_backward"} <= kernels
