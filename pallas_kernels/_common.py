@@ -98,14 +98,17 @@ def _varying_axes(x) -> frozenset:
 
 def match_varying(args):
   """Inside `shard_map(check_vma=True)`: marks every input as varying over the union of the
-  inputs' mesh axes and returns (args, manual_axis_type for the outputs); outside, (args, None).
+  inputs' mesh axes and returns (args, manual_axis_type for the outputs); with no varying
+  input (outside shard_map too) the outputs get the inputs' unvarying type.
 
   A pallas_call's output shapes must state how they vary across the mesh; our kernels'
   outputs vary exactly as their inputs together do.
   """
   axes = frozenset().union(*(_varying_axes(a) for a in args))
   if not axes:
-    return list(args), None
+    # Unvarying inputs (outside shard_map, or replicated inside it): outputs take the same, unvarying,
+    # type; shard_map(check_vma=True) needs it stated even then (e.g. on a mesh of one device).
+    return list(args), getattr(jax.typeof(args[0]), "manual_axis_type", None)
   cast = getattr(jax.lax, "pcast", None)
   out = []
   for a in args:

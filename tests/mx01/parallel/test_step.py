@@ -89,8 +89,8 @@ def test_sharded_train_step_equals_single_device():
   assert bool(jnp.isfinite(m2["total_loss"]))
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(data=8), ParallelConfig(data=2, sequence=4, expert=2)],
-                         ids=_layout_id)
+@pytest.mark.parametrize("parallel", [ParallelConfig(), ParallelConfig(data=8),
+                                      ParallelConfig(data=2, sequence=4, expert=2)], ids=_layout_id)
 def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
   # The sharded train step with the Pallas lightning kernels and jax's Pallas flash attention inside
   # shard_map(check_vma=True), lowered for CUDA without a GPU: every pallas_call declares how its
@@ -100,7 +100,7 @@ def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
   monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
   cfg = dataclasses.replace(tiny_config(), lightning_impl="pallas", attention_impl="pallas", compute_dtype="bfloat16",
                             head_dim=16, block_size=16)
-  pm = mesh_lib.build_mesh(parallel)
+  pm = mesh_lib.build_mesh(parallel, devices=jax.devices()[:parallel.num_devices])  # 1 device: every axis size 1
   params = jax.eval_shape(lambda: step_lib.shard_params(model_lib.init(cfg, jax.random.key(0)), pm))
   batch = jax.eval_shape(lambda: packed_batch(jax.random.key(1), cfg, 8, 64))
   loss_fn = step_lib.make_sharded_loss(cfg, pm)
