@@ -113,8 +113,13 @@ class ParallelMesh:
 
   @property
   def all_axes(self) -> Tuple[str, ...]:
-    """Every physical axis, outer to inner (the flattened device order of both views)."""
-    return tuple(self.mesh.axis_names)
+    """Every physical axis of size > 1, outer to inner (the flattened device order of both views).
+
+    Size-1 axes (the single 'replica' axis of a one-device mesh) are left out: collectives over them
+    are no-ops, and an axis_index over them would mark values as varying along an axis that no
+    output spec names.
+    """
+    return tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
 
   def spec(self, *dims: Optional[Sequence[str] | str]) -> PartitionSpec:
     """PartitionSpec from logical axes per array dimension (None, a name, or a tuple of names)."""

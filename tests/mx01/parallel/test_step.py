@@ -113,3 +113,19 @@ def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
   assert {"lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkdv"} <= kernels
   if parallel.sequence == 1:  # with a sequence axis the softmax layers use ring attention instead
     assert {"mha_forward", "mha_backward"} <= kernels
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_one_device_mesh_equals_single_device(capacity_factor):
+  # A mesh of one device (every axis size 1): the sharded path must reduce to the plain model,
+  # with token drops too (the drop order uses the flattened device index).
+  cfg = tiny_config(capacity_factor=capacity_factor)
+  params = model_lib.init(cfg, jax.random.key(0))
+  batch = packed_batch(jax.random.key(3), cfg, B, L)
+  (loss_ref, m_ref), g_ref = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg)
+  pm = mesh_lib.build_mesh(ParallelConfig(), devices=jax.devices()[:1])
+  loss_fn = step_lib.make_sharded_loss(cfg, pm)
+  (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+  assert abs(float(loss) - float(loss_ref)) < 1e-5
+  assert max_abs_diff(m["expert_load"], m_ref["expert_load"]) == 0.0
+  assert max_abs_diff(g, g_ref) < 1e-6
