@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -33,3 +34,21 @@ def time_step(step, params, opt_state, batch, steps: int, warmup: int):
     params, opt_state, m = step(params, opt_state, batch)
   jax.block_until_ready(m["loss"])
   return (time.perf_counter() - t0) / steps, compile_s, float(m["loss"])
+
+
+def experts_balanced(x, expert_idx, weights, wi_gate, wi_up, wo):
+  """The routed expert FLOPs of top-k routing as one batched matmul with tokens*k/E rows per expert.
+
+  Ignores which expert each token chose (rows are split evenly), so it times what a perfect grouped
+  GEMM would cost: the floor the MoE implementations are compared with.  Same contract as
+  `mx01.layers.moe.experts_grouped`; x [tokens, hidden] -> [tokens, hidden].
+  """
+  t, k = expert_idx.shape
+  e = wi_gate.shape[0]
+  rows = t * k // e
+  xs = jnp.repeat(x, k, axis=0)[: rows * e].reshape(e, rows, -1)
+  h = jax.nn.silu(jnp.einsum("erd,edi->eri", xs, wi_gate.astype(x.dtype))) * jnp.einsum(
+      "erd,edi->eri", xs, wi_up.astype(x.dtype))
+  ys = jnp.einsum("eri,eid->erd", h, wo.astype(x.dtype)).reshape(rows * e, -1)
+  ys = ys * weights.reshape(-1)[: rows * e, None].astype(ys.dtype)
+  return jnp.sum(ys.reshape(t, k, -1), axis=1) if rows * e == t * k else ys[:t]

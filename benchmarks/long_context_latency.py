@@ -52,6 +52,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import experts_balanced  # noqa: E402
 from mx01 import lightning as lightning_lib  # noqa: E402
 from mx01.config import ModelConfig  # noqa: E402
 from mx01.inference.decoding import experts_grouped  # noqa: E402
@@ -133,23 +134,7 @@ def softmax_rest(p, x, *, shape: LayerShape, moe_impl: str):
   return _ffn(p, x, shape, moe_impl)
 
 
-def experts_batched(x, expert_idx, weights, wi_gate, wi_up, wo):
-  """The expert FLOPs of balanced routing as one batched matmul: tokens*k/E rows per expert.
-
-  Ignores which expert each token chose (rows are split evenly), so it times
-  what an efficient grouped GEMM costs, independent of the ragged_dot lowering.
-  """
-  t, k = expert_idx.shape
-  e = wi_gate.shape[0]
-  rows = t * k // e
-  xs = jnp.repeat(x, k, axis=0)[: rows * e].reshape(e, rows, -1)
-  hid = jax.nn.silu(jnp.einsum("erd,edi->eri", xs, wi_gate)) * jnp.einsum("erd,edi->eri", xs, wi_up)
-  ys = jnp.einsum("eri,eid->erd", hid, wo).reshape(rows * e, -1)
-  ys = ys * weights.reshape(-1)[: rows * e, None].astype(ys.dtype)
-  return jnp.sum(ys.reshape(t, k, -1), axis=1) if rows * e == t * k else ys[:t]
-
-
-_EXPERTS = {"grouped": experts_grouped, "batched": experts_batched}
+_EXPERTS = {"grouped": experts_grouped, "batched": experts_balanced}
 
 
 def _ffn(p, x, shape, moe_impl):

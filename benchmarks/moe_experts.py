@@ -30,27 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import experts_balanced
 from mx01.layers import moe as moe_lib
 
 SHAPES = {"1b": (2048, 1408, 8, 2), "paper": (6144, 9216, 32, 2)}
 
 
-def balanced(x, expert_idx, weights, wi_gate, wi_up, wo):
-  """Routed FLOPs as one batched matmul, rows split evenly over experts (ignores the routing)."""
-  t, k = expert_idx.shape
-  e = wi_gate.shape[0]
-  rows = t * k // e
-  xs = jnp.repeat(x, k, axis=0)[: rows * e].reshape(e, rows, -1)
-  h = jax.nn.silu(jnp.einsum("erd,edi->eri", xs, wi_gate.astype(x.dtype))) * jnp.einsum(
-      "erd,edi->eri", xs, wi_up.astype(x.dtype))
-  ys = jnp.einsum("eri,eid->erd", h, wo.astype(x.dtype)).reshape(rows * e, -1)
-  return jnp.sum((ys * weights.reshape(-1)[: rows * e, None].astype(ys.dtype)).reshape(t, k, -1), axis=1)
-
-
 def experts_for(name: str, capacity: int):
   """(x, idx, weights, positions, *w) -> y for a variant name."""
   if name == "balanced":
-    return lambda x, i, w, pos, *ws: balanced(x, i, w, *ws)
+    return lambda x, i, w, pos, *ws: experts_balanced(x, i, w, *ws)
   if name == "ragged":
     return lambda x, i, w, pos, *ws: moe_lib.experts_grouped(x, i, w, *ws)
   if name == "ragged_mosaic":

@@ -59,8 +59,8 @@ def equivalence(n: int) -> list:
              ParallelConfig(tensor=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n),
              ParallelConfig(data=n, fsdp=True)]
   rows = []
-  # The Pallas lightning kernels inside shard_map (LASP+ on the kernels' initial/final states): explicit
-  # lightning_impl="pallas", as "auto" takes the XLA form inside shard_map.
+  # The Pallas lightning kernels inside shard_map (LASP+ on the kernels' initial/final states), named
+  # explicitly so that the rows say which kernels ran ("auto" picks them on GPU as well).
   pallas_cfg = ModelConfig(**{**cfg.__dict__, "lightning_impl": "pallas"})
   with jax.default_device(jax.devices()[0]):
     (loss_p, m_p), g_p = jax.jit(jax.value_and_grad(

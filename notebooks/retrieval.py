@@ -18,10 +18,16 @@
 # region; the loss counts only the answers.  `recipes/retrieval.py` trains one model per
 # (attention kind, size, context length) and writes a CSV:
 #
-#     python -m recipes.retrieval --steps 2000 --out results/retrieval.csv            # the study (GPU)
+#     python -m recipes.retrieval --out results/retrieval.csv                        # the study (GPU)
 #     python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv   # a few minutes on CPU
 #
 # This notebook reads the study's CSV if present, else the CPU smoke run, else runs a micro version.
+#
+# How to read it: a model that has learned only *which* values are in the context, and which were already
+# asked for, answers each query correctly with probability H_P / P (`retrieval.elimination_baseline`,
+# 0.34 for 8 pairs). Accuracy at or below that line means no associative recall was learned; the
+# recorded GPU study (`results/retrieval.csv`, 4,000 steps; `results/retrieval_10k.csv`, 10,000 steps)
+# sits on it for all three kinds, so it does not yet separate them (BENCHMARKS.md, "Retrieval study").
 
 # %%
 import os
@@ -56,13 +62,16 @@ if path is None:  # nothing recorded yet: a micro run (seconds per model)
   retrieval.main(["--cpu-smoke", "--steps", "30", "--lengths", "32", "--sizes", "xs", "--out", path])
 rows = retrieval.read_csv(path)
 print(f"{path} ({len(rows)} runs, backend {rows[0]['backend']})")
-print(f"{'kind':10s} {'size':4s} {'params':>8s} {'seq_len':>7s} {'pairs':>5s} {'steps':>5s} {'accuracy':>8s}")
+print(f"{'kind':10s} {'size':4s} {'params':>8s} {'seq_len':>7s} {'pairs':>5s} {'steps':>5s} {'accuracy':>8s} "
+      f"{'no-recall line':>14s}")
 for r in rows:
   print(f"{r['kind']:10s} {r['size']:4s} {int(r['params']):8d} {int(r['seq_len']):7d} {int(r['num_pairs']):5d} "
-        f"{int(r['steps']):5d} {float(r['eval_accuracy']):8.3f}")
+        f"{int(r['steps']):5d} {float(r['eval_accuracy']):8.3f} "
+        f"{retrieval.elimination_baseline(int(r['num_pairs'])):14.3f}")
 
 # %%
-png = os.path.splitext(path)[0] + ".png"
+import tempfile
+png = os.path.join(tempfile.gettempdir(), os.path.basename(os.path.splitext(path)[0]) + "_notebook.png")
 retrieval.plot(rows, png)
 try:
   from IPython.display import Image, display

@@ -35,8 +35,8 @@ def _explain_vma_errors(inner, config: ModelConfig):
           f"the lightning implementation {config.lightning_impl!r} (resolved: "
           f"{ops_lib.resolve_lightning_impl(config.lightning_impl)!r}) cannot run inside shard_map(check_vma=True): "
           "its pallas_call output shapes must carry the inputs' varying mesh axes "
-          "(jax.ShapeDtypeStruct(..., manual_axis_type=jax.typeof(q).manual_axis_type)); until then set "
-          "model.lightning_impl='xla' for the sharded step") from e
+          "(jax.ShapeDtypeStruct(..., manual_axis_type=...), see pallas_kernels/_common.match_varying); "
+          "set model.lightning_impl='xla' to use the XLA block-wise form instead") from e
 
   return call
 
