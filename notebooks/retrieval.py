@@ -25,9 +25,10 @@
 #
 # How to read it: a model that has learned only *which* values are in the context, and which were already
 # asked for, answers each query correctly with probability H_P / P (`retrieval.elimination_baseline`,
-# 0.34 for 8 pairs). Accuracy at or below that line means no associative recall was learned; the
+# 0.34 for 8 pairs). Accuracy at or near that line means no associative recall was learned; the
 # recorded GPU study (`results/retrieval.csv`, 4,000 steps; `results/retrieval_10k.csv`, 10,000 steps)
-# sits on it for all three kinds, so it does not yet separate them (BENCHMARKS.md, "Retrieval study").
+# ends on or below it (at most 2.5 points above) for all three kinds, so it does not yet separate them
+# (BENCHMARKS.md, "Retrieval study").
 
 # %%
 import os

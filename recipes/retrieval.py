@@ -19,7 +19,7 @@ a lightning layer must keep them in its decaying fixed-size state.
 (`--pairs-per-token` instead scales the pairs with the length.)
 
 For every (kind, size, context length) a fresh model is trained for `--steps`
-steps (AdamW, cosine schedule) on freshly generated batches and evaluated on
+steps (AdamW; warmup + cosine or a constant rate, `--lr-schedule`) on freshly generated batches and evaluated on
 held-out batches; a progress line every `--log-every` steps shows the answer
 loss and accuracy.  Writes one CSV row per run and a plot (accuracy vs context
 length, one panel per size) next to the CSV.
@@ -133,11 +133,16 @@ def masked_loss(params, batch, *, config: ModelConfig):
 
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
               pairs_per_token: Optional[float], eval_batches: int, seed: int, compute_dtype: str = "float32",
-              num_pairs: int = 8, log_every: int = 0) -> dict:
+              num_pairs: int = 8, log_every: int = 0, lr_schedule: str = "cosine") -> dict:
   cfg = model_config(kind, size, vocab_size=vocab_size, seq_len=seq_len, compute_dtype=compute_dtype)
   pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size, num_pairs)
   params = model_lib.init(cfg, jax.random.key(seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
+  if lr_schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
+  elif lr_schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   opt_state = optimizer.init(params)
 
@@ -168,7 +173,7 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
           for _ in range(eval_batches)]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return {"kind": kind, "size": size, "params": n_params, "seq_len": seq_len, "num_pairs": pairs, "steps": steps,
-          "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size, "final_train_loss": float(loss),
+          "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "vocab_size": vocab_size, "final_train_loss": float(loss),
           "final_train_accuracy": float(acc), "steps_to_90": steps_to_90, "eval_accuracy": float(np.mean(accs)), "train_seconds": train_s, "backend": jax.default_backend()}
 
 
@@ -223,6 +228,7 @@ def main(argv=None) -> list:
   ap.add_argument("--steps", type=int, default=4000, help="training steps per run (the budget)")
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
   ap.add_argument("--vocab-size", type=int, default=256)
   ap.add_argument("--num-pairs", type=int, default=8, help="key-value pairs per sequence, at every length")
   ap.add_argument("--pairs-per-token", type=float, default=None, help="scale the pairs with the length instead")
@@ -245,7 +251,7 @@ def main(argv=None) -> list:
         row = train_one(kind, size, seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         vocab_size=args.vocab_size, pairs_per_token=args.pairs_per_token,
                         eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype,
-                        num_pairs=args.num_pairs, log_every=args.log_every)
+                        num_pairs=args.num_pairs, log_every=args.log_every, lr_schedule=args.lr_schedule)
         rows.append(row)
         print(f"{kind:9s} size={size} L={seq_len:5d} pairs={row['num_pairs']:3d} acc={row['eval_accuracy']:.3f} "
               f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)

@@ -38,6 +38,9 @@ DEFAULT_TILING = GroupedMatmulTiling()
 
 
 def _kernels():
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"moe_impl='ragged_mosaic' runs jax's Mosaic GPU kernels, which need a Hopper GPU "
+                     f"(backend here: {jax.default_backend()!r}); use moe_impl='ragged', 'capacity' or 'dense'")
   # Imported on demand: the Mosaic GPU modules need a CUDA jaxlib.
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
   return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot

@@ -130,6 +130,12 @@ def test_moe_impl_config_errors():
     dataclasses.replace(CFG, moe_impl="capacity")
   with pytest.raises(Exception, match="moe_impl"):
     dataclasses.replace(CFG, moe_impl="megablocks")
+  if jax.default_backend() != "gpu":
+    x = jnp.ones((1, 4, 32))
+    p = {"router": jnp.ones((32, 4)), "wi_gate": jnp.ones((4, 32, 24)), "wi_up": jnp.ones((4, 32, 24)),
+         "wo": jnp.ones((4, 24, 32))}
+    with pytest.raises(ValueError, match="Hopper GPU"):
+      moe_lib.moe_forward(x, p, config=dataclasses.replace(CFG, moe_impl="ragged_mosaic"))
   assert moe_lib.resolve_moe_impl("auto", 1.25) == "capacity"
   assert moe_lib.resolve_moe_impl("auto", None) in ("ragged", "dense")
 
