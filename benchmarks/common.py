@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mx01.layers import moe as moe_lib
+
 
 def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, docs_per_row: int = 4) -> dict:
   """Random packed rows {"tokens", "segment_ids"} [batch, seq + 1], `docs_per_row` documents in each."""
@@ -47,8 +49,7 @@ def experts_balanced(x, expert_idx, weights, wi_gate, wi_up, wo):
   e = wi_gate.shape[0]
   rows = t * k // e
   xs = jnp.repeat(x, k, axis=0)[: rows * e].reshape(e, rows, -1)
-  h = jax.nn.silu(jnp.einsum("erd,edi->eri", xs, wi_gate.astype(x.dtype))) * jnp.einsum(
-      "erd,edi->eri", xs, wi_up.astype(x.dtype))
-  ys = jnp.einsum("eri,eid->erd", h, wo.astype(x.dtype)).reshape(rows * e, -1)
+  dt = x.dtype
+  ys = moe_lib.swiglu(xs, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt)).reshape(rows * e, -1)
   ys = ys * weights.reshape(-1)[: rows * e, None].astype(ys.dtype)
   return jnp.sum(ys.reshape(t, k, -1), axis=1) if rows * e == t * k else ys[:t]

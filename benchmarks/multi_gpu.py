@@ -45,6 +45,34 @@ def _max_rel(a, b) -> float:
   return max(errs)
 
 
+def _layout_name(par: ParallelConfig) -> str:
+  name = ", ".join(f"{k}={v}" for k, v in par.__dict__.items() if not isinstance(v, bool) and v != 1)
+  return name + (", fsdp" if par.fsdp else "")
+
+
+def _loss_and_grads(cfg, params, batch):
+  """Loss, metrics and gradients of the single-device model on the first GPU."""
+  with jax.default_device(jax.devices()[0]):
+    return jax.jit(jax.value_and_grad(lambda p, b: training.loss_fn(p, b, config=cfg), has_aux=True))(params, batch)
+
+
+def _compare(cfg, par: ParallelConfig, name: str, params, batch, ref) -> dict:
+  """One row: the sharded loss, aux loss, gradients and expert loads of `par` against `ref`."""
+  (loss_ref, m_ref), g_ref = ref
+  try:
+    pm = mesh_lib.build_mesh(par)
+    loss_fn = step_lib.make_sharded_loss(cfg, pm)
+    (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+    row = dict(layout=name, loss_abs_err=abs(float(loss) - float(loss_ref)),
+               aux_abs_err=abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])),
+               grad_max_rel_err=_max_rel(g, g_ref),
+               expert_load_equal=bool(np.array_equal(np.asarray(m["expert_load"]), np.asarray(m_ref["expert_load"]))))
+  except Exception as e:  # report, keep going
+    row = dict(layout=name, error=str(e).splitlines()[0][:300])
+  print(json.dumps(row), flush=True)
+  return row
+
+
 def equivalence(n: int) -> list:
   cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                     layer_types=(LIGHTNING, SOFTMAX), intermediate_size=64, num_experts=4, num_experts_per_tok=2,
@@ -52,9 +80,7 @@ def equivalence(n: int) -> list:
   params = model_lib.init(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = synthetic_batch(rng, 4, 128, cfg.vocab_size, docs_per_row=5)
-  with jax.default_device(jax.devices()[0]):
-    (loss_ref, m_ref), g_ref = jax.jit(jax.value_and_grad(
-        lambda p, b: training.loss_fn(p, b, config=cfg), has_aux=True))(params, batch)
+  ref = _loss_and_grads(cfg, params, batch)
   layouts = [ParallelConfig(data=n), ParallelConfig(data=n, expert=n), ParallelConfig(data=n, expert_tensor=n),
              ParallelConfig(tensor=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n),
              ParallelConfig(data=n, fsdp=True)]
@@ -62,42 +88,14 @@ def equivalence(n: int) -> list:
   # The Pallas lightning kernels inside shard_map (LASP+ on the kernels' initial/final states), named
   # explicitly so that the rows say which kernels ran ("auto" picks them on GPU as well).
   pallas_cfg = ModelConfig(**{**cfg.__dict__, "lightning_impl": "pallas"})
-  with jax.default_device(jax.devices()[0]):
-    (loss_p, m_p), g_p = jax.jit(jax.value_and_grad(
-        lambda p, b: training.loss_fn(p, b, config=cfg), has_aux=True))(params, batch)
   for par in (ParallelConfig(data=n), ParallelConfig(sequence=n), ParallelConfig(sequence=n, expert=n)):
-    name = ", ".join(f"{k}={v}" for k, v in par.__dict__.items() if not isinstance(v, bool) and v != 1)
-    try:
-      pm = mesh_lib.build_mesh(par)
-      loss_fn = step_lib.make_sharded_loss(pallas_cfg, pm)
-      (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
-      row = dict(layout=name + ", lightning=pallas", loss_abs_err=abs(float(loss) - float(loss_p)),
-                 aux_abs_err=abs(float(m["aux_loss"]) - float(m_p["aux_loss"])), grad_max_rel_err=_max_rel(g, g_p))
-    except Exception as e:  # report, keep going
-      row = dict(layout=name + ", lightning=pallas", error=str(e).splitlines()[0][:300])
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    rows.append(_compare(pallas_cfg, par, _layout_name(par) + ", lightning=pallas", params, batch, ref))
   for capacity in (None, 0.75):
     c = cfg if capacity is None else ModelConfig(**{**cfg.__dict__, "capacity_factor": capacity})
-    if capacity is not None:
-      with jax.default_device(jax.devices()[0]):
-        (loss_ref, m_ref), g_ref = jax.jit(jax.value_and_grad(
-            lambda p, b: training.loss_fn(p, b, config=c), has_aux=True))(params, batch)
+    c_ref = ref if capacity is None else _loss_and_grads(c, params, batch)
     for par in layouts:
-      name = ", ".join(f"{k}={v}" for k, v in par.__dict__.items() if not isinstance(v, bool) and v != 1)
-      name += (", fsdp" if par.fsdp else "") + (f", capacity={capacity}" if capacity else "")
-      try:
-        pm = mesh_lib.build_mesh(par)
-        loss_fn = step_lib.make_sharded_loss(c, pm)
-        (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
-        row = dict(layout=name, loss_abs_err=abs(float(loss) - float(loss_ref)),
-                   aux_abs_err=abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])),
-                   grad_max_rel_err=_max_rel(g, g_ref),
-                   expert_load_equal=bool(np.array_equal(np.asarray(m["expert_load"]), np.asarray(m_ref["expert_load"]))))
-      except Exception as e:  # report, keep going
-        row = dict(layout=name, error=str(e).splitlines()[0][:300])
-      print(json.dumps(row), flush=True)
-      rows.append(row)
+      name = _layout_name(par) + (f", capacity={capacity}" if capacity else "")
+      rows.append(_compare(c, par, name, params, batch, c_ref))
   return rows
 
 

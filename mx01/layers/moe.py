@@ -106,7 +106,11 @@ def load_balancing_loss(stats, reduction: str = "per_layer"):
 
 
 def swiglu(x, wi_gate, wi_up, wo):
-  """One expert (or the dense MLP): x [n, hidden] -> [n, hidden]."""
+  """One expert (or the dense MLP): x [n, hidden] -> [n, hidden].
+
+  Also every expert at once on per-expert buffers: x [E, n, hidden] with wi_* [E, hidden, I],
+  wo [E, I, hidden] (matmul batches over the leading expert axis).
+  """
   h = jax.nn.silu(x @ wi_gate) * (x @ wi_up)
   return h @ wo
 
@@ -166,9 +170,7 @@ def experts_capacity(x, expert_idx, weights, positions, wi_gate, wi_up, wo, *, c
   slot = jnp.minimum(positions, capacity)  # `capacity` is out of range: mode="drop" discards it
   token_of = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
   buf = jnp.zeros((e, capacity, d), dt).at[expert_idx, slot].set(x[token_of], mode="drop")  # [E, C, hidden]
-  h = jax.nn.silu(jnp.einsum("ecd,edi->eci", buf, wi_gate.astype(dt))) * jnp.einsum("ecd,edi->eci", buf,
-                                                                                    wi_up.astype(dt))
-  out = jnp.einsum("eci,eid->ecd", h, wo.astype(dt))  # [E, C, hidden]
+  out = swiglu(buf, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt))  # [E, C, hidden]
   kept = positions < capacity
   gathered = out[expert_idx, jnp.minimum(positions, capacity - 1)].astype(jnp.float32)  # [t, k, hidden]
   return jnp.sum(gathered * (weights * kept)[..., None], axis=1).astype(dt)
@@ -192,11 +194,6 @@ def resolve_moe_impl(impl: str, capacity_factor: Optional[float]) -> str:
     raise ValueError("moe_impl='capacity' needs model.capacity_factor (e.g. 1.25); "
                      "set it, or pick a dropless moe_impl ('ragged', 'ragged_mosaic' or 'dense')")
   return impl
-
-
-def default_experts_fn():
-  """Dropless grouped matmuls on accelerators; all experts densely on CPU, where ragged_dot is slow."""
-  return experts_dense_reference if jax.default_backend() == "cpu" else experts_grouped
 
 
 def _dropless_experts_fn(impl: str):
@@ -224,7 +221,7 @@ def moe_forward(x, params, *, config, token_mask=None, experts_fn=None):
   probs, expert_idx, weights = route(xf, params["router"], config.num_experts_per_tok)
   w = (params["wi_gate"], params["wi_up"], params["wo"])
   cap = expert_capacity(b * t, config.num_experts, config.num_experts_per_tok, config.capacity_factor)
-  impl = resolve_moe_impl(getattr(config, "moe_impl", "auto"), config.capacity_factor)
+  impl = resolve_moe_impl(config.moe_impl, config.capacity_factor)
   if cap is not None:
     positions = capacity_positions(expert_idx, config.num_experts, token_mask=tm)
     if experts_fn is None and impl == "capacity":

@@ -195,8 +195,7 @@ def _dispatch_compute_combine(xf, expert_idx, weights, keep, params, *, slots, e
     tokens_in = jax.lax.all_gather(tokens_in, etp_axes, axis=1, tiled=True)  # [E_l, ET*ep*slots, d]
   dt = xf.dtype
   wi_gate, wi_up, wo = (params[k].astype(dt) for k in ("wi_gate", "wi_up", "wo"))
-  hidden = jax.nn.silu(jnp.einsum("emd,edi->emi", tokens_in, wi_gate)) * jnp.einsum("emd,edi->emi", tokens_in, wi_up)
-  out = jnp.einsum("emi,eid->emd", hidden, wo)  # partial over the I slice when ETP > 1
+  out = moe_lib.swiglu(tokens_in, wi_gate, wi_up, wo)  # [E_l, m, d]; partial over the I slice when ETP > 1
   if etp_axes:
     out = jax.lax.psum_scatter(out, etp_axes, scatter_dimension=1, tiled=True)  # [E_l, ep*slots, d]
   out = out.reshape(e_local, ep, slots, d).transpose(1, 0, 2, 3).reshape(e_total, slots, d)
