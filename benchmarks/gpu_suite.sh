@@ -9,6 +9,10 @@
 #     (RETRIEVAL_ONLY=1 skips the profile; RETRIEVAL_ARGS="--steps 10000 ..." passes options to the study)
 #   bash benchmarks/gpu_suite.sh multi # grouped-matmul GPU tests, shard_map overhead, then the 2-GPU run
 #   bash benchmarks/gpu_suite.sh verify   # one GPU: shard_map overhead and equivalence with the GPU kernels
+#   bash benchmarks/gpu_suite.sh perf  # one GPU: dense-step levers at 8k, the train-step table with each row's
+#     memory, the MoE preset at 8k/32k
+#   bash benchmarks/gpu_suite.sh long  # the 1B presets at 128k (remat + chunked loss); THEN_RETRIEVAL=1 then
+#     runs the MQAR study (RETRIEVAL_ARGS as below)
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
 set -u
@@ -113,6 +117,38 @@ case "${1:-a}" in
     stage overhead 0 150 python3 benchmarks/shard_map_overhead.py --out "$R/overhead.json"
     stage equivalence_1gpu 0 200 python3 benchmarks/multi_gpu.py --steps 2 --long_budget_s 0 \
       --out "$R/multi_gpu_1gpu.json"
+    ;;
+  perf)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
+    python3 -c "import jax; print('jax', jax.__version__, jax.devices())" >> "$R/env.log" 2>&1
+    cat "$R/env.log"
+    T="python3 -m benchmarks.train_step --steps 4 --warmup 1"
+    # The table first (its hybrid_1b 8k row is the levers' baseline), then the levers on hybrid_1b at 8k.
+    stage table 0 230 $T --presets hybrid_1b,lightning_1b,softmax_1b --seq 8192,2048,32768 --tokens_per_step 32768 \
+      --out "$R/table.json"
+    stage lever_batch2 0 50 $T --presets hybrid_1b --seq 8192 --tokens_per_step 16384 --out "$R/lever_batch2.json"
+    stage lever_1doc_pallas 0 50 $T --presets hybrid_1b --seq 8192 --tokens_per_step 32768 --docs_per_row 1 \
+      --out "$R/lever_1doc_pallas.json"
+    stage lever_1doc_cudnn 0 50 $T --presets hybrid_1b --seq 8192 --tokens_per_step 32768 --docs_per_row 1 \
+      --override model.attention_impl=cudnn --out "$R/lever_1doc_cudnn.json"
+    stage moe_long 0 100 $T --presets hybrid_moe_1b --seq 8192,32768,2048 --tokens_per_step 16384 \
+      --override model.capacity_factor=1.25 --out "$R/moe_long.json"
+    stage moe_cap1 0 40 $T --presets hybrid_moe_1b --seq 2048 --tokens_per_step 16384 \
+      --override model.capacity_factor=1.0 --out "$R/moe_cap1.json"
+    ;;
+  long)
+    # The 1B presets at 128k tokens: batch 1, every layer rematerialised, LM head + loss in chunks.
+    stage long_128k 0 "${LONG_LIMIT_S:-200}" python3 -m benchmarks.train_step --steps 2 --warmup 1 \
+      --presets lightning_1b,hybrid_1b,softmax_1b --seq 131072 --tokens_per_step 1 --override model.remat=full \
+      --override model.loss_chunk_size=16384 --out "$R/long_128k.json"
+    if [ -n "${THEN_RETRIEVAL:-}" ]; then
+      export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
+      for kind in softmax lightning hybrid; do
+        stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \
+          --out "$R/retrieval_$kind.csv" ${RETRIEVAL_ARGS:-} &
+      done
+      wait
+    fi
     ;;
   retrieval)
     # First, alone on the GPU: the step profile without CUDA command buffers, so every

@@ -29,21 +29,24 @@ from mx01.training import make_train_step
 from scaling import flops
 
 
-def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int):
+def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: int = 4):
   mcfg = cfg.model
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)
   opt_state = opt.init(params)
   step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
-  data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size)
+  data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size, max(docs_per_row, 1))
+  if docs_per_row == 1:  # one document per row: no segment ids, so attention needs no document mask
+    data = {"tokens": data["tokens"]}
   # This configuration's own footprint from the compiled step (the allocator's peak counter is
   # process-wide and never resets, so it cannot tell one row from the previous ones).
-  mem = step.lower(params, opt_state, data).compile().memory_analysis()
+  compiled = step.lower(params, opt_state, data).compile()  # timed below too: one compilation per row
+  mem = compiled.memory_analysis()
   step_bytes = 0
   if mem is not None:
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                   - getattr(mem, "alias_size_in_bytes", 0))
-  dt, compile_s, loss = time_step(step, params, opt_state, data, steps, warmup)
+  dt, compile_s, loss = time_step(compiled, params, opt_state, data, steps, warmup)
   return dt, compile_s, step_bytes, loss
 
 
@@ -54,6 +57,8 @@ def main(argv=None):
   ap.add_argument("--tokens_per_step", type=int, default=65536)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--docs_per_row", type=int, default=4,
+                  help="documents packed in each row; 1 = rows without segment ids (attention_impl=cudnn needs it)")
   ap.add_argument("--override", action="append", default=[], help="config override, e.g. model.remat=full")
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining runs after this many seconds")
   ap.add_argument("--out", default=None)
@@ -72,7 +77,7 @@ def main(argv=None):
       batch = max(1, args.tokens_per_step // seq)
       while True:
         try:
-          dt, compile_s, peak_mem, loss = bench_one(cfg, seq, batch, args.steps, args.warmup)
+          dt, compile_s, peak_mem, loss = bench_one(cfg, seq, batch, args.steps, args.warmup, args.docs_per_row)
           break
         except Exception as e:  # out of memory: halve the batch
           if "RESOURCE_EXHAUSTED" in str(e) and batch > 1:
@@ -88,7 +93,8 @@ def main(argv=None):
                  step_mem_gb=peak_mem / 2**30, loss=loss,
                  mfu=flops.mfu(tps, cfg.model, seq, peak) if peak else None,
                  mfu_6nd=(tps * flops.six_nd_flops_per_token(cfg.model) / peak) if peak else None,
-                 lightning_impl=cfg.model.lightning_impl, remat=cfg.model.remat)
+                 lightning_impl=cfg.model.lightning_impl, attention_impl=cfg.model.attention_impl,
+                 remat=cfg.model.remat, docs_per_row=args.docs_per_row)
       rows.append(row)
       print(json.dumps(row), flush=True)
   print("\n| preset | seq | batch | step ms | tokens/s | MFU | MFU (6ND) | step GiB |")

@@ -3,7 +3,9 @@
 Batches are packed rows: {"tokens": [batch, L + 1] int32, "segment_ids":
 [batch, L + 1] int32}.  The model reads tokens[:, :-1] and predicts
 tokens[:, 1:]; a target counts only when it continues the same segment, and
-segment id 0 marks padding (never a target).
+segment id 0 marks padding (never a target).  A batch without "segment_ids"
+holds one document per row: every target counts, and attention runs without
+document masks (which lets `attention_impl="cudnn"` take it).
 
     optimizer, schedule = make_optimizer(config.train)
     step = jax.jit(make_train_step(config.model, optimizer, grad_accum=2, skip_nonfinite=True))
@@ -24,9 +26,15 @@ from mx01.ops import ModelOps
 
 
 def split_batch(batch):
-  """Packed rows -> (inputs, targets, segment_ids, loss_mask), each [batch, L]."""
-  tokens, seg = batch["tokens"], batch["segment_ids"]
+  """Packed rows -> (inputs, targets, segment_ids, loss_mask), each [batch, L].
+
+  Without "segment_ids" in the batch: segment_ids is None and every target counts.
+  """
+  tokens = batch["tokens"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  if "segment_ids" not in batch:
+    return inputs, targets, None, jnp.ones(targets.shape, bool)
+  seg = batch["segment_ids"]
   in_seg = seg[:, :-1]
   loss_mask = (seg[:, 1:] == in_seg) & (in_seg != 0)
   return inputs, targets, in_seg, loss_mask

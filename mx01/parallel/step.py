@@ -90,6 +90,8 @@ def make_sharded_loss(config: ModelConfig, pmesh: ParallelMesh):
 
   def loss_fn(params, batch):
     inputs, targets, seg, mask = training.split_batch(batch)
+    if seg is None:  # one document per row: the sharded layers take it as one segment
+      seg = jnp.ones(inputs.shape, jnp.int32)
     b, l = inputs.shape
     validate_layout(pmesh.parallel, config, seq_len=l, batch_size=b)
     layout = SequenceLayout(l, pmesh.parallel.sequence)

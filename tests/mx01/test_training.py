@@ -103,3 +103,18 @@ def test_chunked_loss_equals_full_loss_and_grads():
     assert float(m1["tokens"]) == float(m2["tokens"])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
       np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_without_segment_ids_is_one_document_per_row():
+  cfg = _small()
+  params = model_lib.init(cfg.model, jax.random.key(0))
+  tokens = _batch(cfg)["tokens"]
+  ones = {"tokens": tokens, "segment_ids": jnp.ones(tokens.shape, jnp.int32)}
+  grad = jax.grad(lambda p, b: training.loss_fn(p, b, config=cfg.model)[0])
+  (l1, m1), (l2, m2) = (training.loss_fn(params, b, config=cfg.model) for b in ({"tokens": tokens}, ones))
+  assert float(m1["tokens"]) == tokens.shape[0] * (tokens.shape[1] - 1)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5),
+               grad(params, {"tokens": tokens}), grad(params, ones))
+  # Two documents per row differ from one: the test would catch a mask that ignores segments.
+  assert abs(float(training.loss_fn(params, _batch(cfg), config=cfg.model)[0]) - float(l1)) > 1e-4
