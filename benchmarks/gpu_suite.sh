@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_suite.sh verify   # one GPU: shard_map overhead and equivalence with the GPU kernels
 #   bash benchmarks/gpu_suite.sh perf  # one GPU: dense-step levers at 8k, the train-step table with each row's
 #     memory, the MoE preset at 8k/32k
-#   bash benchmarks/gpu_suite.sh long  # the 1B presets at 128k (remat + chunked loss); THEN_RETRIEVAL=1 then
+#   bash benchmarks/gpu_suite.sh long  # the 1B presets at 128k and the MoE preset at 32k (remat + chunked loss);
+#     THEN_RETRIEVAL=1 then
 #     runs the MQAR study (RETRIEVAL_ARGS as below)
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
@@ -141,6 +142,9 @@ case "${1:-a}" in
     stage long_128k 0 "${LONG_LIMIT_S:-200}" python3 -m benchmarks.train_step --steps 2 --warmup 1 \
       --presets lightning_1b,hybrid_1b,softmax_1b --seq 131072 --tokens_per_step 1 --override model.remat=full \
       --override model.loss_chunk_size=16384 --out "$R/long_128k.json"
+    stage moe_32k 0 90 python3 -m benchmarks.train_step --steps 3 --warmup 1 --presets hybrid_moe_1b --seq 32768 \
+      --tokens_per_step 1 --override model.capacity_factor=1.25 --override model.remat=full \
+      --override model.loss_chunk_size=16384 --out "$R/moe_32k.json"
     if [ -n "${THEN_RETRIEVAL:-}" ]; then
       export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
       for kind in softmax lightning hybrid; do
