@@ -162,10 +162,16 @@ case "${1:-a}" in
         --preset hybrid_1b --seq 8192 --batch 4 --top 40 --out "$R/profile_hybrid_1b_nocb.json"
       stage gpu_tests 0 45 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
     fi
-    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
+    # One process per (kind, size) shares the GPU: tiny models leave it mostly idle.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
     for kind in softmax lightning hybrid; do
-      stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \
-        --out "$R/retrieval_$kind.csv" ${RETRIEVAL_ARGS:-} &
+      for size in ${RETRIEVAL_SIZES:-xs s}; do
+        # RETRIEVAL_ARGS2, when set, runs a second study after the first in the same process slot.
+        stage "retrieval_${kind}_$size" 0 "${RETRIEVAL_LIMIT_S:-520}" bash -c "python3 -m recipes.retrieval \
+          --kinds $kind --sizes $size --out $R/retrieval_${kind}_$size.csv ${RETRIEVAL_ARGS:-} && \
+          { [ -z '${RETRIEVAL_ARGS2:-}' ] || python3 -m recipes.retrieval --kinds $kind --sizes $size \
+          --out $R/retrieval2_${kind}_$size.csv ${RETRIEVAL_ARGS2:-}; }" &
+      done
     done
     wait
     ;;

@@ -149,7 +149,7 @@ def masked_loss(params, batch, *, config: ModelConfig):
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
               pairs_per_token: Optional[float], eval_batches: int, seed: int, compute_dtype: str = "float32",
               num_pairs: int = 8, log_every: int = 0, lr_schedule: str = "cosine",
-              init_std: Optional[float] = None) -> dict:
+              init_std: Optional[float] = None, steps_per_call: int = 1) -> dict:
   cfg = model_config(kind, size, vocab_size=vocab_size, seq_len=seq_len, compute_dtype=compute_dtype,
                      init_std=init_std)
   pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size, num_pairs)
@@ -163,26 +163,39 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   opt_state = optimizer.init(params)
 
-  @jax.jit
-  def step(params, opt_state, batch):
+  def one_step(carry, batch):
+    params, opt_state = carry
     (loss, acc), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, batch, config=cfg)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, acc
+    return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+
+  # `steps_per_call` steps per jitted call (a scan over stacked batches): a tiny model's step is
+  # shorter than the launch overhead of a call, so one call per step leaves the GPU mostly idle.
+  @jax.jit
+  def run_steps(params, opt_state, batches):  # batches: each array [k, ...]
+    (params, opt_state), (losses, accs) = jax.lax.scan(one_step, (params, opt_state), batches)
+    return params, opt_state, losses[-1], accs[-1]
 
   eval_fn = jax.jit(lambda p, b: masked_loss(p, b, config=cfg))
   train_rng = np.random.default_rng(seed)
   t0 = time.perf_counter()
   loss = acc = float("nan")
   steps_to_90 = None  # first logged step with training answer accuracy >= 0.9
-  for i in range(steps):
-    batch = mqar_batch(train_rng, batch_size, seq_len, pairs, vocab_size)
-    params, opt_state, loss, acc = step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
-    if log_every and (i % log_every == 0 or i == steps - 1):
+  done = 0
+  while done < steps:
+    k = min(steps_per_call, steps - done)
+    # Same batches, in the same order, whatever steps_per_call is.
+    parts = [mqar_batch(train_rng, batch_size, seq_len, pairs, vocab_size) for _ in range(k)]
+    batches = {name: jnp.asarray(np.stack([b[name] for b in parts])) for name in parts[0]}
+    params, opt_state, loss, acc = run_steps(params, opt_state, batches)
+    done += k
+    i = done - 1  # the last step of this call
+    if log_every and (i // log_every != (i - k) // log_every or done == steps or done == k):
       loss, acc = float(loss), float(acc)
       if steps_to_90 is None and acc >= 0.9:
         steps_to_90 = i
       print(f"  {kind} {size} L={seq_len} step {i:5d}  answer loss {loss:.3f}  acc {acc:.3f}  "
-            f"{(i + 1) / (time.perf_counter() - t0):.0f} steps/s", flush=True)
+            f"{done / (time.perf_counter() - t0):.0f} steps/s", flush=True)
   train_s = time.perf_counter() - t0
   eval_rng = np.random.default_rng(10_000 + seed)
   accs = [float(eval_fn(params, {k: jnp.asarray(v) for k, v in mqar_batch(eval_rng, batch_size, seq_len, pairs,
@@ -191,16 +204,17 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return {"kind": kind, "size": size, "params": n_params, "seq_len": seq_len, "num_pairs": pairs, "steps": steps,
           "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "init_std": cfg.initializer_range,
+          "seed": seed,
           "vocab_size": vocab_size, "final_train_loss": float(loss),
           "final_train_accuracy": float(acc), "steps_to_90": steps_to_90, "eval_accuracy": float(np.mean(accs)), "train_seconds": train_s, "backend": jax.default_backend()}
 
 
 # ---- outputs -----------------------------------------------------------------------------
 
-def write_csv(rows: list, path: str):
+def write_csv(rows: list, path: str, fieldnames: Optional[list] = None):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]), restval="")
     writer.writeheader()
     writer.writerows(rows)
 
@@ -252,6 +266,8 @@ def main(argv=None) -> list:
   ap.add_argument("--num-pairs", type=int, default=8, help="key-value pairs per sequence, at every length")
   ap.add_argument("--pairs-per-token", type=float, default=None, help="scale the pairs with the length instead")
   ap.add_argument("--log-every", type=int, default=250)
+  ap.add_argument("--steps-per-call", type=int, default=1,
+                  help="training steps per jitted call (a scan): 50 or so on a GPU, where tiny steps are launch-bound")
   ap.add_argument("--eval-batches", type=int, default=4)
   ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--seed", type=int, default=0)
@@ -259,7 +275,14 @@ def main(argv=None) -> list:
                   help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, vocab 64, lr 3e-3")
   ap.add_argument("--out", default="results/retrieval.csv")
   ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
+  ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                  help="no training: concatenate these CSVs (e.g. one per GPU process) into --out and plot them")
   args = ap.parse_args(argv)
+  if args.merge:
+    rows = [row for path in args.merge for row in read_csv(path)]
+    write_csv(rows, args.out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
+    return rows
   if args.cpu_smoke:
     args.lengths, args.steps, args.batch_size, args.vocab_size, args.eval_batches = "32,64", 250, 32, 64, 2
     args.lr, args.num_pairs = 3e-3, 4
@@ -271,7 +294,7 @@ def main(argv=None) -> list:
                         vocab_size=args.vocab_size, pairs_per_token=args.pairs_per_token,
                         eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype,
                         num_pairs=args.num_pairs, log_every=args.log_every, lr_schedule=args.lr_schedule,
-                        init_std=args.init_std)
+                        init_std=args.init_std, steps_per_call=args.steps_per_call)
         rows.append(row)
         print(f"{kind:9s} size={size} L={seq_len:5d} pairs={row['num_pairs']:3d} acc={row['eval_accuracy']:.3f} "
               f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)

@@ -1,9 +1,10 @@
-"""The MQAR generator of recipes/retrieval.py: shapes, determinism, answers."""
+"""The MQAR study of recipes/retrieval.py: generator shapes, determinism, answers; training loop; merging."""
 
 import numpy as np
 import pytest
 
-from recipes.retrieval import FILLER, elimination_baseline, model_config, mqar_batch, num_pairs_for
+from recipes import retrieval
+from recipes.retrieval import FILLER, KINDS, elimination_baseline, model_config, mqar_batch, num_pairs_for
 
 
 def test_shapes_and_determinism():
@@ -54,3 +55,23 @@ def test_elimination_baseline_matches_simulation():
     hits = [rng.integers(0, pairs - j) == 0 for _ in range(4000) for j in range(pairs)]
     assert abs(np.mean(hits) - elimination_baseline(pairs)) < 0.02
   assert abs(elimination_baseline(8) - 0.3397) < 1e-3
+
+
+def test_steps_per_call_trains_on_the_same_batches():
+  kw = dict(steps=7, batch_size=4, lr=1e-3, vocab_size=32, pairs_per_token=None, eval_batches=1, seed=3, num_pairs=2)
+  one = retrieval.train_one("softmax", "xs", 16, steps_per_call=1, **kw)
+  scan = retrieval.train_one("softmax", "xs", 16, steps_per_call=3, **kw)  # 3 + 3 + 1 steps
+  np.testing.assert_allclose(one["final_train_loss"], scan["final_train_loss"], rtol=1e-5)
+  assert one["eval_accuracy"] == scan["eval_accuracy"]
+  assert one["init_std"] == 64 ** -0.5
+
+
+def test_merge_concatenates_runs(tmp_path):
+  rows = [{"kind": k, "size": "xs", "params": 1, "seq_len": 16, "num_pairs": 2, "eval_accuracy": 0.5} for k in KINDS]
+  paths = []
+  for i, row in enumerate(rows):
+    paths.append(str(tmp_path / f"r{i}.csv"))
+    retrieval.write_csv([dict(row, extra=i)] if i else [row], paths[-1])
+  merged = retrieval.main(["--merge", *paths, "--out", str(tmp_path / "all.csv")])
+  assert [r["kind"] for r in retrieval.read_csv(str(tmp_path / "all.csv"))] == list(KINDS) == [r["kind"] for r in merged]
+  assert (tmp_path / "all.png").exists()
