@@ -129,3 +129,14 @@ def test_one_device_mesh_equals_single_device(capacity_factor):
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert max_abs_diff(m["expert_load"], m_ref["expert_load"]) == 0.0
   assert max_abs_diff(g, g_ref) < 1e-6
+
+
+def test_sharded_loss_takes_rows_without_segment_ids():
+  cfg = tiny_config()
+  params = model_lib.init(cfg, jax.random.key(0))
+  tokens = {"tokens": packed_batch(jax.random.key(3), cfg, B, L)["tokens"]}  # one document per row
+  loss_ref, m_ref = training.loss_fn(params, tokens, config=cfg)
+  pm = mesh_lib.build_mesh(ParallelConfig(data=4, sequence=2, expert=2))
+  loss, m = jax.jit(step_lib.make_sharded_loss(cfg, pm))(step_lib.shard_params(params, pm), tokens)
+  assert abs(float(loss) - float(loss_ref)) < 1e-5
+  assert float(m["tokens"]) == float(m_ref["tokens"]) == B * L
