@@ -12,8 +12,7 @@
 #   bash benchmarks/gpu_suite.sh perf  # one GPU: dense-step levers at 8k, the train-step table with each row's
 #     memory, the MoE preset at 8k, MoE capacity 1.0
 #   bash benchmarks/gpu_suite.sh long  # the 1B presets at 128k and the MoE preset at 32k (remat + chunked loss);
-#     THEN_RETRIEVAL=1 then
-#     runs the MQAR study (RETRIEVAL_ARGS as below)
+#     THEN_RETRIEVAL=1 then runs the MQAR study (`retrieval_study` below)
 #
 # Wheels for what the GPU image lacks (flax, optax, orbax, grain, fla...) travel in .whl/.
 set -u
@@ -37,6 +36,24 @@ stage() {  # stage NAME GPU LIMIT_S CMD...
   echo "=== [$name] gpu=$gpu start $(date -u +%T): $*"
   CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" "$@" > "$R/$name.log" 2>&1
   echo "=== [$name] rc=$? end $(date -u +%T)"
+}
+
+# The MQAR study: one process per (kind, size) shares GPU 0 (tiny models leave it mostly idle).
+# RETRIEVAL_ARGS passes options; RETRIEVAL_ARGS2, when set, runs a second study after the first in the
+# same process slot; RETRIEVAL_SIZES picks the sizes (default "xs s").
+retrieval_study() {
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
+  local kind size
+  for kind in softmax lightning hybrid; do
+    for size in ${RETRIEVAL_SIZES:-xs s}; do
+      stage "retrieval_${kind}_$size" 0 "${RETRIEVAL_LIMIT_S:-520}" bash -c "python3 -m recipes.retrieval \
+        --kinds $kind --sizes $size --out $R/retrieval_${kind}_$size.csv ${RETRIEVAL_ARGS:-} && \
+        { [ -z '${RETRIEVAL_ARGS2:-}' ] || python3 -m recipes.retrieval --kinds $kind --sizes $size \
+        --out $R/retrieval2_${kind}_$size.csv ${RETRIEVAL_ARGS2:-}; }" &
+    done
+  done
+  wait
+  unset XLA_PYTHON_CLIENT_MEM_FRACTION
 }
 
 # Second GPU if there is one, else the first (stages then run one after the other).
@@ -146,14 +163,7 @@ case "${1:-a}" in
     stage moe_32k 0 90 python3 -m benchmarks.train_step --steps 3 --warmup 1 --presets hybrid_moe_1b --seq 32768 \
       --tokens_per_step 1 --override model.capacity_factor=1.25 --override model.remat=full \
       --override model.loss_chunk_size=16384 --out "$R/moe_32k.json"
-    if [ -n "${THEN_RETRIEVAL:-}" ]; then
-      export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
-      for kind in softmax lightning hybrid; do
-        stage "retrieval_$kind" 0 "${RETRIEVAL_LIMIT_S:-520}" python3 -m recipes.retrieval --kinds $kind \
-          --out "$R/retrieval_$kind.csv" ${RETRIEVAL_ARGS:-} &
-      done
-      wait
-    fi
+    if [ -n "${THEN_RETRIEVAL:-}" ]; then retrieval_study; fi
     ;;
   retrieval)
     # First, alone on the GPU: the step profile without CUDA command buffers, so every
@@ -163,18 +173,7 @@ case "${1:-a}" in
         --preset hybrid_1b --seq 8192 --batch 4 --top 40 --out "$R/profile_hybrid_1b_nocb.json"
       stage gpu_tests 0 45 python3 -m pytest -m gpu tests/mx01/test_grouped_matmul_gpu.py -q -rA
     fi
-    # One process per (kind, size) shares the GPU: tiny models leave it mostly idle.
-    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
-    for kind in softmax lightning hybrid; do
-      for size in ${RETRIEVAL_SIZES:-xs s}; do
-        # RETRIEVAL_ARGS2, when set, runs a second study after the first in the same process slot.
-        stage "retrieval_${kind}_$size" 0 "${RETRIEVAL_LIMIT_S:-520}" bash -c "python3 -m recipes.retrieval \
-          --kinds $kind --sizes $size --out $R/retrieval_${kind}_$size.csv ${RETRIEVAL_ARGS:-} && \
-          { [ -z '${RETRIEVAL_ARGS2:-}' ] || python3 -m recipes.retrieval --kinds $kind --sizes $size \
-          --out $R/retrieval2_${kind}_$size.csv ${RETRIEVAL_ARGS2:-}; }" &
-      done
-    done
-    wait
+    retrieval_study
     ;;
 esac
 

@@ -35,7 +35,7 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
   opt = optax.adamw(1e-4, weight_decay=0.1)
   opt_state = opt.init(params)
   step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
-  data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size, max(docs_per_row, 1))
+  data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size, docs_per_row)
   if docs_per_row == 1:  # one document per row: no segment ids, so attention needs no document mask
     data = {"tokens": data["tokens"]}
   # This configuration's own footprint from the compiled step (the allocator's peak counter is
@@ -65,6 +65,8 @@ def main(argv=None):
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining runs after this many seconds")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  if args.docs_per_row < 1:
+    ap.error(f"--docs_per_row must be at least 1, got {args.docs_per_row}")
   peak = flops.detect_peak_flops()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}, peak bf16 {peak}")
