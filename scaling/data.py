@@ -10,8 +10,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
-CHINCHILLA_EPOCH_CSV = SHARED_DATA / "chinchilla_epoch" / "svg_extracted_data.csv"
+# Public data ships inside the repository, each set with a provenance README (scaling/public_data/README.md).
+PUBLIC_DATA = Path(__file__).resolve().parent / "public_data"
+CHINCHILLA_EPOCH_CSV = PUBLIC_DATA / "chinchilla_epoch" / "svg_extracted_data.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ def load_chinchilla_epoch(path: Optional[Path] = None, drop_highest_loss: int = 
   """
   path = CHINCHILLA_EPOCH_CSV if path is None else Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found (the public data lives in ../shared/data relative to the repo)")
+    raise FileNotFoundError(f"{path} not found; the public Chinchilla runs ship in scaling/public_data/chinchilla_epoch/")
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   n = np.array([float(r["Model Size"]) for r in rows])

@@ -15,7 +15,7 @@ import pytest
 
 from scaling import data, fit
 
-# The published Approach-3 estimates on the 240 runs (see ../shared/data/chinchilla_epoch/README.md).
+# The published Approach-3 estimates on the 240 runs (see scaling/public_data/chinchilla_epoch/README.md).
 PUBLISHED_INTERVALS = {"A": (285.2, 743.6), "B": (1042.4, 5810.3), "E": (1.769, 1.871), "alpha": (0.317, 0.373),
                        "beta": (0.331, 0.415)}
 PUBLISHED_GRID_FIT = {"A": 477.8, "B": 2143.9, "E": 1.817, "alpha": 0.3473, "beta": 0.3672}
@@ -34,9 +34,6 @@ def _law(n, d):
 
 @pytest.fixture(scope="module")
 def chinchilla():
-  if not data.CHINCHILLA_EPOCH_CSV.exists():
-    pytest.skip(f"public Chinchilla data not found at {data.CHINCHILLA_EPOCH_CSV.resolve()} "
-                "(expected ../shared/data/chinchilla_epoch/ next to the repository)")
   return data.load_chinchilla_epoch()
 
 

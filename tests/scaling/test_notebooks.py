@@ -29,8 +29,6 @@ def _execute(name: str) -> list[str]:
 
 def test_public_data_notebook():
   text = "\n".join(_execute("scaling_public_data.py"))
-  if "Public data not found" in text:
-    pytest.skip("../shared/data/chinchilla_epoch is absent; the notebook printed its message")
   assert "NO" not in text.split("inside?")[1].split("\n\n")[0], "a fitted parameter left its published interval"
   for fig in ("chinchilla_isoflop.png", "chinchilla_compute_optimal.png", "chinchilla_bootstrap.png"):
     assert (NOTEBOOKS / "figures" / fig).exists()
