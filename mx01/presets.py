@@ -172,10 +172,17 @@ def get_preset(name: str) -> Config:
   if name not in PRESETS:
     import difflib
     close = difflib.get_close_matches(name, PRESETS, n=3)
-    raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {close}?" if close else "")
-                      + f" (available: {', '.join(sorted(PRESETS))})")
+    raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                      + f" (available: {describe_presets()})")
   return PRESETS[name]()
 
 
 def list_presets() -> list[str]:
   return sorted(PRESETS)
+
+
+def describe_presets() -> str:
+  """Every preset, by family, in one line (for help texts and errors)."""
+  kinds, sizes = "{" + ",".join(KINDS) + "}", lambda table: "{" + ",".join(table) + "}"
+  return (f"tiny, hybrid_456b, {kinds}[_moe]_{sizes(RESEARCH_SIZES)}, sweep_{kinds}[_moe]_{sizes(SWEEP_SIZES)}, "
+          f"retrieval_{kinds}_{sizes(RETRIEVAL_SIZES)}")

@@ -28,7 +28,7 @@ __all__ = ["apply_overrides", "build_parser", "parse_args", "parse_flags", "pars
 def build_parser(description: str, *, default: Optional[str] = "tiny", several: bool = False,
                  **kwargs) -> argparse.ArgumentParser:
   """An ArgumentParser with `--config` (a preset name, or with several=True a comma list of them)."""
-  preset_list = ", ".join(presets.list_presets())
+  preset_list = presets.describe_presets()
   kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
   parser = argparse.ArgumentParser(
       description=description,
