@@ -22,7 +22,8 @@ from typing import Mapping, Optional, Sequence
 from mx01 import presets
 from mx01.config import Config, ConfigError, apply_overrides, split_override_flags
 
-__all__ = ["apply_overrides", "build_parser", "parse_args", "parse_flags", "parse_configs", "config_error_exit"]
+__all__ = ["apply_overrides", "build_parser", "parse_args", "parse_flags", "parse_configs", "preset_config",
+           "config_error_exit"]
 
 
 def build_parser(description: str, *, default: Optional[str] = "tiny", several: bool = False,
@@ -57,7 +58,7 @@ def parse_flags(argv: Sequence[str], parser: argparse.ArgumentParser,
   `base`: overrides the tool applies before the command line's (which win), e.g. a benchmark's step count.
   """
   args = parse_args(argv, parser)
-  return _resolve(args.config, args.overrides, base), args
+  return preset_config(args.config, args.overrides, base), args
 
 
 def parse_configs(argv: Sequence[str], parser: argparse.ArgumentParser,
@@ -67,10 +68,11 @@ def parse_configs(argv: Sequence[str], parser: argparse.ArgumentParser,
   names = [n.strip() for n in (args.config or "").split(",") if n.strip()]
   if not names:
     raise ConfigError("--config needs at least one preset name, e.g. --config=hybrid_100m")
-  return {name: _resolve(name, args.overrides, base) for name in names}, args
+  return {name: preset_config(name, args.overrides, base) for name in names}, args
 
 
-def _resolve(name: str, overrides: Sequence[str], base: Optional[Mapping]) -> Config:
+def preset_config(name: str, overrides: Sequence[str] = (), base: Optional[Mapping] = None) -> Config:
+  """The preset `name` with the tool's `base` overrides ({"data.seq_len": 8192}) and then the command line's."""
   # One call, so the tool's and the command line's values are validated together (the command line's win).
   merged = dict(base or {})
   merged.update(item.split("=", 1) for item in overrides)
