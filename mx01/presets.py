@@ -17,7 +17,6 @@ paper's 7 lightning : 1 softmax pattern (`HYBRID_PATTERN`, `layer_types`).
 
 from __future__ import annotations
 
-import dataclasses
 
 from mx01.config import LIGHTNING, SOFTMAX, Config, ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig
 

@@ -38,7 +38,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from mx01 import config as config_lib
 from mx01 import presets
