@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import SMALL_MODEL  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
 from mx01.config import ConfigError, ModelConfig  # noqa: E402
 from mx01.inference import decoding, quantize  # noqa: E402
@@ -42,14 +43,11 @@ from recipes import flags as flags_lib  # noqa: E402
 # What one GPU holds of the preset: 8 layers (7 lightning + 1 softmax), 8 experts, bf16 weights.
 ONE_GPU = {"model.num_layers": 8, "model.num_experts": 8, "model.param_dtype": "bfloat16",
            "model.compute_dtype": "bfloat16"}
-# --small: the same pattern at shapes a CPU runs in seconds.
-SMALL = {"model.vocab_size": 512, "model.hidden_size": 256, "model.num_heads": 4, "model.num_kv_heads": 2,
-         "model.head_dim": 64, "model.intermediate_size": 512, "model.num_experts": 4, "model.rotary_dim": 32}
 
 
 def build_config(args) -> ModelConfig:
   """The model of `--config`, cut to one GPU (or to --small), then the command line's overrides."""
-  base = dict(ONE_GPU, **(SMALL if args.small else {}))
+  base = dict(ONE_GPU, **(SMALL_MODEL if args.small else {}))
   return flags_lib.preset_config(args.config, args.overrides, base=base).model
 
 
