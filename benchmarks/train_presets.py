@@ -76,8 +76,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, parser)
-  names = args.config.split(",")
   try:  # every name and override checked before the first run
+    names = flags_lib.preset_names(args)
     for name in names:
       preset_config(name, args.steps, args.overrides, pathlib.Path("runs"))
   except ConfigError as e:

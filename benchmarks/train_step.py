@@ -69,10 +69,11 @@ def main(argv=None):
   args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
   if args.docs_per_row < 1:
     ap.error(f"--docs_per_row must be at least 1, got {args.docs_per_row}")
-  names, seqs = args.config.split(","), [int(s) for s in args.seq.split(",")]
+  seqs = [int(s) for s in args.seq.split(",")]
   config_of = lambda name, seq: flags_lib.preset_config(  # noqa: E731
       name, args.overrides, base={"data.seq_len": seq, "model.max_seq_len": max(seq, 1)})
   try:  # every name and override checked before the first compilation
+    names = flags_lib.preset_names(args)
     for name in names:
       config_of(name, seqs[0])
   except ConfigError as e:

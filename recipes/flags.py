@@ -9,8 +9,8 @@ mx01/config.py: overrides are checked against the config dataclasses (an
 unknown key names the nearest valid one; a value of the wrong type names the
 key) and applied all at once, so `--config.model.head_dim=8
 --config.model.rotary_dim=4` works in either order.  A tool that runs several
-presets (a benchmark table) takes a comma list, `--config=a,b`, and gets one
-config per name from `parse_configs`, every one with the same overrides.
+presets (a benchmark table) takes a comma list, `--config=a,b`, and builds one
+config per name with `preset_config`, every one with the same overrides.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 from mx01 import presets
 from mx01.config import Config, ConfigError, apply_overrides, split_override_flags
 
-__all__ = ["apply_overrides", "build_parser", "parse_args", "parse_flags", "parse_configs", "preset_config",
+__all__ = ["apply_overrides", "build_parser", "parse_args", "parse_flags", "preset_names", "preset_config",
            "config_error_exit"]
 
 
@@ -61,14 +61,12 @@ def parse_flags(argv: Sequence[str], parser: argparse.ArgumentParser,
   return preset_config(args.config, args.overrides, base), args
 
 
-def parse_configs(argv: Sequence[str], parser: argparse.ArgumentParser,
-                  base: Optional[Mapping] = None) -> tuple[dict[str, Config], argparse.Namespace]:
-  """{preset name: resolved config} for a comma list `--config=a,b`, every one with the same overrides."""
-  args = parse_args(argv, parser)
+def preset_names(args: argparse.Namespace) -> list[str]:
+  """The names of a comma list `--config=a,b` (a parser built with several=True)."""
   names = [n.strip() for n in (args.config or "").split(",") if n.strip()]
   if not names:
     raise ConfigError("--config needs at least one preset name, e.g. --config=hybrid_100m")
-  return {name: preset_config(name, args.overrides, base) for name in names}, args
+  return names
 
 
 def preset_config(name: str, overrides: Sequence[str] = (), base: Optional[Mapping] = None) -> Config:

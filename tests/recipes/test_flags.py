@@ -33,15 +33,18 @@ def test_parse_flags_forms_and_errors():
     flags.parse_flags(["--config.model.compute_dtype=bf16"], parser)
 
 
-def test_parse_configs_comma_list_and_base():
+def test_comma_list_of_presets_and_base():
   parser = flags.build_parser("test", default="tiny", several=True)
-  cfgs, _ = flags.parse_configs(["--config=tiny,hybrid_20m", "--config.train.steps=7"], parser,
-                                base={"train.steps": 3, "train.warmup_steps": 2, "data.seq_len": 64})
-  assert list(cfgs) == ["tiny", "hybrid_20m"]
+  args = flags.parse_args(["--config=tiny, hybrid_20m", "--config.train.steps=7"], parser)
+  assert flags.preset_names(args) == ["tiny", "hybrid_20m"]
+  cfgs = [flags.preset_config(name, args.overrides, base={"train.steps": 3, "train.warmup_steps": 2,
+                                                          "data.seq_len": 64}) for name in flags.preset_names(args)]
   # The command line wins over the tool's base; the rest of the base stays.
-  assert all(c.train.steps == 7 and c.train.warmup_steps == 2 and c.data.seq_len == 64 for c in cfgs.values())
+  assert all(c.train.steps == 7 and c.train.warmup_steps == 2 and c.data.seq_len == 64 for c in cfgs)
+  with pytest.raises(ConfigError, match="at least one preset"):
+    flags.preset_names(flags.parse_args(["--config=,"], parser))
   with pytest.raises(ConfigError, match="unknown preset 'hybrid_2b'"):
-    flags.parse_configs(["--config=tiny,hybrid_2b"], parser)
+    flags.preset_config("hybrid_2b")
   # Base and command line are validated together: warmup 10 > steps 5 only after both are in.
   with pytest.raises(ConfigError, match="warmup_steps"):
     flags.preset_config("tiny", ["train.steps=5"], base={"train.warmup_steps": 10})
