@@ -95,7 +95,7 @@ def main(argv=None):
   try:
     cfg = build_config(args)
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(flags_lib.config_error_exit(e))
   params = model_lib.init(cfg, jax.random.key(0))
   prompts = [[(7 * i + j) % cfg.vocab_size for j in range(args.prompt_len)] for i in range(args.batch)]
   results = {"device": str(jax.devices()[0].device_kind), "config": dataclasses.asdict(cfg),

@@ -332,7 +332,7 @@ def main(argv=None):
       raise ConfigError("model.attention_impl: the softmax core here is jax.nn.dot_product_attention; "
                         "choose cudnn, xla or auto")
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(flags_lib.config_error_exit(e))
   if args.quick:
     args.lengths, args.repeats = (8192, 32768), 2
   if args.small:

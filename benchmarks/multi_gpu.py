@@ -184,7 +184,7 @@ def main():
     flags_lib.preset_config(args.config, args.overrides)
     flags_lib.preset_config(args.long_config, args.overrides)
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(flags_lib.config_error_exit(e))
   n = jax.device_count()
   print(f"{n} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   result = dict(devices=n, device_kind=jax.devices()[0].device_kind, jax=jax.__version__)

@@ -130,7 +130,7 @@ def main(argv=None):
     cfg = flags_lib.preset_config(args.config, args.overrides,
                                   base={"data.seq_len": args.seq, "model.max_seq_len": args.seq})
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(flags_lib.config_error_exit(e))
   mcfg = cfg.model
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)

@@ -46,7 +46,7 @@ def main():
   try:
     cfg, args = flags_lib.parse_flags(sys.argv[1:], ap, base={"model.lightning_impl": "auto"})
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(flags_lib.config_error_exit(e))
   cfg = Config(model=cfg.model, parallel=ParallelConfig(), train=cfg.train, data=cfg.data)
   mcfg = cfg.model
   device = jax.devices()[0]
