@@ -316,9 +316,9 @@ def main(argv=None) -> list:
     for size in sizes:
       if size not in SIZES:
         raise config_lib.ConfigError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    # The study's vocabulary (the task's tokens) and a check of every override, on the first model.
-    vocab_size = model_config(kinds[0], sizes[0], vocab_size=presets.get_preset(presets.retrieval_name(
-        kinds[0], sizes[0])).model.vocab_size, seq_len=64, overrides=model_overrides).vocab_size
+    # A check of every override (errors name the full key), and the study's vocabulary (the task's tokens).
+    vocab_size = config_lib.apply_overrides(presets.get_preset(presets.retrieval_name(kinds[0], sizes[0])),
+                                            args.overrides).model.vocab_size
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   if args.merge:
