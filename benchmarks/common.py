@@ -53,3 +53,9 @@ def experts_balanced(x, expert_idx, weights, wi_gate, wi_up, wo):
   ys = moe_lib.swiglu(xs, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt)).reshape(rows * e, -1)
   ys = ys * weights.reshape(-1)[: rows * e, None].astype(ys.dtype)
   return jnp.sum(ys.reshape(t, k, -1), axis=1) if rows * e == t * k else ys[:t]
+
+
+# --small in the benchmarks that build MiniMax-Text-01's layer shape: the same pattern at shapes a CPU runs
+# in seconds (as --config.model.* overrides of the preset).
+SMALL_MODEL = {"model.vocab_size": 512, "model.hidden_size": 256, "model.num_heads": 4, "model.num_kv_heads": 2,
+               "model.head_dim": 64, "model.intermediate_size": 512, "model.num_experts": 4, "model.rotary_dim": 32}

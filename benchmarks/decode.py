@@ -2,11 +2,13 @@
 
     python benchmarks/decode.py --out decode.json                  # GPU: 8 layers of the paper's shape
     python benchmarks/decode.py --small                            # tiny shapes, runs on CPU
+    python benchmarks/decode.py --config.model.num_layers=16 --config.model.num_experts=4
 
-Builds a hybrid model with MiniMax-Text-01's layer shape (hidden 6144, 64
-heads of 128, 8 K/V heads, MoE of `--experts` experts of 9216, top-2) and
-`--layers` layers (default 8: 7 lightning + 1 softmax; the released model
-has 80 layers and 32 experts, which do not fit one GPU), random bf16 weights,
+Builds the preset `--config` (default hybrid_456b: MiniMax-Text-01's layer shape,
+hidden 6144, 64 heads of 128, 8 K/V heads, MoE experts of 9216, top-2) cut to
+8 layers (7 lightning + 1 softmax) and 8 experts (the released 80 layers and 32
+experts do not fit one GPU), bf16 parameters; `--config.model.KEY=VALUE`
+overrides change that.  Random weights,
 then runs `mx01.inference.generate` (greedy, batch `--batch`, prompt
 `--prompt-len`, `--new-tokens` tokens) once with bf16 weights and once with
 W8A16 weights (int8 attention and expert weights converted to bf16 inside the
@@ -18,7 +20,6 @@ the HLO for inspection).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,23 +31,24 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import SMALL_MODEL  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
-from mx01.config import LIGHTNING, SOFTMAX, ModelConfig  # noqa: E402
+from mx01.config import ConfigError, ModelConfig  # noqa: E402
 from mx01.inference import decoding, quantize  # noqa: E402
 from mx01.inference.generate import generate, make_decode_step  # noqa: E402
 from mx01.inference.sampling import SamplingConfig  # noqa: E402
+from recipes import flags as flags_lib  # noqa: E402
+
+
+# What one GPU holds of the preset: 8 layers (7 lightning + 1 softmax), 8 experts, bf16 weights.
+ONE_GPU = {"model.num_layers": 8, "model.num_experts": 8, "model.param_dtype": "bfloat16",
+           "model.compute_dtype": "bfloat16"}
 
 
 def build_config(args) -> ModelConfig:
-  if args.small:
-    return ModelConfig(vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=64,
-                       layer_pattern=(LIGHTNING,) * 7 + (SOFTMAX,), intermediate_size=512, num_experts=4,
-                       num_experts_per_tok=2, rotary_dim=32, param_dtype="bfloat16", compute_dtype="bfloat16",
-                       max_seq_len=1 << 20)
-  return ModelConfig(vocab_size=args.vocab, hidden_size=6144, num_layers=args.layers, num_heads=64, num_kv_heads=8,
-                     head_dim=128, layer_pattern=(LIGHTNING,) * 7 + (SOFTMAX,), intermediate_size=9216,
-                     num_experts=args.experts, num_experts_per_tok=2, rotary_dim=64, rope_theta=1e7,
-                     param_dtype="bfloat16", compute_dtype="bfloat16", max_seq_len=1 << 20)
+  """The model of `--config`, cut to one GPU (or to --small), then the command line's overrides."""
+  base = dict(ONE_GPU, **(SMALL_MODEL if args.small else {}))
+  return flags_lib.preset_config(args.config, args.overrides, base=base).model
 
 
 def hlo_dequant_report(params, config, batch: int, cache_len: int, dump_dir=None) -> dict:
@@ -79,10 +81,7 @@ def hlo_dequant_report(params, config, batch: int, cache_len: int, dump_dir=None
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--experts", type=int, default=8)
-  ap.add_argument("--vocab", type=int, default=200064)
+  ap = flags_lib.build_parser(__doc__, default="hybrid_456b")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--prompt-len", type=int, default=2048)
   ap.add_argument("--new-tokens", type=int, default=128)
@@ -90,10 +89,13 @@ def main(argv=None):
   ap.add_argument("--small", action="store_true")
   ap.add_argument("--dump-hlo", default=None)
   ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
   if args.small:
     args.batch, args.prompt_len, args.new_tokens, args.prefill_chunk = 2, 64, 16, 32
-  cfg = build_config(args)
+  try:
+    cfg = build_config(args)
+  except ConfigError as e:
+    sys.exit(flags_lib.config_error_exit(e))
   params = model_lib.init(cfg, jax.random.key(0))
   prompts = [[(7 * i + j) % cfg.vocab_size for j in range(args.prompt_len)] for i in range(args.batch)]
   results = {"device": str(jax.devices()[0].device_kind), "config": dataclasses.asdict(cfg),

@@ -4,21 +4,23 @@
     python benchmarks/long_context_latency.py --quick --out quick.json             # 8k and 32k only
     python benchmarks/long_context_latency.py --small --out smoke.json             # tiny shapes, runs on CPU
 
-Layer shape of MiniMax-Text-01 (hidden 6144, 64 query heads of dim 128, 8 K/V
-heads in the softmax layers, RoPE on 64 dims, MoE of `--experts` experts of
-width 9216 with top-2 routing; the released model has 32 experts, but with
-top-2 routing the expert compute per token does not depend on the count, so
-the default of 8 only saves memory).  Batch 1, bf16.
+The layer shape of the preset `--config` (default hybrid_456b, MiniMax-Text-01:
+hidden 6144, 64 query heads of dim 128, 8 K/V heads in the softmax layers, RoPE
+on 64 dims, MoE experts of width 9216 with top-2 routing), with 8 experts: the
+released model has 32, but with top-2 routing the expert compute per token does
+not depend on the count, so 8 only saves memory (`--config.model.num_experts=32`
+restores it).  Batch 1, bf16.
 
 Each component is a separately jitted function, timed after a warm-up call
 (median of `--repeats`):
 
 * lightning core: `lightning_attention` (the kernel selected by
-  `--lightning-impl`, as `model.lightning_impl`) on one chunk of
+  `--config.model.lightning_impl`) on one chunk of
   `--lightning-chunk` tokens with an incoming state, as in chunked prefill;
   the sequence costs T / chunk times that (the work per chunk is the same).
 * softmax core: causal GQA flash attention over the whole sequence
-  (`jax.nn.dot_product_attention`, cuDNN on GPU).  If a length fails (e.g.
+  (`jax.nn.dot_product_attention`; `--config.model.attention_impl` cudnn or
+  xla, auto = cuDNN on GPU).  If a length fails (e.g.
   out of memory) its time is extrapolated quadratically from the longest
   length that ran, and the row is marked "extrapolated".
 * rest: everything else in a layer (RMSNorms, projections, gate, RoPE, the
@@ -37,7 +39,6 @@ next to the JSON).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -52,15 +53,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import experts_balanced  # noqa: E402
+from benchmarks.common import SMALL_MODEL, experts_balanced  # noqa: E402
 from mx01 import lightning as lightning_lib  # noqa: E402
-from mx01.config import ModelConfig  # noqa: E402
+from mx01.config import ConfigError, ModelConfig  # noqa: E402
 from mx01.inference.decoding import experts_grouped  # noqa: E402
 from mx01.inference.quantize import linear  # noqa: E402
 from mx01.layers import moe as moe_lib  # noqa: E402
 from mx01.layers.norms import rms_norm  # noqa: E402
 from mx01.layers.rope import apply_rope  # noqa: E402
 from mx01.ops import resolve_lightning_impl  # noqa: E402
+from recipes import flags as flags_lib  # noqa: E402
 
 PAPER_LENGTHS = (8192, 32768, 131072, 524288, 1_024_000)
 
@@ -75,6 +77,12 @@ class LayerShape:
   intermediate: int = 9216
   experts: int = 8
   top_k: int = 2
+
+  @classmethod
+  def from_model(cls, m: ModelConfig) -> "LayerShape":
+    return cls(hidden=m.hidden_size, heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+               rotary_dim=m.resolved_rotary_dim, intermediate=m.intermediate_size, experts=m.num_experts,
+               top_k=m.num_experts_per_tok)
 
 
 def time_fn(fn, *args, repeats: int) -> float:
@@ -161,16 +169,15 @@ def _rand(key, shape, dtype):
 
 
 def run(args) -> dict:
-  shape = LayerShape(experts=args.experts)
-  if args.small:
-    shape = LayerShape(hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32, intermediate=512, experts=4)
+  shape = LayerShape.from_model(args.model)
   dtype = jnp.bfloat16
   key = jax.random.key(0)
   params = make_params(shape, key, dtype)
   h, kvh, hd = shape.heads, shape.kv_heads, shape.head_dim
   backend = jax.default_backend()
-  lightning_impl = resolve_lightning_impl(args.lightning_impl)
-  attn_impl = args.attention_impl or ("cudnn" if backend == "gpu" else "xla")
+  lightning_impl = resolve_lightning_impl(args.model.lightning_impl)
+  attn_impl = {"auto": "cudnn" if backend == "gpu" else "xla"}.get(args.model.attention_impl,
+                                                                   args.model.attention_impl)
   notes = []
 
   # ---- linear parts: time one chunk each ------------------------------------------
@@ -305,22 +312,27 @@ def plot(result: dict, path: str):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = flags_lib.build_parser(__doc__, default="hybrid_456b")
   ap.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=PAPER_LENGTHS)
   ap.add_argument("--quick", action="store_true", help="8k and 32k tokens, 2 repeats")
   ap.add_argument("--small", action="store_true", help="tiny layer shape and lengths (a CPU smoke test)")
-  ap.add_argument("--experts", type=int, default=8)
   ap.add_argument("--chunk", type=int, default=32768, help="tokens per chunk for the linear parts")
   ap.add_argument("--lightning-chunk", type=int, default=65536, help="prefill chunk of the lightning core")
   ap.add_argument("--moe-impls", type=lambda s: tuple(s.split(",")), default=("grouped", "batched"),
                   help="MoE implementations to time for the 'rest' (the faster is used)")
-  ap.add_argument("--lightning-impl", default="auto", choices=["auto", "reference", "xla", "pallas"])
-  ap.add_argument("--attention-impl", default=None, choices=[None, "cudnn", "xla"])
   ap.add_argument("--max-softmax-len", type=int, default=None, help="extrapolate the softmax core beyond this")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None)
   ap.add_argument("--plot", default=None)
-  args = ap.parse_args(argv)
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
+  try:
+    args.model = flags_lib.preset_config(args.config, args.overrides,
+                                         base=dict({"model.num_experts": 8}, **(SMALL_MODEL if args.small else {}))).model
+    if args.model.attention_impl == "pallas":
+      raise ConfigError("model.attention_impl: the softmax core here is jax.nn.dot_product_attention; "
+                        "choose cudnn, xla or auto")
+  except ConfigError as e:
+    sys.exit(flags_lib.config_error_exit(e))
   if args.quick:
     args.lengths, args.repeats = (8192, 32768), 2
   if args.small:

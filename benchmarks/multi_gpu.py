@@ -1,6 +1,7 @@
 """The sharded train step on several GPUs: equivalence, weak scaling, and a long-context step.
 
     python benchmarks/multi_gpu.py --out multi_gpu.json
+    python benchmarks/multi_gpu.py --config=hybrid_moe_100m --long_config=hybrid_100m --config.model.remat=full
 
 1. Equivalence: for each layout that the visible GPUs allow (data, expert,
    expert_tensor, tensor, sequence: LASP+ and ring attention), the sharded loss,
@@ -15,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -32,10 +32,10 @@ import optax  # noqa: E402
 from benchmarks.common import synthetic_batch, time_step  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
 from mx01 import training  # noqa: E402
-from mx01.config import LIGHTNING, SOFTMAX, Config, ModelConfig, ParallelConfig, apply_overrides  # noqa: E402
+from mx01.config import LIGHTNING, SOFTMAX, Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from mx01.parallel import mesh as mesh_lib  # noqa: E402
 from mx01.parallel import step as step_lib  # noqa: E402
-from mx01.presets import get_preset  # noqa: E402
+from recipes import flags as flags_lib  # noqa: E402
 from scaling import flops  # noqa: E402
 
 
@@ -109,14 +109,13 @@ def _collective_bytes(compiled_text: str) -> dict:
   return counts
 
 
-def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int) -> list:
-  base = get_preset(preset)
+def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int, overrides=()) -> list:
+  base = flags_lib.preset_config(preset, overrides, base={"data.seq_len": seq})
   peak = flops.detect_peak_flops()
   rows = []
   for devices in sorted({1, n}):
     par = ParallelConfig(data=devices, expert=devices) if devices > 1 else ParallelConfig()
-    cfg = apply_overrides(base, [f"data.seq_len={seq}"])
-    cfg = Config(model=cfg.model, parallel=par, train=cfg.train, data=cfg.data)
+    cfg = Config(model=base.model, parallel=par, train=base.train, data=base.data)
     params = model_lib.init(cfg.model, jax.random.key(0))
     opt = optax.adamw(1e-4)
     batch = synthetic_batch(np.random.default_rng(0), per_gpu_batch * devices, seq, cfg.model.vocab_size)
@@ -142,12 +141,12 @@ def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int) 
   return rows
 
 
-def long_context(n: int, preset: str, seqs: list, budget_s: float) -> list:
+def long_context(n: int, preset: str, seqs: list, budget_s: float, overrides=()) -> list:
   rows, start = [], time.time()
   for seq in seqs:
     if time.time() - start > budget_s:
       break
-    base = apply_overrides(get_preset(preset), [f"data.seq_len={seq}", "model.remat=full"])
+    base = flags_lib.preset_config(preset, overrides, base={"data.seq_len": seq, "model.remat": "full"})
     cfg = Config(model=base.model, parallel=ParallelConfig(sequence=n), train=base.train, data=base.data)
     try:
       pm = mesh_lib.build_mesh(cfg.parallel, jax.devices()[:n])
@@ -171,24 +170,29 @@ def long_context(n: int, preset: str, seqs: list, budget_s: float) -> list:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--preset", default="hybrid_moe_100m")
+  ap = flags_lib.build_parser(__doc__.splitlines()[0], default="hybrid_moe_100m")
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--batch_per_gpu", type=int, default=8)
   ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--long_preset", default="hybrid_100m")
+  ap.add_argument("--long_config", default="hybrid_100m", metavar="PRESET",
+                  help="preset of the long-context part (the --config.* overrides apply to it too)")
   ap.add_argument("--long_seqs", default="32768,65536,131072,262144")
   ap.add_argument("--long_budget_s", type=float, default=40)
   ap.add_argument("--out", default=None)
-  args = ap.parse_args()
+  args = flags_lib.parse_args(sys.argv[1:], ap)
+  try:  # both presets and every override checked before the first compilation
+    flags_lib.preset_config(args.config, args.overrides)
+    flags_lib.preset_config(args.long_config, args.overrides)
+  except ConfigError as e:
+    sys.exit(flags_lib.config_error_exit(e))
   n = jax.device_count()
   print(f"{n} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   result = dict(devices=n, device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
   with jax.default_matmul_precision("highest"):
     result["equivalence"] = equivalence(n)
-  result["weak_scaling"] = weak_scaling(n, args.preset, args.seq, args.batch_per_gpu, args.steps)
-  result["long_context"] = long_context(n, args.long_preset, [int(s) for s in args.long_seqs.split(",")],
-                                        args.long_budget_s)
+  result["weak_scaling"] = weak_scaling(n, args.config, args.seq, args.batch_per_gpu, args.steps, args.overrides)
+  result["long_context"] = long_context(n, args.long_config, [int(s) for s in args.long_seqs.split(",")],
+                                        args.long_budget_s, args.overrides)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

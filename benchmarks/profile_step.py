@@ -1,6 +1,7 @@
 """Where a train step's device time goes: a jax.profiler trace, summarised by kernel category.
 
-    python -m benchmarks.profile_step --preset hybrid_1b --seq 8192 --batch 4 --out results/gpu/profile.json
+    python -m benchmarks.profile_step --config=hybrid_1b --seq 8192 --batch 4 --out results/gpu/profile.json
+    python -m benchmarks.profile_step --config=hybrid_moe_1b --seq 2048 --config.model.moe_impl=ragged
 
 Runs the jitted train step (as benchmarks/train_step.py) a few times under
 `jax.profiler.trace`, reads the trace the profiler writes
@@ -14,13 +15,13 @@ of the wall time (gaps are launch or host overhead) and the top kernels.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -113,23 +114,23 @@ def main(argv=None):
 
   from benchmarks.common import synthetic_batch
   from mx01 import model as model_lib
-  from mx01.config import apply_overrides
-  from mx01.presets import get_preset
+  from mx01.config import ConfigError
   from mx01.training import make_train_step
+  from recipes import flags as flags_lib
 
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--preset", default="hybrid_1b")
+  ap = flags_lib.build_parser(__doc__.split("\n")[0], default="hybrid_1b")
   ap.add_argument("--seq", type=int, default=8192)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=25, help="how many kernels to list by time")
-  ap.add_argument("--override", action="append", default=[])
   ap.add_argument("--log_dir", default=None, help="keep the raw trace here (default: a temporary folder)")
   ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
-
-  cfg = apply_overrides(get_preset(args.preset), [f"data.seq_len={args.seq}", f"model.max_seq_len={args.seq}"]
-                        + args.override)
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
+  try:
+    cfg = flags_lib.preset_config(args.config, args.overrides,
+                                  base={"data.seq_len": args.seq, "model.max_seq_len": args.seq})
+  except ConfigError as e:
+    sys.exit(flags_lib.config_error_exit(e))
   mcfg = cfg.model
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)
@@ -155,9 +156,9 @@ def main(argv=None):
                     if e.get("ph") == "M" and e.get("name") == "process_name"})
     raise RuntimeError(f"no events of a process matching {pattern!r}; processes in the trace: {names}")
   summary = summarise(events, args.steps, wall, top=args.top, hlo=hlo_index(hlo_text))
-  summary.update(preset=args.preset, seq=args.seq, batch=args.batch, overrides=args.override,
+  summary.update(preset=args.config, seq=args.seq, batch=args.batch, overrides=args.overrides,
                  device=jax.devices()[0].device_kind, jax=jax.__version__)
-  print(f"{args.preset} seq {args.seq} batch {args.batch}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
+  print(f"{args.config} seq {args.seq} batch {args.batch}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
         f"kernels {summary['kernel_ms_per_step']:.1f}, busy {summary['busy_ms_per_step']:.1f}")
   for c, v in summary["by_category_ms_per_step"].items():
     print(f"  {c:18s} {v:8.2f} ms  {100 * summary['by_category_share'][c]:5.1f}%")

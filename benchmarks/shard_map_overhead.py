@@ -7,19 +7,20 @@ lightning kernels, the expert-parallel MoE with padded dispatch buffers) and
 the rules' sharding constraints.  Reports step time of each and the ratio, and
 checks that both give the same loss.
 
-Both paths use the config's kernels (`--lightning_impl auto`: the Pallas
+Both paths use the config's kernels (`model.lightning_impl=auto`: the Pallas
 lightning kernels and jax's Pallas flash attention on GPU, inside shard_map
 too).  When the attention is not XLA's, the plain step is also timed with the
 XLA attention, to separate a kernel choice from the cost of shard_map itself.
 
-  python -m benchmarks.shard_map_overhead --preset hybrid_moe_20m --seq 2048 --batch 8 --out overhead.json
+  python -m benchmarks.shard_map_overhead --config=hybrid_moe_20m --seq 2048 --batch 8 --out overhead.json
+  python -m benchmarks.shard_map_overhead --config.model.lightning_impl=xla   # both paths on the XLA lightning form
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import sys
 
 import jax
 import numpy as np
@@ -27,33 +28,31 @@ import optax
 
 from benchmarks.common import synthetic_batch, time_step
 from mx01 import model as model_lib
-from mx01.config import Config, ParallelConfig, apply_overrides
+from mx01.config import Config, ConfigError, ParallelConfig
 from mx01.parallel import mesh as mesh_lib
 from mx01.parallel import step as step_lib
 from mx01.ops import resolve_attention_impl
-from mx01.presets import get_preset
 from mx01.training import make_train_step
+from recipes import flags as flags_lib
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--preset", default="hybrid_moe_20m")
+  ap = flags_lib.build_parser(__doc__.splitlines()[0], default="hybrid_moe_20m")
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--lightning_impl", default="auto", help="model.lightning_impl for both paths")
-  ap.add_argument("--override", action="append", default=[], help="section.key=value")
   ap.add_argument("--out", default=None)
-  args = ap.parse_args()
-
-  cfg = apply_overrides(get_preset(args.preset), [f"model.lightning_impl={args.lightning_impl}"] + args.override)
+  try:
+    cfg, args = flags_lib.parse_flags(sys.argv[1:], ap, base={"model.lightning_impl": "auto"})
+  except ConfigError as e:
+    sys.exit(flags_lib.config_error_exit(e))
   cfg = Config(model=cfg.model, parallel=ParallelConfig(), train=cfg.train, data=cfg.data)
   mcfg = cfg.model
   device = jax.devices()[0]
   optimizer = optax.adamw(1e-4, weight_decay=0.1)
   batch = jax.device_put(synthetic_batch(np.random.default_rng(0), args.batch, args.seq, mcfg.vocab_size), device)
-  results = {"device": device.device_kind, "jax": jax.__version__, "preset": args.preset, "seq": args.seq,
+  results = {"device": device.device_kind, "jax": jax.__version__, "preset": args.config, "seq": args.seq,
              "batch": args.batch}
 
   params = model_lib.init(mcfg, jax.random.key(0))
@@ -80,7 +79,7 @@ def main():
   if "plain_xla_attention" in results:
     results["overhead_same_attention"] = dt_s / (results["plain_xla_attention"]["step_ms"] / 1e3) - 1.0
   print(json.dumps(results, indent=2))
-  print(f"{args.preset} seq={args.seq} batch={args.batch} on {device.device_kind}: plain {dt * 1e3:.2f} ms, "
+  print(f"{args.config} seq={args.seq} batch={args.batch} on {device.device_kind}: plain {dt * 1e3:.2f} ms, "
         f"shard_map {dt_s * 1e3:.2f} ms ({100 * results['overhead']:+.1f}%), "
         f"losses {loss:.5f} / {loss_s:.5f}")
   if args.out:

@@ -6,7 +6,7 @@ recipe's own tokens/s (measured after the first, compiling step) and MFU
 (scaling.flops, causal attention FLOPs, against the device's bf16 peak).
 
     python benchmarks/train_presets.py --out results/train_presets.json
-    python benchmarks/train_presets.py --presets hybrid_moe_100m --steps 50 --config.data.seq_len=4096
+    python benchmarks/train_presets.py --config=hybrid_moe_100m --steps 50 --config.data.seq_len=4096
 
 Extra `--config.section.key=value` flags are applied to every preset.  Prints a
 markdown table; `--out` also writes the rows as JSON.
@@ -14,7 +14,6 @@ markdown table; `--out` also writes the rows as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -28,19 +27,23 @@ DEFAULT_PRESETS = ("softmax_100m", "lightning_100m", "hybrid_100m",
                    "softmax_moe_100m", "lightning_moe_100m", "hybrid_moe_100m")
 
 
-def run_one(name: str, steps: int, overrides: list[str], run_root: pathlib.Path) -> dict:
+def preset_config(name: str, steps: int, overrides: list[str], run_root: pathlib.Path):
+  """The preset, shortened to `steps` steps without evaluation, then the command line's overrides."""
   from mx01 import presets
   from recipes import flags as flags_lib
-  from recipes import pretrain
 
-  cfg = presets.get_preset(name)
-  base = {"train.steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 2),
+  warmup = presets.get_preset(name).train.warmup_steps
+  base = {"train.steps": steps, "train.warmup_steps": min(warmup, steps // 2),
           "train.log_every": max(1, steps // 3), "train.checkpoint_every": steps, "train.eval_every": 0,
           "train.eval_batches": 1, "train.tensorboard": False, "train.async_checkpointing": True,
           "train.run_dir": str(run_root / name)}
-  cfg = flags_lib.apply_overrides(cfg, {k: v for k, v in base.items()})
-  if overrides:
-    cfg = flags_lib.apply_overrides(cfg, overrides)
+  return flags_lib.preset_config(name, overrides, base=base)
+
+
+def run_one(name: str, steps: int, overrides: list[str], run_root: pathlib.Path) -> dict:
+  from recipes import pretrain
+
+  cfg = preset_config(name, steps, overrides, run_root)
   t0 = time.time()
   summary = pretrain.train(cfg, overwrite=True, log=lambda s: print(f"  [{name}] {s}", flush=True))
   return {
@@ -66,22 +69,28 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+  from mx01.config import ConfigError
+  from recipes import flags as flags_lib
+
+  parser = flags_lib.build_parser(__doc__, default=",".join(DEFAULT_PRESETS), several=True)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
-  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, parser)
+  try:  # every name and override checked before the first run
+    names = flags_lib.preset_names(args)
+    for name in names:
+      preset_config(name, args.steps, args.overrides, pathlib.Path("runs"))
+  except ConfigError as e:
+    return flags_lib.config_error_exit(e)
 
   import jax
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   rows = []
   with tempfile.TemporaryDirectory(prefix="train_presets_") as tmp:
-    for name in args.presets:
+    for name in names:
       print(f"== {name}", flush=True)
       try:
-        rows.append(run_one(name, args.steps, overrides, pathlib.Path(tmp)))
+        rows.append(run_one(name, args.steps, args.overrides, pathlib.Path(tmp)))
       except Exception as e:  # keep going: report the failure in the table
         traceback.print_exc()
         rows.append({"preset": name, "error": f"{type(e).__name__}: {e}"})

@@ -6,15 +6,18 @@ the `scaling/` FLOP counter (causal attention work) and the 6·N·D MFU, against
 the device's dense bf16 peak.  The batch is sized to a token budget per step
 and halved on out-of-memory.
 
-  python -m benchmarks.train_step --presets hybrid_1b,softmax_1b,lightning_1b --seq 2048,8192,32768 \
+  python -m benchmarks.train_step --config=hybrid_1b,softmax_1b,lightning_1b --seq 2048,8192,32768 \
       --tokens_per_step 65536 --out results.json
+  python -m benchmarks.train_step --config=hybrid_moe_1b --seq 8192 --config.model.capacity_factor=1.25
+
+`--config.section.key=value` overrides apply to every preset (data.seq_len and
+model.max_seq_len follow --seq).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+import sys
 import time
 
 import jax
@@ -23,9 +26,9 @@ import optax
 
 from benchmarks.common import synthetic_batch, time_step
 from mx01 import model as model_lib
-from mx01.config import apply_overrides
-from mx01.presets import get_preset
+from mx01.config import ConfigError
 from mx01.training import make_train_step
+from recipes import flags as flags_lib
 from scaling import flops
 
 
@@ -53,31 +56,38 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--presets", default="softmax_100m,lightning_100m,hybrid_100m,hybrid_moe_100m")
+  ap = flags_lib.build_parser(__doc__.split("\n")[0], default="softmax_100m,lightning_100m,hybrid_100m,hybrid_moe_100m",
+                              several=True)
   ap.add_argument("--seq", default="2048,8192")
   ap.add_argument("--tokens_per_step", type=int, default=65536)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--docs_per_row", type=int, default=4,
                   help="documents packed in each row; 1 = rows without segment ids (attention_impl=cudnn needs it)")
-  ap.add_argument("--override", action="append", default=[], help="config override, e.g. model.remat=full")
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining runs after this many seconds")
   ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
   if args.docs_per_row < 1:
     ap.error(f"--docs_per_row must be at least 1, got {args.docs_per_row}")
+  seqs = [int(s) for s in args.seq.split(",")]
+  config_of = lambda name, seq: flags_lib.preset_config(  # noqa: E731
+      name, args.overrides, base={"data.seq_len": seq, "model.max_seq_len": max(seq, 1)})
+  try:  # every name and override checked before the first compilation
+    names = flags_lib.preset_names(args)
+    for name in names:
+      config_of(name, seqs[0])
+  except ConfigError as e:
+    return flags_lib.config_error_exit(e)
   peak = flops.detect_peak_flops()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}, peak bf16 {peak}")
   rows, start = [], time.time()
-  for name in args.presets.split(","):
-    for seq in (int(s) for s in args.seq.split(",")):
+  for name in names:
+    for seq in seqs:
       if time.time() - start > args.time_budget_s:
         print(f"time budget reached; skipping {name} @ {seq}")
         continue
-      cfg = apply_overrides(get_preset(name), [f"data.seq_len={seq}", f"model.max_seq_len={max(seq, 1)}"]
-                            + args.override)
+      cfg = config_of(name, seq)
       batch = max(1, args.tokens_per_step // seq)
       while True:
         try:
@@ -110,7 +120,8 @@ def main(argv=None):
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

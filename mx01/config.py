@@ -9,8 +9,10 @@ Every knob of a run lives in one of four dataclasses, grouped under `Config`:
 
 All dataclasses are frozen and validate themselves in `__post_init__`; an
 invalid value raises `ConfigError` naming the field and the fix.  Presets are
-plain data (`mx01/presets.py`); command-line overrides are applied with
-`apply_overrides`, which checks every key and value against these classes.
+plain data (`mx01/presets.py`).  This module also holds the one override
+parser: `split_override_flags` takes the `--config.section.key=value` flags off
+a command line and `apply_overrides` applies them, checking every key and value
+against these classes (recipes/flags.py only wires argparse around it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 import difflib
 import json
 import typing
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Sequence, Tuple
 
 LIGHTNING = "lightning"
 SOFTMAX = "softmax"
@@ -273,12 +275,27 @@ class Config:
 
 
 # ---- overrides ---------------------------------------------------------------
+# The one override parser: the recipes' `--config.section.key=value` flags, the
+# benchmarks' and `from_dict` all go through `apply_overrides` / `check_value`.
 
-def _field_types(cls) -> dict:
+OVERRIDE_FLAG = "--config."
+
+
+def field_types(cls) -> dict:
+  """{field name: resolved type} of a config dataclass."""
   return typing.get_type_hints(cls)
 
 
-def _parse_value(raw: str, typ, key: str):
+def config_keys(cls=None, prefix: str = "") -> list[str]:
+  """Every settable dotted key under `cls` (default `Config`), e.g. "model.num_layers"."""
+  cls = Config if cls is None else cls
+  out = []
+  for name, typ in field_types(cls).items():
+    out += config_keys(typ, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else [prefix + name]
+  return out
+
+
+def parse_value(raw: str, typ, key: str):
   """Parses a command-line string into `typ`, raising ConfigError on mismatch."""
   origin = typing.get_origin(typ)
   args = typing.get_args(typ)
@@ -286,15 +303,17 @@ def _parse_value(raw: str, typ, key: str):
     non_none = [a for a in args if a is not type(None)]
     if raw.lower() in ("none", "null"):
       return None
-    return _parse_value(raw, non_none[0], key)
+    return parse_value(raw, non_none[0], key)
   if origin is Literal:
     if raw not in args:
-      raise ConfigError(f"{key}: {raw!r} is not one of {list(args)}")
+      close = difflib.get_close_matches(raw, [str(a) for a in args], n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"{key}: {raw!r} is not one of {list(args)}{hint}")
     return raw
   if origin in (tuple, Tuple):
     items = [s.strip() for s in raw.strip("()[]").split(",") if s.strip()]
     elem = args[0] if args else str
-    return tuple(_parse_value(s.strip("'\""), elem, key) for s in items)
+    return tuple(parse_value(s.strip("'\""), elem, key) for s in items)
   if typ is bool:
     if raw.lower() in ("true", "1", "yes"):
       return True
@@ -305,6 +324,13 @@ def _parse_value(raw: str, typ, key: str):
     try:
       return int(raw)
     except ValueError:
+      # "1e6" and "2048.0" are integers written as floats; anything else is not a number.
+      try:
+        as_float = float(raw)
+      except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+      if as_float.is_integer():
+        return int(as_float)
       raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
   if typ is float:
     try:
@@ -314,14 +340,14 @@ def _parse_value(raw: str, typ, key: str):
   return raw
 
 
-def _check_value_type(value, typ, key: str):
-  """Validates a Python value (not a string) against a field type."""
+def check_value(value, typ, key: str):
+  """Validates a Python value (not a string) against a field type; returns it normalised (int -> float, list -> tuple)."""
   origin = typing.get_origin(typ)
   args = typing.get_args(typ)
   if origin is typing.Union:
     if value is None and type(None) in args:
       return value
-    return _check_value_type(value, [a for a in args if a is not type(None)][0], key)
+    return check_value(value, [a for a in args if a is not type(None)][0], key)
   if origin is Literal:
     if value not in args:
       raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -338,60 +364,89 @@ def _check_value_type(value, typ, key: str):
   return value
 
 
-def _replace_many(cfg, items: list, prefix: str = ""):
+def _unknown_key(full: str, cls, root) -> ConfigError:
+  """The error for an unknown dotted key: the nearest valid key of the whole config, and the section's keys."""
+  fields = sorted(f.name for f in dataclasses.fields(cls))
+  close = difflib.get_close_matches(full, config_keys(root), n=1)
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  return ConfigError(f"unknown config key {full!r} in {cls.__name__}{hint} (valid: {', '.join(fields)})")
+
+
+def _replace_many(cfg, items: list, prefix: str, root):
   """Sets several dotted paths at once; each dataclass is rebuilt (and validated) once, with all its changes."""
-  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  types = field_types(type(cfg))
   changes, nested = {}, {}
   for path, value, from_string in items:
     head, _, rest = path.partition(".")
     full = prefix + path
     if head not in fields:
-      close = difflib.get_close_matches(head, fields, n=1)
-      hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-      raise ConfigError(f"unknown config key {full!r} in {type(cfg).__name__}{hint} "
-                        f"(valid: {', '.join(sorted(fields))})")
+      raise _unknown_key(full, type(cfg), root)
+    typ = types[head]
     if rest:
-      if not dataclasses.is_dataclass(getattr(cfg, head)):
+      if not dataclasses.is_dataclass(typ):
         raise ConfigError(f"{full!r}: {prefix + head!r} is a value, not a section")
       nested.setdefault(head, []).append((rest, value, from_string))
       continue
-    typ = _field_types(type(cfg))[head]
     if dataclasses.is_dataclass(typ):
       raise ConfigError(f"{full!r} is a section; set one of its fields, e.g. {full}.{dataclasses.fields(typ)[0].name}")
-    changes[head] = _parse_value(value, typ, full) if from_string else _check_value_type(value, typ, full)
+    changes[head] = parse_value(value, typ, full) if from_string else check_value(value, typ, full)
   for head, sub_items in nested.items():
-    changes[head] = _replace_many(getattr(cfg, head), sub_items, prefix + head + ".")
+    changes[head] = _replace_many(getattr(cfg, head), sub_items, prefix + head + ".", root)
   return dataclasses.replace(cfg, **changes)
 
 
-def replace(cfg, path: str, value: Any, *, from_string: bool = False):
-  """Returns `cfg` with the dotted `path` (e.g. "model.num_layers") set to `value`.
+def parse_overrides(overrides: dict[str, Any] | Sequence[str]) -> list[tuple[str, Any, bool]]:
+  """[(dotted key, value, value is a string to parse)] from {"model.num_layers": 4} or ["model.num_layers=4"]."""
+  if isinstance(overrides, dict):
+    return [(k, v, isinstance(v, str)) for k, v in overrides.items()]
+  items = []
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.num_layers=4")
+    k, v = item.split("=", 1)
+    items.append((k.strip(), v.strip(), True))
+  return items
 
-  Unknown keys raise ConfigError naming the nearest valid key.
-  """
-  return _replace_many(cfg, [(path, value, from_string)])
 
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+def apply_overrides(cfg, overrides: dict[str, Any] | Sequence[str]):
   """Applies overrides given as {"model.num_layers": 4} or ["model.num_layers=4", ...].
 
   All overrides are applied together and validated once, so their order does
   not matter (model.moe_impl=capacity may come before model.capacity_factor=1.25);
-  a key given twice takes its last value.
+  a key given twice takes its last value.  `cfg` is a `Config` or one of its
+  sections (then the keys are relative to it, e.g. "num_layers" on a ModelConfig).
+  Unknown keys raise ConfigError naming the nearest valid key.
   """
-  items = []
-  if isinstance(overrides, dict):
-    items = [(k, v, isinstance(v, str)) for k, v in overrides.items()]
-  else:
-    for item in overrides:
-      if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-      k, v = item.split("=", 1)
-      items.append((k.strip(), v.strip(), True))
   last = {}
-  for k, v, fs in items:
-    last[k] = (k, v, fs)
-  return _replace_many(cfg, list(last.values())) if last else cfg
+  for k, v, from_string in parse_overrides(overrides):
+    last[k] = (k, v, from_string)
+  return _replace_many(cfg, list(last.values()), "", type(cfg)) if last else cfg
+
+
+def split_override_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Splits command-line arguments into (["model.num_layers=4", ...], the other arguments).
+
+  Accepts `--config.model.num_layers=4` and `--config.model.num_layers 4`; `--config=NAME` (the preset)
+  is left to the caller's argument parser.
+  """
+  overrides, rest = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(OVERRIDE_FLAG):
+      body = arg[len(OVERRIDE_FLAG):]
+      if "=" not in body:  # "--config.key value"
+        if i + 1 >= len(argv):
+          raise ConfigError(f"override {arg!r} needs a value: {arg}=VALUE")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
 
 
 def to_dict(cfg) -> dict:
@@ -402,15 +457,15 @@ def from_dict(d: dict) -> Config:
   """Rebuilds a Config saved with `to_dict`/`to_json` (validating it)."""
   kw = {}
   for f in dataclasses.fields(Config):
-    sub_cls = _field_types(Config)[f.name]
+    sub_cls = field_types(Config)[f.name]
     sub = d.get(f.name, {})
     unknown = set(sub) - {g.name for g in dataclasses.fields(sub_cls)}
     if unknown:
       raise ConfigError(f"{f.name}: unknown keys {sorted(unknown)}")
     vals = {}
-    hints = _field_types(sub_cls)
+    hints = field_types(sub_cls)
     for k, v in sub.items():
-      vals[k] = _check_value_type(v, hints[k], f"{f.name}.{k}")
+      vals[k] = check_value(v, hints[k], f"{f.name}.{k}")
     kw[f.name] = sub_cls(**vals)
   return Config(**kw)
 

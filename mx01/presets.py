@@ -1,27 +1,70 @@
-"""Named configurations, as data.
+"""Named configurations, as data: every size and layer pattern of the project.
 
-`get_preset(name)` returns a validated `Config`; `PRESETS` lists them.  Research
-presets come in three attention kinds (softmax, lightning, hybrid: 7 lightning
-then 1 softmax) with dense or MoE feed-forward, at sizes that fit one GPU.
-`hybrid_456b` is MiniMax-Text-01 as released.
+`get_preset(name)` returns a validated `Config`; `list_presets()` lists them.
+
+* `tiny`: trains on two CPU cores in minutes.
+* `{kind}_{size}`, `{kind}_moe_{size}`: research presets at sizes that fit one GPU
+  (`RESEARCH_SIZES`: 20m, 100m, 400m, 1b).
+* `sweep_{kind}_{size}`, `sweep_{kind}_moe_{size}`: the scaling sweep's small
+  models (`SWEEP_SIZES`: s1 ... s7; recipes/sweep.py).
+* `retrieval_{kind}_{size}`: the associative-recall study's models
+  (`RETRIEVAL_SIZES`: xs, s; recipes/retrieval.py).
+* `hybrid_456b`: MiniMax-Text-01 as released.
+
+`kind` is one of `KINDS`: softmax or lightning on every layer, or hybrid, the
+paper's 7 lightning : 1 softmax pattern (`HYBRID_PATTERN`, `layer_types`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 from mx01.config import LIGHTNING, SOFTMAX, Config, ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig
 
-_HYBRID = (LIGHTNING,) * 7 + (SOFTMAX,)
-_PATTERNS = {"softmax": (SOFTMAX,), "lightning": (LIGHTNING,), "hybrid": _HYBRID}
+# MiniMax-Text-01's layer pattern: 7 lightning layers, then 1 softmax layer, repeated.
+HYBRID_PATTERN = (LIGHTNING,) * 7 + (SOFTMAX,)
+PATTERNS = {"softmax": (SOFTMAX,), "lightning": (LIGHTNING,), "hybrid": HYBRID_PATTERN}
+KINDS = tuple(PATTERNS)
 
-# (hidden, layers, heads, kv_heads, head_dim, intermediate) of the research sizes.
-_SIZES = {
+# name -> (hidden, layers, heads, kv_heads, head_dim, intermediate) of the research sizes.
+RESEARCH_SIZES = {
     "20m": (256, 8, 4, 2, 64, 768),
     "100m": (768, 8, 12, 4, 64, 2048),
     "400m": (1024, 16, 16, 4, 64, 2816),
     "1b": (2048, 16, 16, 4, 128, 5632),
 }
+
+# name -> (hidden, layers, heads, kv_heads, head_dim, intermediate) of the scaling sweep (recipes/sweep.py).
+SWEEP_SIZES = {
+    "s1": (32, 2, 2, 1, 16, 96),
+    "s2": (48, 2, 3, 1, 16, 128),
+    "s3": (64, 4, 4, 2, 16, 176),
+    "s4": (96, 4, 6, 2, 16, 256),
+    "s5": (128, 6, 8, 2, 16, 352),
+    "s6": (192, 8, 12, 4, 16, 512),
+    "s7": (256, 8, 16, 4, 16, 704),
+}
+
+# name -> (hidden, layers, heads, kv_heads, head_dim) of the associative-recall study (recipes/retrieval.py);
+# a dense SwiGLU of 4 * hidden.
+RETRIEVAL_SIZES = {
+    "xs": (64, 2, 2, 1, 32),
+    "s": (128, 4, 4, 2, 32),
+}
+
+
+def layer_types(kind: str, num_layers: int) -> tuple:
+  """One layer kind per layer for an attention kind of `KINDS`.
+
+  hybrid: `HYBRID_PATTERN` repeated (softmax at every 8th layer); a model
+  shallower than one period keeps the pattern's end, so its last layer is the
+  softmax one (2 layers: lightning, softmax; 4: 3 lightning, softmax).
+  """
+  if kind not in PATTERNS:
+    raise ConfigError(f"unknown arch {kind!r}; choose from {', '.join(KINDS)}")
+  pattern = PATTERNS[kind]
+  if num_layers < len(pattern):
+    return pattern[len(pattern) - num_layers:]
+  return tuple(pattern[i % len(pattern)] for i in range(num_layers))
 
 
 def _deepnorm_alpha(num_layers: int) -> float:
@@ -30,10 +73,10 @@ def _deepnorm_alpha(num_layers: int) -> float:
 
 
 def _research(kind: str, size: str, moe: bool) -> Config:
-  hidden, layers, heads, kv, hd, inter = _SIZES[size]
+  hidden, layers, heads, kv, hd, inter = RESEARCH_SIZES[size]
   model = ModelConfig(
       vocab_size=32768, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
-      layer_pattern=_PATTERNS[kind], ffn_type="moe" if moe else "dense",
+      layer_pattern=PATTERNS[kind], ffn_type="moe" if moe else "dense",
       # MoE: 8 experts of a quarter of the dense width, top-2 (activated FFN ~ half the dense one).
       intermediate_size=inter // 4 if moe else inter, num_experts=8 if moe else 1, num_experts_per_tok=2 if moe else 1,
       block_size=256, rotary_dim=hd // 2, rope_theta=10_000.0,
@@ -41,6 +84,35 @@ def _research(kind: str, size: str, moe: bool) -> Config:
   return Config(model=model, data=DataConfig(seq_len=2048),
                 train=TrainConfig(steps=2000, batch_size=16, learning_rate=1e-3, warmup_steps=100,
                                   run_dir=f"runs/{kind}{'_moe' if moe else ''}_{size}"))
+
+
+def _sweep(kind: str, size: str, moe: bool) -> Config:
+  # Byte vocabulary, DeepNorm residual scaling; MoE: 4 experts of half the dense width, top-2 (the same
+  # activated FFN size as dense).  The sweep sets the training budget of each grid point (recipes/sweep.py).
+  hidden, layers, heads, kv, hd, inter = SWEEP_SIZES[size]
+  alpha = _deepnorm_alpha(layers)
+  model = ModelConfig(
+      vocab_size=256, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
+      layer_types=layer_types(kind, layers), ffn_type="moe" if moe else "dense",
+      intermediate_size=inter // 2 if moe else inter, num_experts=4 if moe else 1,
+      num_experts_per_tok=2 if moe else 1, block_size=32, rotary_dim=hd // 2,
+      lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha)
+  return Config(model=model, data=DataConfig(seq_len=128),
+                train=TrainConfig(batch_size=8, learning_rate=3e-3,
+                                  run_dir=f"runs/sweep/{kind}_{size}_{'moe' if moe else 'dense'}"))
+
+
+def _retrieval(kind: str, size: str) -> Config:
+  # Initial std 1/sqrt(hidden): the presets' usual 0.02 leaves models this small stuck without recall
+  # for thousands of steps (measurements in recipes/retrieval.py, `default_init_std`).
+  hidden, layers, heads, kv, hd = RETRIEVAL_SIZES[size]
+  model = ModelConfig(
+      vocab_size=64, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
+      layer_types=layer_types(kind, layers), ffn_type="dense", intermediate_size=4 * hidden, num_experts=1,
+      num_experts_per_tok=1, block_size=64, rotary_dim=hd, initializer_range=float(hidden) ** -0.5)
+  return Config(model=model, data=DataConfig(seq_len=1024),
+                train=TrainConfig(steps=15000, batch_size=64, learning_rate=1e-3, warmup_steps=750,
+                                  run_dir=f"runs/retrieval/{kind}_{size}"))
 
 
 def _tiny() -> Config:
@@ -58,7 +130,7 @@ def _hybrid_456b() -> Config:
   a = _deepnorm_alpha(80)  # 3.5565588200778455, as in the released config
   model = ModelConfig(
       vocab_size=200064, hidden_size=6144, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-      layer_pattern=_HYBRID, ffn_type="moe", intermediate_size=9216, num_experts=32, num_experts_per_tok=2,
+      layer_pattern=HYBRID_PATTERN, ffn_type="moe", intermediate_size=9216, num_experts=32, num_experts_per_tok=2,
       capacity_factor=None, router_aux_loss_coef=0.001, block_size=256, rotary_dim=64, rope_theta=10_000_000.0,
       lightning_alpha=a, softmax_alpha=a, mlp_alpha=a, rms_norm_eps=1e-5, max_seq_len=10_240_000,
       compute_dtype="bfloat16", param_dtype="float32", remat="full")
@@ -70,11 +142,26 @@ def _hybrid_456b() -> Config:
 
 def _build() -> dict:
   presets = {"tiny": _tiny, "hybrid_456b": _hybrid_456b}
-  for kind in _PATTERNS:
-    for size in _SIZES:
+  for kind in KINDS:
+    for size in RESEARCH_SIZES:
       presets[f"{kind}_{size}"] = (lambda k=kind, s=size: _research(k, s, moe=False))
       presets[f"{kind}_moe_{size}"] = (lambda k=kind, s=size: _research(k, s, moe=True))
+    for size in SWEEP_SIZES:
+      presets[sweep_name(kind, size, "dense")] = (lambda k=kind, s=size: _sweep(k, s, moe=False))
+      presets[sweep_name(kind, size, "moe")] = (lambda k=kind, s=size: _sweep(k, s, moe=True))
+    for size in RETRIEVAL_SIZES:
+      presets[retrieval_name(kind, size)] = (lambda k=kind, s=size: _retrieval(k, s))
   return presets
+
+
+def sweep_name(kind: str, size: str, ffn: str = "dense") -> str:
+  """The preset of one sweep model, e.g. sweep_hybrid_s3 or sweep_hybrid_moe_s3."""
+  return f"sweep_{kind}_{'moe_' if ffn == 'moe' else ''}{size}"
+
+
+def retrieval_name(kind: str, size: str) -> str:
+  """The preset of one associative-recall model, e.g. retrieval_hybrid_xs."""
+  return f"retrieval_{kind}_{size}"
 
 
 PRESETS = _build()
@@ -84,10 +171,17 @@ def get_preset(name: str) -> Config:
   if name not in PRESETS:
     import difflib
     close = difflib.get_close_matches(name, PRESETS, n=3)
-    raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {close}?" if close else "")
-                      + f" (available: {', '.join(sorted(PRESETS))})")
+    raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                      + f" (available: {describe_presets()})")
   return PRESETS[name]()
 
 
 def list_presets() -> list[str]:
   return sorted(PRESETS)
+
+
+def describe_presets() -> str:
+  """Every preset, by family, in one line (for help texts and errors)."""
+  kinds, sizes = "{" + ",".join(KINDS) + "}", lambda table: "{" + ",".join(table) + "}"
+  return (f"tiny, hybrid_456b, {kinds}[_moe]_{sizes(RESEARCH_SIZES)}, sweep_{kinds}[_moe]_{sizes(SWEEP_SIZES)}, "
+          f"retrieval_{kinds}_{sizes(RETRIEVAL_SIZES)}")

@@ -1,12 +1,13 @@
 """Generate text with an mx01 model (byte tokens), in float or W8A16.
 
-    python -m recipes.generate --config tiny --run-dir runs/tiny --prompt "def main(" --max-new-tokens 64
-    python -m recipes.generate --config tiny --prompt "hello" "a second prompt" --temperature 0.8 --top-p 0.95 --w8a16
-    python -m recipes.generate --config tiny --random-init --prompt "x" --set model.compute_dtype=bfloat16
+    python -m recipes.generate --run-dir runs/tiny --prompt "def main(" --max-new-tokens 64
+    python -m recipes.generate --run-dir runs/tiny --prompt "hello" "a second prompt" --temperature 0.8 --top-p 0.95 --w8a16
+    python -m recipes.generate --config=tiny --random-init --prompt "x" --config.model.compute_dtype=bfloat16
 
 Parameters come from the latest checkpoint in `--run-dir` (written by
 recipes/pretrain.py; its saved config is used) or, with `--random-init`, from
-`mx01.model.init` (for smoke tests and timing).  Several prompts run as one
+`mx01.model.init` (for smoke tests and timing).  `--config.section.key=value`
+overrides apply to either config.  Several prompts run as one
 left-padded batch.  Prints each completion and the prefill / decode
 throughput (compilation excluded; reported separately).  Exit code 2 on a
 usage error (e.g. a prompt that does not fit, with the sizes and the fix).
@@ -14,7 +15,6 @@ usage error (e.g. a prompt that does not fit, with the sizes and the fix).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -28,6 +28,7 @@ from mx01 import presets
 from mx01.inference import quantize
 from mx01.inference.generate import PromptTooLongError, generate
 from mx01.inference.sampling import SamplingConfig
+from recipes import flags as flags_lib
 
 
 def load_checkpoint_params(run_dir: str):
@@ -51,11 +52,9 @@ def load_checkpoint_params(run_dir: str):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default="tiny", help="preset name (ignored with --run-dir: the saved config is used)")
+  ap = flags_lib.build_parser(__doc__)
   ap.add_argument("--run-dir", default=None, help="load the latest checkpoint of this pretrain run")
   ap.add_argument("--random-init", action="store_true", help="random parameters (no checkpoint)")
-  ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.compute_dtype=bfloat16")
   ap.add_argument("--prompt", nargs="+", default=["The "], help="one or more prompts (a left-padded batch)")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -67,16 +66,16 @@ def main(argv=None) -> int:
   ap.add_argument("--max-cache-len", type=int, default=None)
   ap.add_argument("--w8a16", action="store_true", help="int8 attention/expert weights, bf16 activations")
   ap.add_argument("--json", action="store_true", help="print the result as JSON")
-  args = ap.parse_args(argv)
   try:
-    if args.run_dir:
+    args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
+    if args.run_dir:  # the saved config; --config is not used
       cfg, params = load_checkpoint_params(args.run_dir)
     elif args.random_init:
       cfg = presets.get_preset(args.config)
       params = None
     else:
       ap.error("pass --run-dir DIR (a trained checkpoint) or --random-init")
-    cfg = config_lib.apply_overrides(cfg, args.set)
+    cfg = config_lib.apply_overrides(cfg, args.overrides)
     model_cfg = cfg.model
     if params is None:
       params = model_lib.init(model_cfg, jax.random.key(args.seed))

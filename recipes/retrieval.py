@@ -37,25 +37,25 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mx01 import config as config_lib
 from mx01 import model as model_lib
+from mx01 import presets
 from mx01 import training
-from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
+from mx01.config import ModelConfig
+from recipes import flags as flags_lib
 
 FILLER = 0
 
-# name -> (hidden, layers, heads, kv_heads, head_dim); hybrid layers: lightning, then softmax last.
-SIZES = {
-    "xs": (64, 2, 2, 1, 32),
-    "s": (128, 4, 4, 2, 32),
-}
-KINDS = ("softmax", "lightning", "hybrid")
+# The study's models are presets (mx01/presets.py): retrieval_{kind}_{size}.
+SIZES = presets.RETRIEVAL_SIZES
+KINDS = presets.KINDS
 
 
 # ---- the task ------------------------------------------------------------------------
@@ -113,17 +113,17 @@ def num_pairs_for(seq_len: int, pairs_per_token: Optional[float], vocab_size: in
 # ---- models and training -----------------------------------------------------------------
 
 def model_config(kind: str, size: str, *, vocab_size: int, seq_len: int, compute_dtype: str = "float32",
-                 init_std: Optional[float] = None) -> ModelConfig:
-  """init_std: the weights' initial standard deviation; None = 1/sqrt(hidden) (see `default_init_std`)."""
-  hidden, layers, heads, kv_heads, head_dim = SIZES[size]
-  types = {"softmax": (SOFTMAX,) * layers, "lightning": (LIGHTNING,) * layers,
-           "hybrid": (LIGHTNING,) * (layers - 1) + (SOFTMAX,)}[kind]
-  return ModelConfig(vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                     num_kv_heads=kv_heads, head_dim=head_dim, layer_types=types, ffn_type="dense",
-                     intermediate_size=4 * hidden, num_experts=1, num_experts_per_tok=1,
-                     block_size=min(64, seq_len), rotary_dim=head_dim, max_seq_len=max(seq_len, 8),
-                     compute_dtype=compute_dtype, lightning_impl="auto",
-                     initializer_range=default_init_std(hidden) if init_std is None else init_std)
+                 init_std: Optional[float] = None, overrides: Sequence[str] = ()) -> ModelConfig:
+  """The preset retrieval_{kind}_{size} at this vocabulary and context length.
+
+  init_std: the weights' initial standard deviation; None = 1/sqrt(hidden) (see `default_init_std`).
+  overrides: ["num_layers=4", ...], applied last.
+  """
+  model = presets.get_preset(presets.retrieval_name(kind, size)).model
+  model = dataclasses.replace(model, vocab_size=vocab_size, block_size=min(model.block_size, seq_len),
+                              max_seq_len=max(seq_len, 8), compute_dtype=compute_dtype,
+                              initializer_range=default_init_std(model.hidden_size) if init_std is None else init_std)
+  return config_lib.apply_overrides(model, overrides)
 
 
 def default_init_std(hidden: int) -> float:
@@ -153,9 +153,9 @@ def masked_loss(params, batch, *, config: ModelConfig):
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
               pairs_per_token: Optional[float], eval_batches: int, seed: int, compute_dtype: str = "float32",
               num_pairs: int = 8, log_every: int = 0, lr_schedule: str = "cosine",
-              init_std: Optional[float] = None, steps_per_call: int = 1) -> dict:
+              init_std: Optional[float] = None, steps_per_call: int = 1, model_overrides: Sequence[str] = ()) -> dict:
   cfg = model_config(kind, size, vocab_size=vocab_size, seq_len=seq_len, compute_dtype=compute_dtype,
-                     init_std=init_std)
+                     init_std=init_std, overrides=model_overrides)
   pairs = num_pairs_for(seq_len, pairs_per_token, vocab_size, num_pairs)
   params = model_lib.init(cfg, jax.random.key(seed))
   if lr_schedule == "cosine":
@@ -279,7 +279,10 @@ def plot(rows: list, path: str, title: str = "MQAR accuracy"):
 
 
 def main(argv=None) -> list:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="--config.model.KEY=VALUE overrides every run's model, e.g. "
+                                      "--config.model.vocab_size=128 --config.model.compute_dtype=bfloat16 "
+                                      "--config.model.initializer_range=0.02")
   ap.add_argument("--kinds", default=",".join(KINDS))
   ap.add_argument("--sizes", default=",".join(SIZES))
   ap.add_argument("--lengths", default="64,256,1024")
@@ -287,23 +290,37 @@ def main(argv=None) -> list:
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
-  ap.add_argument("--vocab-size", type=int, default=64)
-  ap.add_argument("--init-std", type=float, default=None, help="initial weight std (default 1/sqrt(hidden))")
   ap.add_argument("--num-pairs", type=int, default=8, help="key-value pairs per sequence, at every length")
   ap.add_argument("--pairs-per-token", type=float, default=None, help="scale the pairs with the length instead")
   ap.add_argument("--log-every", type=int, default=250)
   ap.add_argument("--steps-per-call", type=int, default=50,
                   help="training steps per jitted call (a scan): 50 or so on a GPU, where tiny steps are launch-bound")
   ap.add_argument("--eval-batches", type=int, default=4)
-  ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
-                  help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, vocab 64, lr 3e-3")
+                  help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, lr 3e-3")
   ap.add_argument("--out", default="results/retrieval.csv")
   ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
   ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                   help="no training: concatenate these CSVs (e.g. one per GPU process) into --out and plot them")
-  args = ap.parse_args(argv)
+  args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
+  kinds, sizes = args.kinds.split(","), args.sizes.split(",")
+  try:
+    for key in (o.split("=", 1)[0] for o in args.overrides):
+      if not key.startswith("model."):
+        raise config_lib.ConfigError(f"--config.{key}: the study sets its training flags itself (--steps, --lr, "
+                                     "...); only --config.model.KEY=VALUE overrides apply")
+    model_overrides = [o[len("model."):] for o in args.overrides]
+    for kind in kinds:
+      presets.layer_types(kind, 1)  # names the valid kinds
+    for size in sizes:
+      if size not in SIZES:
+        raise config_lib.ConfigError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    # A check of every override (errors name the full key), and the study's vocabulary (the task's tokens).
+    vocab_size = config_lib.apply_overrides(presets.get_preset(presets.retrieval_name(kinds[0], sizes[0])),
+                                            args.overrides).model.vocab_size
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
   if args.merge:
     rows = [row for path in args.merge for row in read_csv(path)]
     write_csv(rows, args.out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
@@ -314,17 +331,17 @@ def main(argv=None) -> list:
             f"{g['median']:.3f} |")
     return rows
   if args.cpu_smoke:
-    args.lengths, args.steps, args.batch_size, args.vocab_size, args.eval_batches = "32,64", 250, 32, 64, 2
+    args.lengths, args.steps, args.batch_size, args.eval_batches = "32,64", 250, 32, 2
     args.lr, args.num_pairs, args.steps_per_call = 3e-3, 4, 25
   rows = []
-  for size in args.sizes.split(","):
+  for size in sizes:
     for seq_len in (int(x) for x in args.lengths.split(",")):
-      for kind in args.kinds.split(","):
+      for kind in kinds:
         row = train_one(kind, size, seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        vocab_size=args.vocab_size, pairs_per_token=args.pairs_per_token,
-                        eval_batches=args.eval_batches, seed=args.seed, compute_dtype=args.compute_dtype,
-                        num_pairs=args.num_pairs, log_every=args.log_every, lr_schedule=args.lr_schedule,
-                        init_std=args.init_std, steps_per_call=args.steps_per_call)
+                        vocab_size=vocab_size, pairs_per_token=args.pairs_per_token,
+                        eval_batches=args.eval_batches, seed=args.seed, num_pairs=args.num_pairs,
+                        log_every=args.log_every, lr_schedule=args.lr_schedule,
+                        steps_per_call=args.steps_per_call, model_overrides=model_overrides)
         rows.append(row)
         print(f"{kind:9s} size={size} L={seq_len:5d} pairs={row['num_pairs']:3d} acc={row['eval_accuracy']:.3f} "
               f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)

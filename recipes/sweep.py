@@ -3,6 +3,14 @@
     python -m recipes.sweep --out results/sweep.csv --archs softmax,lightning,hybrid --sizes s1,s2,s3 \
         --tokens 2e5,5e5,1e6
     python -m recipes.sweep --out results/sweep.csv --dry_run      # print the grid: parameters, tokens, FLOPs
+    python -m recipes.sweep --sizes s3 --config.train.batch_size=32 --config.data.seq_len=256 \
+        --config.model.block_size=64                               # overrides apply to every grid point
+
+Each grid point's model is a preset, `sweep_{arch}_{size}` or `sweep_{arch}_moe_{size}`
+(mx01/presets.py).  `--config.model.KEY=VALUE` overrides apply to every point's model;
+`--config.train.batch_size`, `--config.data.seq_len`, `--config.train.learning_rate` and
+`--config.train.seed` set the sweep's tokens per step, learning rate and seed (defaults: the
+presets' 8, 128, 3e-3, 0); the number of steps follows from each point's token budget.
 
 Every grid point (arch, size, ffn, tokens) is trained through `recipes.pretrain.train` and
 appended to the CSV as soon as it finishes; grid points already in the CSV are skipped, and a
@@ -30,49 +38,27 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
-from mx01.config import LIGHTNING, SOFTMAX, Config, DataConfig, ModelConfig, TrainConfig
+from mx01 import config as config_lib
+from mx01 import presets
+from recipes import flags as flags_lib
+from mx01.config import Config, DataConfig, ModelConfig, TrainConfig
 from scaling import flops
 
-ARCHS = ("softmax", "lightning", "hybrid")
-
-# (hidden, layers, heads, kv_heads, intermediate) of the sweep sizes; head_dim 16 throughout.
-SIZES: Dict[str, Tuple[int, int, int, int, int]] = {
-    "s1": (32, 2, 2, 1, 96),
-    "s2": (48, 2, 3, 1, 128),
-    "s3": (64, 4, 4, 2, 176),
-    "s4": (96, 4, 6, 2, 256),
-    "s5": (128, 6, 8, 2, 352),
-    "s6": (192, 8, 12, 4, 512),
-    "s7": (256, 8, 16, 4, 704),
-}
-HEAD_DIM = 16
+ARCHS = presets.KINDS
+# The sweep's sizes are presets (mx01/presets.py): sweep_{arch}_{size}, sweep_{arch}_moe_{size}.
+SIZES = presets.SWEEP_SIZES
+layer_types = presets.layer_types
 
 CSV_COLUMNS = ("arch", "size", "ffn", "n_params", "n_params_active", "n_params_total", "tokens", "compute",
                "flops_per_token", "final_loss", "eval_loss", "wall_time_s", "steps", "batch_size", "seq_len",
                "learning_rate", "seed", "run_dir")
 
 
-def layer_types(arch: str, num_layers: int) -> Tuple[str, ...]:
-  """Layer kinds of an architecture.
-
-  hybrid: MiniMax-Text-01's 7 lightning + 1 softmax per 8 layers; models
-  shallower than 8 layers make their last layer the softmax one.
-  """
-  if arch == "softmax":
-    return (SOFTMAX,) * num_layers
-  if arch == "lightning":
-    return (LIGHTNING,) * num_layers
-  if arch == "hybrid":
-    return tuple(SOFTMAX if (i % 8 == 7 or (num_layers < 8 and i == num_layers - 1)) else LIGHTNING
-                 for i in range(num_layers))
-  raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
-
-
 def small_model_config(arch: str, size: str, *, ffn: str = "dense", vocab_size: int = 256,
                        block_size: int = 32) -> ModelConfig:
-  """The sweep's model for (arch, size): byte vocabulary, DeepNorm residual scaling, head_dim 16.
+  """The sweep's model for (arch, size): the preset `sweep_{arch}[_moe]_{size}` (byte vocabulary, head_dim 16).
 
   ffn="moe" uses 4 experts of half the dense width, top-2 (same activated FFN size as dense).
   """
@@ -80,15 +66,9 @@ def small_model_config(arch: str, size: str, *, ffn: str = "dense", vocab_size: 
     raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
   if ffn not in ("dense", "moe"):
     raise ValueError(f"ffn must be 'dense' or 'moe', got {ffn!r}")
-  hidden, layers, heads, kv_heads, inter = SIZES[size]
-  alpha = (2.0 * layers) ** 0.25
-  moe = ffn == "moe"
-  return ModelConfig(
-      vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-      head_dim=HEAD_DIM, layer_types=layer_types(arch, layers), ffn_type=ffn,
-      intermediate_size=inter // 2 if moe else inter, num_experts=4 if moe else 1,
-      num_experts_per_tok=2 if moe else 1, block_size=block_size, rotary_dim=HEAD_DIM // 2,
-      lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha)
+  layer_types(arch, 1)  # names the valid archs
+  model = presets.get_preset(presets.sweep_name(arch, size, ffn)).model
+  return dataclasses.replace(model, vocab_size=vocab_size, block_size=block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +87,12 @@ class GridPoint:
 
 
 def run_config(point: GridPoint, *, batch_size: int, seq_len: int, learning_rate: float, seed: int,
-               run_root: pathlib.Path) -> Config:
-  """The full training Config of one grid point (steps = ceil(target tokens / tokens per step))."""
-  model = small_model_config(point.arch, point.size, ffn=point.ffn)
+               run_root: pathlib.Path, model_overrides: Sequence[str] = ()) -> Config:
+  """The full training Config of one grid point (steps = ceil(target tokens / tokens per step)).
+
+  model_overrides: ["num_layers=4", ...], applied to the point's model.
+  """
+  model = config_lib.apply_overrides(small_model_config(point.arch, point.size, ffn=point.ffn), model_overrides)
   steps = max(1, math.ceil(point.target_tokens / (batch_size * seq_len)))
   train = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                       warmup_steps=min(max(1, steps // 10), steps), seed=seed, log_every=max(1, steps // 10),
@@ -142,7 +125,7 @@ def grid(archs: Iterable[str], sizes: Iterable[str], tokens: Iterable[float], ff
 def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int = 8, seq_len: int = 128,
               learning_rate: float = 3e-3, seed: int = 0, run_root: pathlib.Path = pathlib.Path("runs/sweep"),
               train_fn: Optional[Callable[..., dict]] = None, dry_run: bool = False,
-              log: Callable[[str], None] = print) -> List[dict]:
+              log: Callable[[str], None] = print, model_overrides: Sequence[str] = ()) -> List[dict]:
   """Trains every grid point not yet in `out` and appends its row; returns the new rows.
 
   train_fn(config, resume=True, log=...) -> summary dict (default: recipes.pretrain.train).
@@ -154,7 +137,7 @@ def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int
   rows = []
   for i, point in enumerate(points):
     cfg = run_config(point, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, seed=seed,
-                     run_root=run_root)
+                     run_root=run_root, model_overrides=model_overrides)
     tokens = cfg.train.steps * batch_size * seq_len
     pc = flops.param_count(cfg.model)
     compute = flops.training_flops(cfg.model, seq_len, tokens)
@@ -187,21 +170,23 @@ def _csv_list(s: str) -> List[str]:
   return [x.strip() for x in s.split(",") if x.strip()]
 
 
+# The sweep-wide settings a --config.KEY override may set, besides any model.* key.
+SWEEP_KEYS = ("train.batch_size", "data.seq_len", "train.learning_rate", "train.seed")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(description="Scaling sweep over attention architectures (see module docstring).")
+  p = argparse.ArgumentParser(description="Scaling sweep over attention architectures (see module docstring).",
+                              epilog=f"--config.model.KEY=VALUE applies to every grid point; also: "
+                                     f"{', '.join('--config.' + k for k in SWEEP_KEYS)}")
   p.add_argument("--out", default="results/sweep.csv", help="CSV to append to (created if absent)")
   p.add_argument("--archs", default="softmax,lightning,hybrid", help=f"comma list of {ARCHS}")
   p.add_argument("--sizes", default="s1,s2,s3,s4", help=f"comma list of {', '.join(SIZES)}")
   p.add_argument("--tokens", default="2e5,5e5,1e6", help="comma list of training token budgets D")
   p.add_argument("--ffn", default="dense", choices=("dense", "moe"))
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--seq_len", type=int, default=128)
-  p.add_argument("--learning_rate", type=float, default=3e-3)
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--run_root", default="runs/sweep", help="checkpoints of each grid point go under here")
   p.add_argument("--dry_run", action="store_true", help="print the grid (N, D, C) without training")
-  args = p.parse_args(argv)
   try:
+    args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, p)
     archs, sizes = _csv_list(args.archs), _csv_list(args.sizes)
     for a in archs:
       layer_types(a, 1)
@@ -210,13 +195,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     token_budgets = [float(t) for t in _csv_list(args.tokens)]
     if not token_budgets or min(token_budgets) <= 0:
       raise ValueError(f"--tokens must be a comma list of positive numbers, got {args.tokens!r}")
-  except ValueError as e:
+    overrides = dict(o.split("=", 1) for o in args.overrides)
+    for key in overrides:
+      if not key.startswith("model.") and key not in SWEEP_KEYS:
+        raise ValueError(f"--config.{key}: the sweep sets it per grid point; pass --config.model.KEY=VALUE or one of "
+                         f"{', '.join('--config.' + k for k in SWEEP_KEYS)}")
+    # The sweep-wide settings and a check of every override, on the first point's preset.
+    base = config_lib.apply_overrides(presets.get_preset(presets.sweep_name(archs[0], sizes[0], args.ffn)),
+                                      args.overrides)
+  except ValueError as e:  # ConfigError included
     print(f"error: {e}", file=sys.stderr)
     return 2
   points = grid(archs, sizes, token_budgets, args.ffn)
-  run_sweep(points, pathlib.Path(args.out), batch_size=args.batch_size, seq_len=args.seq_len,
-            learning_rate=args.learning_rate, seed=args.seed, run_root=pathlib.Path(args.run_root),
-            dry_run=args.dry_run)
+  run_sweep(points, pathlib.Path(args.out), batch_size=base.train.batch_size, seq_len=base.data.seq_len,
+            learning_rate=base.train.learning_rate, seed=base.train.seed, run_root=pathlib.Path(args.run_root),
+            dry_run=args.dry_run, model_overrides=[f"{k[len('model.'):]}={v}" for k, v in overrides.items()
+                                                   if k.startswith("model.")])
   return 0
 
 
