@@ -214,7 +214,7 @@ def _text_of(record, field: str, where: str) -> str:
   if isinstance(record, str):
     return record
   if not isinstance(record, dict) or field not in record:
-    raise ValueError(f"{where}: expected a JSON object with a {field!r} field (data.text_field)")
+    raise DataError(f"data.source: {where}: expected a JSON object with a {field!r} field (data.text_field)")
   return str(record[field])
 
 

@@ -37,6 +37,8 @@ def test_missing_and_empty_sources_are_data_errors(tmp_path):
   with pytest.raises(DataError) as e:
     _pipeline(tmp_path / "empty")
   assert "no documents found" in _one_line(e)
+  with pytest.raises(DataError, match="no documents found in ''"):
+    _pipeline("")  # --config.data.source=
   assert issubclass(DataError, ConfigError)  # the recipes report config errors in one line
 
 
