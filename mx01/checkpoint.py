@@ -48,6 +48,8 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_nonfinite_steps", "train.run_dir", "train.async_checkpointing",
     "train.tensorboard", "data.prefetch",
+    # Changes nothing silently: with it off, a malformed record stops the run when it starts.
+    "data.skip_bad_records",
 )
 
 # Fault injection for tests: SIGKILL this process right after the save of this step has started.

@@ -105,3 +105,12 @@ def test_garbage_tokenizer_json_names_the_file(tmp_path):
   assert str(path) in msg and "data.tokenizer" in msg
   with pytest.raises(DataError, match="neither 'byte' nor a tokenizer.json"):
     load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_runs_saved_before_the_switch_existed_still_resume(tmp_path):
+  from mx01 import checkpoint as ckpt_lib
+  cfg = _config(tmp_path)
+  saved = config_lib.to_dict(cfg)
+  del saved["data"]["skip_bad_records"]
+  assert ckpt_lib.config_mismatches(saved, cfg) == []
+  assert ckpt_lib.config_mismatches(saved, config_lib.apply_overrides(cfg, {"data.skip_bad_records": True})) == []
