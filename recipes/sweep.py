@@ -232,6 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     token_budgets = [float(t) for t in _csv_list(args.tokens)]
     if not token_budgets or min(token_budgets) <= 0:
       raise ValueError(f"--tokens must be a comma list of positive numbers, got {args.tokens!r}")
+    for flag in ("batch_size", "seq_len", "learning_rate"):
+      if getattr(args, flag) <= 0:
+        raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -37,6 +37,8 @@ def test_bad_grid_values():
     sweep.small_model_config("softmax", "s99")
   assert sweep.main(["--sizes", "s99", "--dry_run"]) == 2
   assert sweep.main(["--tokens", "-5", "--dry_run"]) == 2
+  for flag in ("--batch_size", "--seq_len", "--learning_rate"):
+    assert sweep.main([flag, "0", "--dry_run"]) == 2
 
 
 def test_sweep_writes_rows_and_resumes(tmp_path):
