@@ -291,7 +291,8 @@ def check_args(args) -> tuple[list, list, list]:
   for flag, names, valid in (("--kinds", kinds, KINDS), ("--sizes", sizes, tuple(SIZES))):
     unknown = [n for n in names if n not in valid]
     if unknown:
-      raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose a comma list of {', '.join(valid)}")
+      raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; "
+                       f"choose a comma list of {', '.join(valid)}")
   try:
     lengths = [int(x) for x in args.lengths.split(",")]
   except ValueError:
@@ -303,8 +304,8 @@ def check_args(args) -> tuple[list, list, list]:
     if num_pairs_for(seq_len, args.pairs_per_token, args.vocab_size, args.num_pairs) != want:
       flag = (f"--num-pairs {args.num_pairs}" if args.pairs_per_token is None
               else f"--pairs-per-token {args.pairs_per_token} ({want} pairs at length {seq_len})")
-      raise UsageError(f"{flag} does not fit length {seq_len} with --vocab-size {args.vocab_size}: it needs 1 <= pairs, "
-                       f"4 * pairs <= length + 1 and pairs < vocab_size / 2, so at most "
+      raise UsageError(f"{flag} does not fit length {seq_len} with --vocab-size {args.vocab_size}: it needs "
+                       f"1 <= pairs, 4 * pairs <= length + 1 and pairs < vocab_size / 2, so at most "
                        f"{max(1, min((seq_len + 1) // 4, args.vocab_size // 2 - 1))}; lower it or drop that length")
   if not args.overwrite:
     for path in (args.out, args.plot or os.path.splitext(args.out)[0] + ".png"):
@@ -334,7 +335,8 @@ def main(argv=None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
                   help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, vocab 64, lr 3e-3")
-  ap.add_argument("--out", default="runs/retrieval/retrieval.csv", help="CSV to write (not replaced without --overwrite)")
+  ap.add_argument("--out", default="runs/retrieval/retrieval.csv",
+                  help="CSV to write (an existing one is not replaced without --overwrite)")
   ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing --out CSV and its plot")
   ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",

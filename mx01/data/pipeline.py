@@ -93,8 +93,9 @@ class DataPipeline:
         return
     fix = ("add text to them" if split == "training" else
            "set data.eval_fraction=0 (no held-out loss) or a larger fraction")
-    raise sources_lib.DataError(f"data.source: the {len(source)} {split} document(s) of {self.config.data.source!r} on this "
-                    f"host are all empty, so no row can be packed; {fix}")
+    raise sources_lib.DataError(f"data.source: the {len(source)} {split} document(s) of "
+                                f"{self.config.data.source!r} on this host are all empty, so no row can be packed; "
+                                f"{fix}")
 
   # ---- pipelines -------------------------------------------------------------
 
