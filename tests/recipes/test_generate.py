@@ -3,6 +3,8 @@
 import json
 import pathlib
 import shutil
+import sys
+import types
 
 import jax
 import numpy as np
@@ -138,3 +140,21 @@ SMALL_SET = ["--set", *(a[len("--config."):] for a in SMALL)]
 
 def test_single_byte_stops_still_work():
   assert generate.stop_tokens(["\\n", ".", "\\x00", "\\xff"]) == [10, 46, 0, 255]
+
+
+def test_reports_of_abandoned_reads_are_silenced_others_are_not(monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)  # stands for Python's report on stderr
+
+  async def read():
+    pass
+
+  abandoned = read()
+  report = lambda obj, exc: types.SimpleNamespace(object=obj, exc_value=exc, exc_type=type(exc))  # noqa: E731
+  with ckpt_lib.dropped_reads_silenced():
+    sys.unraisablehook(report(abandoned, Exception("Encountered error while reading array index")))
+    sys.unraisablehook(report(None, RuntimeError("Event loop is closed")))
+    sys.unraisablehook(report(None, ValueError("something else")))
+  abandoned.close()
+  assert [str(r.exc_value) for r in reported] == ["something else"]
+  assert sys.unraisablehook == reported.append  # restored
