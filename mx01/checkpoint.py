@@ -26,10 +26,13 @@ Restoring:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import os
 import pathlib
 import signal
+import sys
 from typing import Any, Callable, Optional
 
 import dataclasses
@@ -45,6 +48,8 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_nonfinite_steps", "train.run_dir", "train.async_checkpointing",
     "train.tensorboard", "data.prefetch",
+    # Changes nothing silently: with it off, a malformed record stops the run when it starts.
+    "data.skip_bad_records",
 )
 
 # Fault injection for tests: SIGKILL this process right after the save of this step has started.
@@ -113,6 +118,55 @@ def _json_safe(x):
   if isinstance(x, bytes):
     return x.decode("latin-1")
   return x
+
+
+def latest_saved_config(directory: str | os.PathLike) -> Optional[dict]:
+  """The config (a `config.to_dict` tree) saved with the newest checkpoint in `directory` whose metadata reads.
+
+  For loading a run whose config is not known yet (recipes/generate.py): read it here, then
+  `Checkpointer(directory, config).restore(...)` verifies and falls back as a resume does.
+  Returns None when `directory` holds no checkpoint; reads only, creates nothing.  A checkpoint
+  whose metadata does not read is passed over here and reported by `restore`.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if not directory.is_dir():
+    return None
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["config"]
+      except Exception:  # a corrupt checkpoint: try the previous one
+        continue
+    return None
+  finally:
+    manager.close()
+
+
+@contextlib.contextmanager
+def dropped_reads_silenced():
+  """Keeps the reports of orbax's abandoned reads off stderr while a checkpoint is restored.
+
+  When one array of a checkpoint cannot be read, orbax raises the first error and abandons the
+  other reads; Python then reports each abandoned coroutine's exception, and each callback that
+  finds its event loop closed, through `sys.unraisablehook` -- hundreds to thousands of lines
+  of TensorStore specs around the one line `Checkpointer.restore` logs.  Other unraisable
+  exceptions are still reported.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    abandoned = inspect.iscoroutine(unraisable.object) or (
+        isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
+    if not abandoned:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 class Checkpointer:

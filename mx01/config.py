@@ -209,6 +209,7 @@ class DataConfig:
   eval_fraction: float = 0.02
   shuffle_seed: int = 0
   prefetch: int = 2
+  skip_bad_records: bool = False  # skip (and count) malformed JSON Lines records instead of stopping
 
   def __post_init__(self):
     _require(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")

@@ -20,8 +20,8 @@
 # (kind, size) on one GPU, with two learning rates and three seeds, merged with `--merge`:
 #
 #     bash benchmarks/gpu_suite.sh retrieval   # the study's GPU runs (see BENCHMARKS.md for the options)
-#     python -m recipes.retrieval --merge res/retrieval_*.csv --out results/retrieval.csv
-#     python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv   # a few minutes on CPU
+#     python -m recipes.retrieval --merge res/retrieval_*.csv --out results/retrieval.csv --overwrite
+#     python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv --overwrite  # minutes on CPU
 #
 # This notebook reads the study's CSV if present, else the CPU smoke run, else runs a micro version.
 #

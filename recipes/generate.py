@@ -4,13 +4,15 @@
     python -m recipes.generate --run-dir runs/tiny --prompt "hello" "a second prompt" --temperature 0.8 --top-p 0.95 --w8a16
     python -m recipes.generate --config=tiny --random-init --prompt "x" --config.model.compute_dtype=bfloat16
 
-Parameters come from the latest checkpoint in `--run-dir` (written by
-recipes/pretrain.py; its saved config is used) or, with `--random-init`, from
+Parameters come from the newest verified checkpoint in `--run-dir` (written by
+recipes/pretrain.py; its saved config is used; a corrupt checkpoint is reported
+and the previous one used, as `pretrain --resume` does) or, with `--random-init`, from
 `mx01.model.init` (for smoke tests and timing).  `--config.section.key=value`
 overrides apply to either config.  Several prompts run as one
 left-padded batch.  Prints each completion and the prefill / decode
 throughput (compilation excluded; reported separately).  Exit code 2 on a
-usage error (e.g. a prompt that does not fit, with the sizes and the fix).
+usage error, with one line naming it and the fix (e.g. a prompt that does not
+fit, a sampling flag out of range, a run directory without a usable checkpoint).
 """
 
 from __future__ import annotations
@@ -22,33 +24,84 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from mx01 import checkpoint as ckpt_lib
 from mx01 import config as config_lib
 from mx01 import model as model_lib
 from mx01 import presets
+from mx01 import training
 from mx01.inference import quantize
 from mx01.inference.generate import PromptTooLongError, generate
 from mx01.inference.sampling import SamplingConfig
 from recipes import flags as flags_lib
 
 
-def load_checkpoint_params(run_dir: str):
-  """(config, params) from the latest checkpoint of a pretrain run directory."""
-  import orbax.checkpoint as ocp
-  ckpt_dir = pathlib.Path(run_dir).absolute() / "checkpoints"
-  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta"))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first (python -m recipes.pretrain) or pass "
-                            "--random-init")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  cfg = config_lib.from_dict(meta["config"])
-  abstract = model_lib.abstract_params(cfg.model)
-  target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)}
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
-  manager.close()
-  print(f"restored params of step {step} from {ckpt_dir}", file=sys.stderr)
-  return cfg, state["params"]
+class UsageError(ValueError):
+  """A bad command line or run directory: one line on stderr, exit code 2."""
+
+
+def load_checkpoint_params(run_dir: str, log=lambda message: print(message, file=sys.stderr)):
+  """(config, params) from the newest verified checkpoint of a pretrain run directory.
+
+  Verified and falling back exactly as `recipes.pretrain --resume` does (Checkpointer.restore):
+  a checkpoint that cannot be read or whose arrays do not match their checksum is reported
+  through `log` in one line and the previous one is tried.  The checksum covers the whole
+  training state, so the optimizer state is read as well.  Creates nothing.
+  """
+  path = pathlib.Path(run_dir)
+  if not path.exists():
+    raise UsageError(f"--run-dir {run_dir} does not exist; pass the train.run_dir of a pretrain run or --random-init")
+  if not path.is_dir():
+    raise UsageError(f"--run-dir {run_dir} is a file, not a run directory (the train.run_dir of a pretrain run)")
+  ckpt_dir = path.absolute() / "checkpoints"
+  saved = ckpt_lib.latest_saved_config(ckpt_dir)
+  if saved is None:
+    raise UsageError(f"no checkpoint in {ckpt_dir}; train first (python -m recipes.pretrain) or pass --random-init")
+  cfg = config_lib.from_dict(saved)
+  optimizer, _ = training.make_optimizer(cfg.train)
+  abstract = jax.eval_shape(lambda k: training.init_train_state(cfg.model, optimizer, k, k), jax.random.key(0))
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, cfg, async_save=False, log=lambda message: log(_one_line(message)))
+  try:
+    with ckpt_lib.dropped_reads_silenced():
+      restored = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  log(f"restored params of step {restored.step} from {ckpt_dir}")
+  return cfg, restored.state["params"]
+
+
+def _one_line(message) -> str:
+  return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def stop_tokens(stops) -> list[int]:
+  """--stop strings (Python escapes such as '\\n' allowed) -> byte tokens; each must be a single byte."""
+  tokens = []
+  for s in stops:
+    try:
+      text = s.encode("utf-8").decode("unicode_escape")
+    except UnicodeDecodeError:
+      text = None
+    if text is None or len(text) != 1 or ord(text) > 255:
+      raise UsageError(f"--stop {s!r}: a stop string is one byte token, but this is "
+                       f"{len(s.encode('utf-8'))} bytes in UTF-8; give single bytes such as '.' or '\\n'")
+    tokens.append(ord(text))
+  return tokens
+
+
+def check_args(args) -> SamplingConfig:
+  """Validates the generation flags before anything is loaded; returns the sampling config."""
+  if args.max_new_tokens < 1:
+    raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if args.prefill_chunk < 1:
+    raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+  for i, prompt in enumerate(args.prompt):
+    if not prompt:
+      raise UsageError(f"--prompt: prompt {i + 1} is empty; generation continues a prompt, so give at least one "
+                       "character")
+  try:
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  except ValueError as e:  # "top_p must be ..." -> "--top-p: top_p must be ..."
+    raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -68,13 +121,15 @@ def main(argv=None) -> int:
   ap.add_argument("--json", action="store_true", help="print the result as JSON")
   try:
     args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
+    sampling = check_args(args)
+    stop_ids = stop_tokens(args.stop)
     if args.run_dir:  # the saved config; --config is not used
       cfg, params = load_checkpoint_params(args.run_dir)
     elif args.random_init:
       cfg = presets.get_preset(args.config)
       params = None
     else:
-      ap.error("pass --run-dir DIR (a trained checkpoint) or --random-init")
+      raise UsageError("pass --run-dir DIR (a trained checkpoint) or --random-init")
     cfg = config_lib.apply_overrides(cfg, args.overrides)
     model_cfg = cfg.model
     if params is None:
@@ -85,14 +140,13 @@ def main(argv=None) -> int:
       params = quantize.cast_floats(quantize.quantize_params(params), jnp.bfloat16)
     prompts = [list(p.encode("utf-8")) for p in args.prompt]
     if max(max(p) for p in prompts) >= model_cfg.vocab_size:
-      ap.error(f"byte prompts need model.vocab_size >= 256, got {model_cfg.vocab_size}")
-    stop_ids = [ord(s.encode().decode("unicode_escape")) for s in args.stop]
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+      raise UsageError(f"byte prompts need model.vocab_size >= 256, got {model_cfg.vocab_size}")
     result = generate(params, prompts, config=model_cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
                       rng=jax.random.key(args.seed), stop_tokens=stop_ids, prefill_chunk=args.prefill_chunk,
                       max_cache_len=args.max_cache_len)
-  except (PromptTooLongError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (UsageError, PromptTooLongError, config_lib.ConfigError, ckpt_lib.CheckpointMismatchError,
+          ckpt_lib.NoValidCheckpointError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   texts = [bytes(t).decode("utf-8", errors="replace") for t in result.tokens]
   summary = {"prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s,

@@ -1,8 +1,8 @@
 """Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
 
     python -m recipes.retrieval --kinds hybrid --sizes xs --seed 1 --out run.csv    # one slice of the study (GPU)
-    python -m recipes.retrieval --merge run*.csv --out results/retrieval.csv        # merge slices, plot, summary
-    python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv  # minutes on CPU
+    python -m recipes.retrieval --merge run*.csv --out results/retrieval.csv --overwrite  # merge, plot, summary
+    python -m recipes.retrieval --cpu-smoke                # minutes on CPU; writes runs/retrieval/retrieval.csv
 
 The task (multi-query associative recall, as in Zoology): a sequence starts
 with `num_pairs` key-value pairs, then a query region of filler tokens in
@@ -23,7 +23,10 @@ For every (kind, size, context length) a fresh model is trained for `--steps`
 steps (AdamW; warmup + cosine or a constant rate, `--lr-schedule`) on freshly generated batches and evaluated on
 held-out batches; a progress line every `--log-every` steps shows the answer
 loss and accuracy.  Writes one CSV row per run and a plot (accuracy vs context
-length, one panel per size) next to the CSV.  The defaults are the recorded study's
+length, one panel per size) next to the CSV (default runs/retrieval/retrieval.csv; an existing
+CSV or plot is replaced only with `--overwrite`, so the recorded results/ stay as they are).  Bad
+flags (an unknown kind or size, a length that is not a positive integer, more pairs than fit a
+length) are one-line errors, exit code 2, before anything trains.  The defaults are the recorded study's
 settings (BENCHMARKS.md, "Retrieval study"); it ran several learning rates and seeds
 per point, because whether a tiny model learns the lookup within the budget is a
 sudden, seed-dependent transition (`summarize` counts the runs that did).
@@ -278,7 +281,40 @@ def plot(rows: list, path: str, title: str = "MQAR accuracy"):
   plt.close(fig)
 
 
-def main(argv=None) -> list:
+class UsageError(ValueError):
+  """A bad command line: one line on stderr, exit code 2."""
+
+
+def check_args(args, vocab_size: int) -> tuple[list, list, list]:
+  """(kinds, sizes, lengths) of the flags; UsageError for an unknown name, a bad length or pairs that do not fit."""
+  kinds, sizes = args.kinds.split(","), args.sizes.split(",")
+  for flag, names, valid in (("--kinds", kinds, KINDS), ("--sizes", sizes, tuple(SIZES))):
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+      raise UsageError(f"{flag}: unknown {', '.join(map(repr, unknown))}; "
+                       f"choose a comma list of {', '.join(valid)}")
+  try:
+    lengths = [int(x) for x in args.lengths.split(",")]
+  except ValueError:
+    lengths = []
+  if not lengths or min(lengths) < 1:
+    raise UsageError(f"--lengths: {args.lengths!r} is not a comma list of positive integers, e.g. 64,256,1024")
+  for seq_len in lengths:
+    want = args.num_pairs if args.pairs_per_token is None else int(seq_len * args.pairs_per_token)
+    if num_pairs_for(seq_len, args.pairs_per_token, vocab_size, args.num_pairs) != want:
+      flag = (f"--num-pairs {args.num_pairs}" if args.pairs_per_token is None
+              else f"--pairs-per-token {args.pairs_per_token} ({want} pairs at length {seq_len})")
+      raise UsageError(f"{flag} does not fit length {seq_len} with vocab size {vocab_size}: it needs "
+                       f"1 <= pairs, 4 * pairs <= length + 1 and pairs < vocab_size / 2, so at most "
+                       f"{max(1, min((seq_len + 1) // 4, vocab_size // 2 - 1))}; lower it or drop that length")
+  if not args.overwrite:
+    for path in (args.out, args.plot or os.path.splitext(args.out)[0] + ".png"):
+      if os.path.exists(path):
+        raise UsageError(f"{path} exists; choose another --out (or --plot), or pass --overwrite to replace it")
+  return kinds, sizes, lengths
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog="--config.model.KEY=VALUE overrides every run's model, e.g. "
                                       "--config.model.vocab_size=128 --config.model.compute_dtype=bfloat16 "
@@ -299,28 +335,33 @@ def main(argv=None) -> list:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
                   help="tiny budget for a CPU: lengths 32,64, 4 pairs, 250 steps, batch 32, lr 3e-3")
-  ap.add_argument("--out", default="results/retrieval.csv")
+  ap.add_argument("--out", default="runs/retrieval/retrieval.csv",
+                  help="CSV to write (an existing one is not replaced without --overwrite)")
   ap.add_argument("--plot", default=None, help="PNG path (default: the CSV path with .png)")
+  ap.add_argument("--overwrite", action="store_true", help="replace an existing --out CSV and its plot")
   ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                   help="no training: concatenate these CSVs (e.g. one per GPU process) into --out and plot them")
   args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)
-  kinds, sizes = args.kinds.split(","), args.sizes.split(",")
+  if args.cpu_smoke:
+    args.lengths, args.steps, args.batch_size, args.eval_batches = "32,64", 250, 32, 2
+    args.lr, args.num_pairs, args.steps_per_call = 3e-3, 4, 25
   try:
     for key in (o.split("=", 1)[0] for o in args.overrides):
       if not key.startswith("model."):
         raise config_lib.ConfigError(f"--config.{key}: the study sets its training flags itself (--steps, --lr, "
                                      "...); only --config.model.KEY=VALUE overrides apply")
     model_overrides = [o[len("model."):] for o in args.overrides]
-    for kind in kinds:
-      presets.layer_types(kind, 1)  # names the valid kinds
-    for size in sizes:
-      if size not in SIZES:
-        raise config_lib.ConfigError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    # A check of every override (errors name the full key), and the study's vocabulary (the task's tokens).
-    vocab_size = config_lib.apply_overrides(presets.get_preset(presets.retrieval_name(kinds[0], sizes[0])),
-                                            args.overrides).model.vocab_size
-  except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+    kinds, sizes = args.kinds.split(","), args.sizes.split(",")
+    if all(k in KINDS for k in kinds) and all(s in SIZES for s in sizes):
+      # A check of every override (errors name the full key), and the study's vocabulary (the task's tokens).
+      vocab_size = config_lib.apply_overrides(presets.get_preset(presets.retrieval_name(kinds[0], sizes[0])),
+                                              args.overrides).model.vocab_size
+    else:
+      vocab_size = 0  # check_args names the unknown kind or size first
+    kinds, sizes, lengths = check_args(args, vocab_size)
+  except (UsageError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.merge:
     rows = [row for path in args.merge for row in read_csv(path)]
     write_csv(rows, args.out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
@@ -329,13 +370,10 @@ def main(argv=None) -> list:
     for g in summarize(rows):
       print(f"| {g['kind']} | {g['size']} | {g['seq_len']} | {g['runs']} | {g['learned']} | {g['best']:.3f} | "
             f"{g['median']:.3f} |")
-    return rows
-  if args.cpu_smoke:
-    args.lengths, args.steps, args.batch_size, args.eval_batches = "32,64", 250, 32, 2
-    args.lr, args.num_pairs, args.steps_per_call = 3e-3, 4, 25
+    return 0
   rows = []
   for size in sizes:
-    for seq_len in (int(x) for x in args.lengths.split(",")):
+    for seq_len in lengths:
       for kind in kinds:
         row = train_one(kind, size, seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         vocab_size=vocab_size, pairs_per_token=args.pairs_per_token,
@@ -347,9 +385,8 @@ def main(argv=None) -> list:
               f"loss={row['final_train_loss']:.3f} ({row['train_seconds']:.0f}s)", flush=True)
         write_csv(rows, args.out)  # after every run, so a cut-off study keeps what finished
   plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
-  return rows
+  return 0
 
 
 if __name__ == "__main__":
-  main()
-  sys.exit(0)
+  sys.exit(main())

@@ -13,9 +13,11 @@ Each grid point's model is a preset, `sweep_{arch}_{size}` or `sweep_{arch}_moe_
 presets' 8, 128, 3e-3, 0); the number of steps follows from each point's token budget.
 
 Every grid point (arch, size, ffn, tokens) is trained through `recipes.pretrain.train` and
-appended to the CSV as soon as it finishes; grid points already in the CSV are skipped, and a
-run interrupted mid-training resumes from its last checkpoint (run_root/<point>/).  So the
-command can be killed and re-run at any time.
+appended to the CSV as soon as it finishes; runs already in the CSV are skipped, and a run
+interrupted mid-training resumes from its last checkpoint (run_root/<run>/).  So the command
+can be killed and re-run at any time.  A run is the grid point together with batch size,
+sequence length, learning rate and seed (`run_key`): everything its config is made from, so
+another learning rate is a new run, in its own run_root/<run>/ folder.
 
 CSV columns (one row per run):
   arch, size, ffn         the grid point ("softmax" | "lightning" | "hybrid", a SIZES key, "dense" | "moe")
@@ -27,12 +29,14 @@ CSV columns (one row per run):
   flops_per_token         C / D
   final_loss, eval_loss   train loss (mean of the last logged steps) and held-out loss, nats/token
   wall_time_s, steps, batch_size, seq_len, learning_rate, seed, run_dir
+  model_overrides         the --config.model.KEY=VALUE overrides of the run, sorted and ;-joined (empty: none)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import dataclasses
 import math
 import pathlib
@@ -51,9 +55,13 @@ ARCHS = presets.KINDS
 SIZES = presets.SWEEP_SIZES
 layer_types = presets.layer_types
 
+
+class SweepError(RuntimeError):
+  """A run of the sweep cannot start (one line, exit code 2)."""
+
 CSV_COLUMNS = ("arch", "size", "ffn", "n_params", "n_params_active", "n_params_total", "tokens", "compute",
                "flops_per_token", "final_loss", "eval_loss", "wall_time_s", "steps", "batch_size", "seq_len",
-               "learning_rate", "seed", "run_dir")
+               "learning_rate", "seed", "run_dir", "model_overrides")
 
 
 def small_model_config(arch: str, size: str, *, ffn: str = "dense", vocab_size: int = 256,
@@ -78,9 +86,6 @@ class GridPoint:
   ffn: str
   target_tokens: float
 
-  def key(self, tokens: int) -> Tuple[str, str, str, int]:
-    return (self.arch, self.size, self.ffn, int(tokens))
-
   @property
   def name(self) -> str:
     return f"{self.arch}_{self.size}_{self.ffn}_{self.target_tokens:.0e}".replace("+", "")
@@ -90,22 +95,42 @@ def run_config(point: GridPoint, *, batch_size: int, seq_len: int, learning_rate
                run_root: pathlib.Path, model_overrides: Sequence[str] = ()) -> Config:
   """The full training Config of one grid point (steps = ceil(target tokens / tokens per step)).
 
-  model_overrides: ["num_layers=4", ...], applied to the point's model.
+  model_overrides: ["num_layers=4", ...], applied to the point's model.  A function of the grid
+  point and the arguments only (they make up `run_key`); its run_dir,
+  run_root/<point>_b<batch>_L<seq_len>_lr<lr>_seed<seed>[_m<hash of the overrides>], is different
+  for every run.
   """
   model = config_lib.apply_overrides(small_model_config(point.arch, point.size, ffn=point.ffn), model_overrides)
   steps = max(1, math.ceil(point.target_tokens / (batch_size * seq_len)))
+  name = f"{point.name}_b{batch_size}_L{seq_len}_lr{learning_rate:g}_seed{seed}"
+  if model_overrides:
+    name += "_m" + hashlib.blake2b(overrides_text(model_overrides).encode(), digest_size=4).hexdigest()
+  run_dir = run_root / name
   train = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                       warmup_steps=min(max(1, steps // 10), steps), seed=seed, log_every=max(1, steps // 10),
                       eval_every=steps, eval_batches=4, checkpoint_every=max(1, steps // 4), keep_checkpoints=1,
-                      run_dir=str(run_root / point.name), tensorboard=False)
+                      run_dir=str(run_dir), tensorboard=False)
   return Config(model=model, data=DataConfig(seq_len=seq_len), train=train)
+
+
+def overrides_text(model_overrides: Sequence[str]) -> str:
+  """The model overrides of a run as one canonical string (sorted, ';'-joined; '' for none)."""
+  return ";".join(sorted(model_overrides))
+
+
+def run_key(row: dict) -> tuple:
+  """What decides a run's result, from a CSV row (or a new row): grid point, tokens, batch, length, LR, seed
+  and the model overrides (absent in CSVs written before that column: none)."""
+  return (row["arch"], row["size"], row["ffn"], int(float(row["tokens"])), int(float(row["batch_size"])),
+          int(float(row["seq_len"])), float(row["learning_rate"]), int(float(row["seed"])),
+          row.get("model_overrides") or "")
 
 
 def _existing_keys(path: pathlib.Path) -> set:
   if not path.exists():
     return set()
   with open(path, newline="") as f:
-    return {(r["arch"], r["size"], r["ffn"], int(float(r["tokens"]))) for r in csv.DictReader(f)}
+    return {run_key(r) for r in csv.DictReader(f)}
 
 
 def _append_row(path: pathlib.Path, row: dict) -> None:
@@ -139,11 +164,14 @@ def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int
     cfg = run_config(point, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, seed=seed,
                      run_root=run_root, model_overrides=model_overrides)
     tokens = cfg.train.steps * batch_size * seq_len
+    key = run_key(dict(arch=point.arch, size=point.size, ffn=point.ffn, tokens=tokens, batch_size=batch_size,
+                       seq_len=seq_len, learning_rate=learning_rate, seed=seed,
+                       model_overrides=overrides_text(model_overrides)))
     pc = flops.param_count(cfg.model)
     compute = flops.training_flops(cfg.model, seq_len, tokens)
     head = (f"[{i + 1}/{len(points)}] {point.arch:9s} {point.size} {point.ffn}: N={pc.non_embedding:,} "
             f"D={tokens:,} C={compute:.3g} FLOPs ({cfg.train.steps} steps)")
-    if point.key(tokens) in done:
+    if key in done:
       log(head + " - already in CSV, skipped")
       continue
     if dry_run:
@@ -151,16 +179,23 @@ def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int
       continue
     log(head + " - training")
     t0 = time.time()
-    summary = train_fn(cfg, resume=True, log=lambda s: None)
+    from mx01.checkpoint import CheckpointMismatchError  # with the training stack: --dry_run needs neither
+    try:
+      summary = train_fn(cfg, resume=True, log=lambda s: None)
+    except CheckpointMismatchError as e:  # e.g. a run_root written by an older version of this sweep
+      first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+      raise SweepError(f"{cfg.train.run_dir} holds checkpoints of another config ({first}, ...); pass another "
+                       "--run_root, or delete that folder to retrain") from None
     row = dict(arch=point.arch, size=point.size, ffn=point.ffn, n_params=summary.get("n_params", pc.non_embedding),
                n_params_active=pc.active_non_embedding, n_params_total=summary.get("n_params_total", pc.total),
                tokens=summary.get("tokens_seen", tokens), compute=compute,
                flops_per_token=flops.training_flops_per_token(cfg.model, seq_len),
                final_loss=summary.get("final_train_loss"), eval_loss=summary.get("eval_loss"),
                wall_time_s=round(time.time() - t0, 2), steps=cfg.train.steps, batch_size=batch_size,
-               seq_len=seq_len, learning_rate=learning_rate, seed=seed, run_dir=cfg.train.run_dir)
+               seq_len=seq_len, learning_rate=learning_rate, seed=seed, run_dir=cfg.train.run_dir,
+               model_overrides=overrides_text(model_overrides))
     _append_row(out, row)
-    done.add(point.key(tokens))
+    done.add(key)
     rows.append(row)
     log(f"    loss {row['final_loss']:.4f} eval {row['eval_loss']:.4f} in {row['wall_time_s']:.1f}s")
   return rows
@@ -207,10 +242,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   points = grid(archs, sizes, token_budgets, args.ffn)
-  run_sweep(points, pathlib.Path(args.out), batch_size=base.train.batch_size, seq_len=base.data.seq_len,
-            learning_rate=base.train.learning_rate, seed=base.train.seed, run_root=pathlib.Path(args.run_root),
-            dry_run=args.dry_run, model_overrides=[f"{k[len('model.'):]}={v}" for k, v in overrides.items()
-                                                   if k.startswith("model.")])
+  try:
+    run_sweep(points, pathlib.Path(args.out), batch_size=base.train.batch_size, seq_len=base.data.seq_len,
+              learning_rate=base.train.learning_rate, seed=base.train.seed, run_root=pathlib.Path(args.run_root),
+              dry_run=args.dry_run, model_overrides=[f"{k[len('model.'):]}={v}" for k, v in overrides.items()
+                                                     if k.startswith("model.")])
+  except SweepError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -9,7 +9,8 @@ Documents (1-D int32 token arrays) are concatenated into rows of `row_len`
 
 A document longer than what is left of a row continues in the next row (as a
 new segment there, numbered from 1 again).  Every token of every document
-appears exactly once, in order.  Empty documents are skipped.
+appears exactly once, in order.  Empty documents are skipped (a repeated stream of
+nothing but empty documents would never yield a row: DataPipeline refuses one up front).
 
 The iterator's state is the parent iterator's state from just before the
 current document was read plus the offset reached inside it, so it is small

@@ -17,6 +17,12 @@ Train pipeline (grain):
     ThreadPrefetchIterDataset(prefetch)                # background thread
 
 b is the per-host batch, train.batch_size / jax.process_count().
+
+Unusable data raises `DataError` (a ConfigError) on construction, before any
+training: a missing path, no documents, only empty documents in the train or the
+held-out split (packing would wait forever for a token), a malformed JSON Lines
+record (or, with data.skip_bad_records, those records are left out and listed in
+`skipped_records`).
 """
 
 from __future__ import annotations
@@ -64,16 +70,32 @@ class DataPipeline:
     if self.tokenizer.vocab_size > config.model.vocab_size:
       raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({self.tokenizer.vocab_size}, data.tokenizer={dc.tokenizer!r})")
-    self.source = source if source is not None else sources_lib.open_source(dc.source, dc.text_field)
+    self.source = source if source is not None else sources_lib.open_source(dc.source, dc.text_field,
+                                                                            dc.skip_bad_records)
+    self.skipped_records: tuple[str, ...] = getattr(self.source, "skipped", ())  # "file:line" of each
     train_idx, eval_idx = sources_lib.split_indices(self.source, dc.eval_fraction)
     self.num_train_documents, self.num_eval_documents = len(train_idx), len(eval_idx)
     host_train = train_idx[process_index::process_count]
     if len(host_train) == 0:
-      raise ValueError(f"data.source: host {process_index} of {process_count} has no training documents")
+      raise sources_lib.DataError(f"data.source: host {process_index} of {process_count} has no training documents")
     self.train_source = sources_lib.SubsetSource(self.source, host_train)
     self.eval_source = (sources_lib.SubsetSource(self.source, eval_idx[process_index::process_count])
                         if len(eval_idx) >= process_count else None)
+    self._require_tokens(self.train_source, "training")
+    if self.eval_source is not None:
+      self._require_tokens(self.eval_source, "held-out")
     self.row_len = dc.seq_len + 1
+
+  def _require_tokens(self, source, split: str) -> None:
+    """Raises DataError if every document of `source` tokenizes to nothing (reads up to the first that does not)."""
+    for i in range(len(source)):
+      if self.tokenizer.encode(source[i]).size:
+        return
+    fix = ("add text to them" if split == "training" else
+           "set data.eval_fraction=0 (no held-out loss) or a larger fraction")
+    raise sources_lib.DataError(f"data.source: the {len(source)} {split} document(s) of "
+                                f"{self.config.data.source!r} on this host are all empty, so no row can be packed; "
+                                f"{fix}")
 
   # ---- pipelines -------------------------------------------------------------
 

@@ -9,13 +9,18 @@ order in which files are listed.
   own `.py` files, read from the running interpreter, sorted by relative path.
   Needs no download.
 * `TextFilesSource`      - plain-text files (one document per file).
-* `JsonlSource`          - JSON Lines files (one document per line, field `text`).
+* `JsonlSource`          - JSON Lines files (one document per line, field `text`); every line is
+  checked on opening, so a malformed one stops the run before it starts, naming file and line
+  (or is skipped and counted with `DataConfig.skip_bad_records`).
 * `ArrayRecordSource`    - ArrayRecord files (one document per record: UTF-8
   text, or a JSON object with field `text`).
 
 `open_source(spec)` picks one from `DataConfig.source`: "embedded", a file, a
 folder (every .txt/.md/.py/.jsonl/.array_record file below it), or a
 comma-separated list of those.
+
+Unusable data (a missing path, no documents, a malformed record) raises
+`DataError`, a `ConfigError` whose one-line message names the file and the fix.
 """
 
 from __future__ import annotations
@@ -30,9 +35,15 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from mx01.config import ConfigError
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
+
+
+class DataError(ConfigError):
+  """The data named by `Config.data` cannot be used (missing, empty, malformed); the message names file and fix."""
 
 
 class DocumentSource(Protocol):
@@ -64,23 +75,37 @@ class TextFilesSource:
 
 
 class JsonlSource:
-  """One document per line of JSON Lines files; lines are indexed by byte offset on construction."""
+  """One document per line of JSON Lines files.
 
-  def __init__(self, paths: Sequence[str], text_field: str = "text", root: str = ""):
+  Opening reads every line once: it records byte offsets and checks that the line is a JSON
+  string or an object with `text_field`.  A line that is not raises DataError naming file and
+  line, unless skip_bad_records: then it is left out and listed in `skipped` ("file:line").
+  """
+
+  def __init__(self, paths: Sequence[str], text_field: str = "text", root: str = "",
+               skip_bad_records: bool = False):
     self.paths = tuple(paths)
     self.text_field = text_field
     self.root = root
-    file_idx, offsets = [], []
+    file_idx, offsets, skipped = [], [], []
     for fi, path in enumerate(self.paths):
       with open(path, "rb") as f:
         pos = 0
-        for line in f:
+        for line_no, line in enumerate(f, start=1):
           if line.strip():
-            file_idx.append(fi)
-            offsets.append(pos)
+            problem = _record_problem(line, text_field)
+            if problem is None:
+              file_idx.append(fi)
+              offsets.append(pos)
+            elif skip_bad_records:
+              skipped.append(f"{path}:{line_no}")
+            else:
+              raise DataError(f"data.source: {path}:{line_no}: {problem}; fix or delete that line, or set "
+                              "data.skip_bad_records=true to skip such records")
           pos += len(line)
     self._file_idx = np.asarray(file_idx, np.int64)
     self._offsets = np.asarray(offsets, np.int64)
+    self.skipped = tuple(skipped)
 
   def __len__(self) -> int:
     return len(self._offsets)
@@ -139,6 +164,7 @@ class ConcatSource:
   def __init__(self, sources: Sequence[DocumentSource]):
     self.sources = tuple(sources)
     self._starts = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
+    self.skipped = tuple(x for s in self.sources for x in getattr(s, "skipped", ()))
 
   def _locate(self, index: int) -> tuple[DocumentSource, int]:
     si = int(np.searchsorted(self._starts, index, side="right") - 1)
@@ -173,11 +199,22 @@ class SubsetSource:
     return self.base.key(int(self.indices[index]))
 
 
+def _record_problem(line: bytes, field: str):
+  """Why a JSON Lines line is not a document (None if it is one)."""
+  try:
+    record = json.loads(line)
+  except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+    return f"not valid JSON ({e})"
+  if isinstance(record, str) or (isinstance(record, dict) and field in record):
+    return None
+  return f"expected a JSON object with a {field!r} field (data.text_field)"
+
+
 def _text_of(record, field: str, where: str) -> str:
   if isinstance(record, str):
     return record
   if not isinstance(record, dict) or field not in record:
-    raise ValueError(f"{where}: expected a JSON object with a {field!r} field (data.text_field)")
+    raise DataError(f"data.source: {where}: expected a JSON object with a {field!r} field (data.text_field)")
   return str(record[field])
 
 
@@ -205,7 +242,7 @@ def _files_under(path: pathlib.Path) -> list[pathlib.Path]:
                 key=lambda p: p.relative_to(path).as_posix())
 
 
-def open_source(spec: str, text_field: str = "text") -> DocumentSource:
+def open_source(spec: str, text_field: str = "text", skip_bad_records: bool = False) -> DocumentSource:
   """Opens `DataConfig.source`: "embedded", a file, a folder, or a comma-separated list of them."""
   if spec == "embedded":
     return stdlib_corpus()
@@ -214,7 +251,7 @@ def open_source(spec: str, text_field: str = "text") -> DocumentSource:
   for part in parts:
     path = pathlib.Path(part)
     if not path.exists():
-      raise FileNotFoundError(f"data.source: {part!r} does not exist (use 'embedded', a file or a folder)")
+      raise DataError(f"data.source: {part!r} does not exist (use 'embedded', a file or a folder)")
     root = str(path) if path.is_dir() else str(path.parent)
     files = _files_under(path) if path.is_dir() else [path]
     text = [str(p) for p in files if p.suffix not in JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES]
@@ -223,11 +260,12 @@ def open_source(spec: str, text_field: str = "text") -> DocumentSource:
     if text:
       sources.append(TextFilesSource(tuple(text), root=root))
     if jsonl:
-      sources.append(JsonlSource(jsonl, text_field, root=root))
+      sources.append(JsonlSource(jsonl, text_field, root=root, skip_bad_records=skip_bad_records))
     if arec:
       sources.append(ArrayRecordSource(arec, text_field, root=root))
   if not sources:
-    raise ValueError(f"data.source: no documents found in {spec!r}")
+    raise DataError(f"data.source: no documents found in {spec!r} (files ending in "
+                    f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES)})")
   return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
@@ -245,7 +283,7 @@ def split_indices(source: DocumentSource, eval_fraction: float) -> tuple[np.ndar
   """
   n = len(source)
   if n == 0:
-    raise ValueError("data.source: the corpus has no documents")
+    raise DataError("data.source: the corpus has no documents")
   if eval_fraction <= 0:
     return np.arange(n, dtype=np.int64), np.zeros((0,), np.int64)
   h = np.asarray([_unit_hash(source.key(i)) for i in range(n)])
@@ -254,7 +292,7 @@ def split_indices(source: DocumentSource, eval_fraction: float) -> tuple[np.ndar
     is_eval[int(np.argmin(h))] = True
   if is_eval.all():
     if n == 1:
-      raise ValueError("data.source: a single document cannot be split into train and eval; "
-                       "set data.eval_fraction=0")
+      raise DataError("data.source: a single document cannot be split into train and eval; "
+                      "set data.eval_fraction=0")
     is_eval[int(np.argmax(h))] = False
   return np.nonzero(~is_eval)[0].astype(np.int64), np.nonzero(is_eval)[0].astype(np.int64)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from mx01.data.sources import DataError
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -46,7 +48,11 @@ class HFTokenizer:
       raise ImportError("data.tokenizer: a tokenizer.json needs the `tokenizers` package "
                         "(pip install tokenizers)") from e
     self.path = path
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the library raises a bare Exception for a file it cannot parse
+      raise DataError(f"data.tokenizer: {path} is not a tokenizer.json the `tokenizers` library can read "
+                      f"({' '.join(str(e).split())}); point data.tokenizer at a valid file or use 'byte'") from e
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
 
   def encode(self, text: str) -> np.ndarray:
@@ -62,5 +68,5 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return ByteTokenizer()
   path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.tokenizer: {spec!r} is neither 'byte' nor a tokenizer.json file")
+    raise DataError(f"data.tokenizer: {spec!r} is neither 'byte' nor a tokenizer.json file (or a folder holding one)")
   return HFTokenizer(path)
