@@ -516,7 +516,7 @@ def _released_tensors(params: dict, config: ModelConfig, include_buffers: bool =
   def add(row, leaf):
     dtype = np.dtype(leaf.dtype)
     if row.kind == "vector":
-      out.append((row.released, row.shape, dtype, lambda: np.asarray(leaf)))
+      out.append((row.released, row.shape, dtype, lambda: np.ascontiguousarray(np.asarray(leaf))))
     elif row.kind == "linear":
       out.append((row.released, row.shape[::-1], dtype, lambda: np.ascontiguousarray(np.asarray(leaf).T)))
     else:
