@@ -421,7 +421,13 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
     pick = lambda tree, path: tree  # noqa: E731
   else:
     top_sh, layer_sh = _layers_of(shardings, config)
-    pick = _get
+
+    def pick(tree, path):
+      try:
+        return _get(tree, path)
+      except (KeyError, TypeError):
+        raise ConversionError(f"shardings: no entry for {'/'.join(path)}; give one jax Sharding or a tree "
+                              "shaped like the params (e.g. jax.tree.map over model.abstract_params)") from None
 
   def place(row, sharding):
     read = _reader(row, released, source)
