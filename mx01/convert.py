@@ -18,9 +18,10 @@ Linear weights are stored [out, in]; our kernels are [in, out]; our experts are 
 `_layers_of` are the one place that knows how layers sit in the params tree.
 
 Streaming: shards are opened lazily with safetensors' `safe_open` (a couple at a time) and every
-parameter is built by `jax.make_array_from_callback` straight into its target sharding; the callback
-reads only the slice that device needs (per-expert tensors are stacked inside it), so a host holds a
-few tensors beyond its own shards.  Names and shapes are all checked before any data is read.
+parameter is built by `jax.make_array_from_callback` in its target sharding; the callback reads only
+the slice that device needs (per-expert tensors are stacked inside it), so a host holds a few tensors
+beyond its own shards.  Weights go to the devices in their stored [out, in] order and are transposed
+there (a strided host copy runs at a fraction of a GB/s).  Names and shapes are all checked before any data is read.
 
 The lightning layers' decay buffers (`slope_rate`, ...) are not weights: they follow from the config,
 are checked on import (a wrong depth shows there) and are written on export, as transformers writes them.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -337,25 +339,38 @@ def _stored(row: _Row, released: bool) -> dict:
 
 
 def _reader(row: _Row, released: bool, source) -> Callable[[tuple], np.ndarray]:
-  """index (slices of our [in, out]-ordered shape) -> that slice of our parameter, read from the source."""
-  if row.kind == "vector":
+  """index -> that slice of the parameter as stored: [n] vectors, Linear weights [out, in], experts
+  [E, out, in] (the per-expert tensors stacked, or rows of transformers' fused tensor)."""
+  if row.kind in ("vector", "linear"):
     name = row.released if released else row.in_memory
     return lambda idx: source.read(name, idx)
-  if row.kind == "linear":
-    name = row.released if released else row.in_memory
-    return lambda idx: source.read(name, idx[::-1]).T
   if released:
-    def read_experts(idx):
-      se, sa, sb = idx
-      return np.stack([source.read(row.released.format(e=i), (sb, sa)).T for i in range(row.shape[0])[se]])
-    return read_experts
+    return lambda idx: np.stack([source.read(row.released.format(e=i), idx[1:]) for i in range(row.shape[0])[idx[0]]])
   name, block = _block_of(row.in_memory)
   offset = 0 if block is None else block * row.shape[2]
+  return lambda idx: source.read(name, (idx[0], slice(idx[1].start + offset, idx[1].stop + offset), idx[2]))
 
-  def read_fused(idx):
-    se, sa, sb = idx
-    return source.read(name, (se, slice(sb.start + offset, sb.stop + offset), sa)).transpose(0, 2, 1)
-  return read_fused
+
+def _swap_last(x: tuple) -> tuple:
+  return tuple(x[:-2]) + (x[-1], x[-2])
+
+
+def _stored_sharding(sharding, ndim: int):
+  """The sharding of the stored [.., out, in] array whose transpose has `sharding` (None: not derivable)."""
+  from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*_swap_last(spec)), memory_kind=sharding.memory_kind)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_into(sharding):
+  """A jitted swap of the last two axes whose result lands in `sharding` (the transpose runs on the devices)."""
+  import jax
+  return jax.jit(lambda x: x.swapaxes(-1, -2), out_shardings=sharding)
 
 
 def _concrete(index: tuple, shape: tuple) -> tuple:
@@ -431,8 +446,18 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
 
   def place(row, sharding):
     read = _reader(row, released, source)
-    return jax.make_array_from_callback(
-        row.shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, row.shape)), dtype=dtype))
+    if row.kind == "vector":
+      return jax.make_array_from_callback(
+          row.shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, row.shape)), dtype=dtype))
+    # Weights are stored [.., out, in] and ours are [.., in, out]: host transposes are slow (strided
+    # copies), so the stored order goes to the devices and is transposed there, into the target sharding.
+    stored_shape, stored_sharding = _swap_last(row.shape), _stored_sharding(sharding, len(row.shape))
+    if stored_sharding is None:  # a sharding we cannot permute: transpose each slice on the host
+      return jax.make_array_from_callback(row.shape, sharding, lambda idx: np.ascontiguousarray(
+          read(_swap_last(_concrete(idx, row.shape))).swapaxes(-1, -2), dtype=dtype))
+    stored = jax.make_array_from_callback(stored_shape, stored_sharding, lambda idx: np.ascontiguousarray(
+        read(_concrete(idx, stored_shape)), dtype=dtype))
+    return _transpose_into(sharding)(stored)
 
   top, layers = {}, []
   for row in _top_rows(config):
