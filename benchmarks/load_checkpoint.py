@@ -5,11 +5,12 @@
 
 Writes an `--layers`-layer slice of MiniMax-Text-01's shape (hidden 6144, 64 heads of 128, 32 experts
 of width 9216, vocab 200064; the release's lightning/softmax order) in bf16 with
-`mx01.convert.save_safetensors` (5 GB shards and an index, as the Hub's), then times
+`mx01.convert.write_safetensors` (5 GB shards and an index, as the Hub's), then times
 `mx01.convert.load_safetensors` onto the first local device (or, with `--expert-parallel`, the
 experts split over all local devices) until every array is ready.  8 layers are about 88 GB: mind
-the disk.  Weights are rows of random numbers repeated down each tensor (the loader cannot tell; the
-writer then needs no more memory than a shard).  `--cold` evicts the files from the page cache
+the disk.  Tensors are written under the released names and shapes
+(`convert.released_tensors`), each one random row repeated (the loader cannot tell; the writer holds
+one shard and does no host transposes).  `--cold` evicts the files from the page cache
 (posix_fadvise DONTNEED, no root needed) before loading, so the read comes from the disk; without it
 the files are as warm as writing left them.  A few loaded slices are compared with what was written.
 
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import os
 import time
+import zlib
 
 import jax
 import ml_dtypes
@@ -46,13 +48,23 @@ def slice_config(layers: int, experts: int | None, tiny: bool):
   return cfg
 
 
-def synthetic_params(cfg, seed: int = 0) -> dict:
-  """Params as read-only broadcast views: one random row per tensor, repeated (no memory beyond the rows)."""
-  rng = np.random.default_rng(seed)
-  def leaf(s):
-    row = (rng.standard_normal(s.shape[-1]) * 0.02).astype(ml_dtypes.bfloat16)
-    return np.broadcast_to(row, s.shape)
-  return jax.tree.map(leaf, model.abstract_params(cfg))
+def stored_tensor(name: str, shape, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+  """A tensor as written: one random row (seeded by the name) repeated, as a read-only broadcast view."""
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  return np.broadcast_to((rng.standard_normal(shape[-1]) * 0.02).astype(dtype), tuple(shape))
+
+
+def write_checkpoint(cfg, folder: str, max_shard_size) -> list[str]:
+  """The released layout's names and shapes (`convert.released_tensors`), filled without host transposes."""
+  def fill(name, shape, dtype, make):
+    if not name.endswith(".weight"):  # the lightning decay buffers: real values, from the config
+      return name, shape, dtype, make
+    return name, shape, dtype, lambda: np.ascontiguousarray(stored_tensor(name, shape, dtype))
+  specs = [fill(*spec) for spec in convert.released_tensors(model.abstract_params(cfg), cfg)]
+  files = convert.write_safetensors(specs, folder, max_shard_size)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(convert.config_to_hf(cfg), f, indent=2)
+  return files
 
 
 def _status_bytes(key: str) -> int | None:
@@ -93,22 +105,27 @@ def _shardings(cfg, expert_parallel: bool):
   return jax.tree.map(lambda s: NamedSharding(mesh, P("expert") if s.ndim == 3 else P()), model.abstract_params(cfg))
 
 
-def _check(loaded: dict, written: dict, cfg) -> None:
-  """A few slices of the loaded params equal the written ones."""
-  last = f"layers_{cfg.num_layers - 1}"
-  for path in (("embed", "embedding"), ("layers_0", "moe", "wi_gate"), (last, "moe", "wo"), (last, "input_norm", "scale")):
-    got, want = loaded, written
+def _check(loaded: dict, cfg) -> None:
+  """A few slices of the loaded params equal the written tensors (transposed where ours are [in, out])."""
+  last = cfg.num_layers - 1
+  for path, name, transposed in (
+      (("embed", "embedding"), "model.embed_tokens.weight", False),
+      (("layers_0", "moe", "wi_gate"), "model.layers.0.block_sparse_moe.experts.0.w1.weight", True),
+      ((f"layers_{last}", "moe", "wo"), f"model.layers.{last}.block_sparse_moe.experts.0.w2.weight", True),
+      ((f"layers_{last}", "input_norm", "scale"), f"model.layers.{last}.input_layernorm.weight", False)):
+    got = loaded
     for k in path:
-      got, want = got[k], want[k]
-    idx = tuple(slice(0, 3) for _ in want.shape)
-    np.testing.assert_array_equal(np.asarray(got[idx]), want[idx], err_msg="/".join(path))
+      got = got[k]
+    got = np.asarray(got[0] if got.ndim == 3 else got)
+    shape = got.shape[::-1] if transposed else got.shape
+    want = stored_tensor(name, shape)
+    np.testing.assert_array_equal(got, want.T if transposed else want, err_msg="/".join(path))
 
 
 def run(args) -> dict:
   cfg = slice_config(args.layers, args.experts, args.tiny)
-  params = synthetic_params(cfg)
   t0 = time.perf_counter()
-  files = convert.save_safetensors(params, cfg, args.dir, max_shard_size=args.max_shard_size)
+  files = write_checkpoint(cfg, args.dir, args.max_shard_size)
   write_s = time.perf_counter() - t0
   size = sum(os.path.getsize(f) for f in files)
   if args.cold:
@@ -122,7 +139,7 @@ def run(args) -> dict:
   jax.block_until_ready(loaded)
   load_s = time.perf_counter() - t0
   peak, rss1 = _status_bytes("VmHWM"), _status_bytes("VmRSS")
-  _check(loaded, params, cfg)
+  _check(loaded, cfg)
   result = {
       "layers": cfg.num_layers, "experts": cfg.num_experts, "hidden": cfg.hidden_size, "files": len(files),
       "checkpoint_gb": size / 1e9, "write_s": write_s, "load_s": load_s, "load_gb_per_s": size / 1e9 / load_s,

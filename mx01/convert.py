@@ -126,8 +126,6 @@ def config_from_hf(hf) -> ModelConfig:
     unsupported(dtype_key, dtype, "mx01 keeps parameters in float32 or bfloat16; pass config= with the param_dtype "
                 "you want to convert on load")
 
-  def factor_of(ours, hf_key, release_key):
-    return float(get(hf_key, get(release_key, 1.0)))
 
   try:
     return ModelConfig(
@@ -138,7 +136,7 @@ def config_from_hf(hf) -> ModelConfig:
         router_aux_loss_coef=get("router_aux_loss_coef", 0.001), aux_loss_reduction="pooled",
         block_size=get("block_size", 256), rotary_dim=rotary_dim,
         rope_theta=float(rope.get("rope_theta", get("rope_theta", 10_000.0))),
-        **{ours: factor_of(ours, h, r) for ours, h, r in _DEEPNORM},
+        **{ours: float(get(h, get(r, 1.0))) for ours, h, r in _DEEPNORM},
         rms_norm_eps=get("rms_norm_eps", 1e-5), initializer_range=get("initializer_range", 0.02),
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         max_seq_len=get("max_position_embeddings") or ModelConfig.max_seq_len, param_dtype=_DTYPES[dtype])
@@ -539,8 +537,20 @@ def _decay_buffers(config: ModelConfig, i: int) -> dict:
   return {"slope_rate": slope, "query_decay": q_decay, "key_decay": k_decay, "diagonal_decay": diag}
 
 
-def _released_tensors(params: dict, config: ModelConfig, include_buffers: bool = True):
-  """[(name, shape, dtype, make)] in the released layout; make() -> the numpy tensor (read when called)."""
+def _host_transposed(x) -> np.ndarray:
+  """x [.., a, b] -> contiguous numpy [.., b, a]; a jax array is transposed on its devices (a strided
+  host copy runs at a fraction of a GB/s)."""
+  if hasattr(x, "addressable_shards"):
+    return np.asarray(x.swapaxes(-1, -2))
+  return np.ascontiguousarray(np.asarray(x).swapaxes(-1, -2))
+
+
+def released_tensors(params: dict, config: ModelConfig, include_buffers: bool = True) -> list:
+  """[(name, shape, dtype, make)] in the released layout; make() -> the numpy tensor, built when called.
+
+  Leaves may be jax arrays (fully addressable), numpy arrays, or anything with .shape and .dtype when
+  only the names, shapes and dtypes are wanted (e.g. `model.abstract_params(config)`).
+  """
   top, layers = _layers_of(params, config)
   out = []
 
@@ -549,11 +559,10 @@ def _released_tensors(params: dict, config: ModelConfig, include_buffers: bool =
     if row.kind == "vector":
       out.append((row.released, row.shape, dtype, lambda: np.ascontiguousarray(np.asarray(leaf))))
     elif row.kind == "linear":
-      out.append((row.released, row.shape[::-1], dtype, lambda: np.ascontiguousarray(np.asarray(leaf).T)))
+      out.append((row.released, row.shape[::-1], dtype, lambda: _host_transposed(leaf)))
     else:
       for e in range(row.shape[0]):
-        out.append((row.released.format(e=e), row.shape[:0:-1], dtype,
-                    lambda e=e: np.ascontiguousarray(np.asarray(leaf[e]).T)))
+        out.append((row.released.format(e=e), row.shape[:0:-1], dtype, lambda e=e: _host_transposed(leaf[e])))
 
   for row in _top_rows(config):
     add(row, _get(top, row.path))
@@ -568,7 +577,7 @@ def _released_tensors(params: dict, config: ModelConfig, include_buffers: bool =
 
 def to_hf_state_dict(params: dict, config: ModelConfig, *, include_buffers: bool = True) -> dict:
   """mx01 params -> {released name: numpy array} in the parameters' dtype (decay buffers in float32)."""
-  return {name: make() for name, _, _, make in _released_tensors(params, config, include_buffers)}
+  return {name: make() for name, _, _, make in released_tensors(params, config, include_buffers)}
 
 
 def _parse_size(size) -> int:
@@ -621,7 +630,7 @@ def save_safetensors(params: dict, config: ModelConfig, out_dir: str, *, max_sha
   Tensors keep the parameters' dtype; leaves may be jax arrays (fully addressable) or numpy arrays.
   Returns the weight files written.
   """
-  files = write_safetensors(_released_tensors(params, config), out_dir, max_shard_size)
+  files = write_safetensors(released_tensors(params, config), out_dir, max_shard_size)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(config), f, indent=2)
   return files
