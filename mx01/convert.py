@@ -41,7 +41,7 @@ import os
 import re
 from typing import Callable, Iterable, Mapping
 
-import ml_dtypes  # noqa: F401  registers numpy's "bfloat16", which safetensors' numpy API needs
+import ml_dtypes  # also registers numpy's "bfloat16", which safetensors' numpy API needs
 import numpy as np
 
 from mx01.config import LIGHTNING, SOFTMAX, ConfigError, ModelConfig

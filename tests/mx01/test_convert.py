@@ -16,7 +16,6 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -335,3 +334,18 @@ def test_host_transpose_fallback_gives_the_same_params(tmp_path, hf_model, monke
   monkeypatch.setattr(convert, "_stored_sharding", lambda sharding, ndim: None)
   on_host, _ = convert.load_safetensors(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, on_host, on_device)
+
+
+def test_tied_embeddings_round_trip_through_one_file(tmp_path):
+  """A tied head is not written; a single .safetensors path loads, with config.json beside it."""
+  cfg = convert.config_from_hf({**RELEASE_CONFIG, "tie_word_embeddings": True})
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.02).astype(s.dtype), model.abstract_params(cfg))
+  assert "lm_head" not in params
+  (path,) = convert.save_safetensors(params, cfg, str(tmp_path))
+  from safetensors import safe_open
+  with safe_open(path, "numpy") as f:
+    assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+  loaded, cfg2 = convert.load_safetensors(path)
+  assert cfg2 == cfg and cfg2.tie_word_embeddings
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
