@@ -1,133 +1,245 @@
-"""Weights and configs to and from the transformers `MiniMaxForCausalLM` layout.
+"""The released MiniMax-Text-01 checkpoint (Hugging Face safetensors) <-> mx01 params, streamed and sharded.
 
-    params = from_hf_state_dict(state_dict, config)      # torch tensors or numpy arrays
-    state_dict = to_hf_state_dict(params, config)         # numpy arrays, transformers names
-    params = load_safetensors("path/to/checkpoint_dir", config)
-    save_safetensors(params, config, "out_dir")
+    params, config = load_safetensors("path/to/checkpoint_dir", shardings=None)   # config from config.json
+    save_safetensors(params, config, "out_dir", max_shard_size="5GB")
+    params = from_hf_state_dict(model.state_dict(), config)    # a live transformers model (torch or numpy)
+    config = config_from_hf(json.load(open("config.json")))     # the release's or transformers' config.json
 
-Layout differences: transformers stores Linear weights as [out, in], we store
-kernels as [in, out]; its experts are `gate_up_proj` [E, 2I, H] (gate rows
-first) and `down_proj` [E, H, I]; ours are wi_gate/wi_up [E, H, I] and wo
-[E, I, H].  The lightning layers' decay buffers (`slope_rate`, ...) are not
-weights: they follow from the config, are checked on import and regenerated
-on export.
+Two tensor layouts are read, and the first is written:
 
-RoPE: transformers' MiniMax rotates the whole head (it has no rotary_dim),
-while the original release rotates the first 64 of 128 dims.  `config_from_hf`
-takes an explicit `rotary_dim` attribute when the config has one (the original
-release's config.json does) and the whole head otherwise.
+* released (on disk; what transformers' `save_pretrained` writes and the Hub holds): one Linear per
+  expert, `model.layers.N.block_sparse_moe.experts.E.w1|w2|w3.weight` ([I, H], [H, I], [I, H]) and the
+  router `model.layers.N.block_sparse_moe.gate.weight` [E, H];
+* transformers' in-memory names (`model.state_dict()`): `mlp.gate.weight`, `mlp.experts.gate_up_proj`
+  [E, 2I, H] (gate rows first) and `mlp.experts.down_proj` [E, H, I].
+
+Linear weights are stored [out, in]; our kernels are [in, out]; our experts are wi_gate/wi_up [E, H, I]
+(w1 / w3) and wo [E, I, H] (w2).  `_layer_rows` / `_top_rows` are the one name table; `_params_tree` /
+`_layers_of` are the one place that knows how layers sit in the params tree.
+
+Streaming: shards are opened lazily with safetensors' `safe_open` (a couple at a time) and every
+parameter is built by `jax.make_array_from_callback` in its target sharding; the callback reads only
+the slice that device needs (per-expert tensors are stacked inside it), so a host holds a few tensors
+beyond its own shards.  Weights go to the devices in their stored [out, in] order and are transposed
+there (a strided host copy runs at a fraction of a GB/s).  Names and shapes are all checked before any data is read.
+
+The lightning layers' decay buffers (`slope_rate`, ...) are not weights: they follow from the config,
+are checked on import (a wrong depth shows there) and are written on export, as transformers writes them.
+
+RoPE: the release rotates the first `rotary_dim` = 64 of 128 head dims (`rope_parameters.
+partial_rotary_factor` = 0.5 in newer configs); transformers 5.24's MiniMax ignores both and rotates
+the whole head.  We follow the release; outputs agree with transformers only at full rotary.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import json
 import os
-from typing import Mapping
+import re
+from typing import Callable, Iterable, Mapping
 
+import ml_dtypes  # also registers numpy's "bfloat16", which safetensors' numpy API needs
 import numpy as np
 
-from mx01.config import LIGHTNING, SOFTMAX, ModelConfig
+from mx01.config import LIGHTNING, SOFTMAX, ConfigError, ModelConfig
 from mx01.lightning import minimax_log_decay
 
 _HF_KIND = {"linear_attention": LIGHTNING, "full_attention": SOFTMAX}
 _OUR_KIND = {v: k for k, v in _HF_KIND.items()}
+_RELEASE_KIND = {0: LIGHTNING, 1: SOFTMAX}  # attn_type_list
 _DECAY_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+_MODEL_TYPES = ("minimax", "MiniMaxText01", "minimax_text_01")
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+# DeepNorm factors: (our field, transformers' key, the release's key).
+_DEEPNORM = (("lightning_alpha", "linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
+             ("lightning_beta", "linear_attn_beta_factor", "layernorm_linear_attention_beta"),
+             ("softmax_alpha", "full_attn_alpha_factor", "layernorm_full_attention_alpha"),
+             ("softmax_beta", "full_attn_beta_factor", "layernorm_full_attention_beta"),
+             ("mlp_alpha", "mlp_alpha_factor", "layernorm_mlp_alpha"),
+             ("mlp_beta", "mlp_beta_factor", "layernorm_mlp_beta"))
 
 
 class ConversionError(ValueError):
-  """A checkpoint that does not match the config (missing, extra or mis-shaped tensors)."""
+  """A checkpoint or config that mx01 cannot represent (missing, extra or mis-shaped tensors, unsupported keys)."""
 
+
+# ---- config ------------------------------------------------------------------
 
 def config_from_hf(hf) -> ModelConfig:
-  """A transformers MiniMaxConfig (object or dict) -> ModelConfig."""
+  """A config.json (dict) or transformers MiniMaxConfig -> ModelConfig.
+
+  Reads both the release's keys (attn_type_list, layernorm_*_alpha/beta, rotary_dim, rope_theta) and
+  transformers' (layer_types, *_factor, rope_parameters); values mx01 does not implement raise
+  ConversionError naming the key.
+  """
   get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, Mapping) else (lambda k, d=None: getattr(hf, k, d))
+
+  def unsupported(key, value, why):
+    raise ConversionError(f"config.json: {key}={value!r} is not supported: {why}")
+
+  model_type = get("model_type")
+  if model_type is not None and model_type not in _MODEL_TYPES:
+    unsupported("model_type", model_type, f"this converter reads MiniMax-Text-01 checkpoints {_MODEL_TYPES}")
+  if get("postnorm", True) is not True:
+    unsupported("postnorm", get("postnorm"), "mx01 implements the released post-norm (DeepNorm) layers only")
+  if (get("shared_intermediate_size") or 0) > 0:
+    unsupported("shared_intermediate_size", get("shared_intermediate_size"), "mx01's MoE has no shared expert")
+  if get("hidden_act", "silu") != "silu":
+    unsupported("hidden_act", get("hidden_act"), "mx01's experts are SwiGLU (silu) only")
+  if get("sliding_window") is not None:
+    unsupported("sliding_window", get("sliding_window"), "mx01's softmax layers attend to the whole context")
+  rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    unsupported("rope_parameters.rope_type", rope.get("rope_type", rope.get("type")), "only plain RoPE is implemented")
+
+  n_layers = get("num_hidden_layers")
+  if get("layer_types") is not None:
+    key, raw, table = "layer_types", list(get("layer_types")), _HF_KIND
+  elif get("attn_type_list") is not None:
+    key, raw, table = "attn_type_list", list(get("attn_type_list")), _RELEASE_KIND
+  else:
+    raise ConversionError("config.json: neither layer_types nor attn_type_list is given; "
+                          "MiniMax needs one attention kind per layer")
+  bad = [(i, t) for i, t in enumerate(raw) if t not in table]
+  if bad:
+    unsupported(f"{key}[{bad[0][0]}]", bad[0][1], f"mx01 knows {sorted(table, key=str)} (lightning / softmax)")
+  if len(raw) != n_layers:
+    raise ConversionError(f"config.json: {key} has {len(raw)} entries but num_hidden_layers={n_layers}")
+
   heads = get("num_attention_heads")
   head_dim = get("head_dim") or get("hidden_size") // heads
-  rope = get("rope_parameters") or {}
-  theta = rope.get("rope_theta", get("rope_theta", 10_000.0))
-  layer_types = get("layer_types") or get("attn_type_list")
-  kinds = tuple(_HF_KIND[t] if isinstance(t, str) else (SOFTMAX if t == 1 else LIGHTNING) for t in layer_types)
-  return ModelConfig(
-      vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
-      num_heads=heads, num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim,
-      layer_types=kinds, ffn_type="moe", intermediate_size=get("intermediate_size"),
-      num_experts=get("num_local_experts"), num_experts_per_tok=get("num_experts_per_tok"),
-      router_aux_loss_coef=get("router_aux_loss_coef", 0.001), aux_loss_reduction="pooled",
-      block_size=get("block_size", 256), rotary_dim=get("rotary_dim"), rope_theta=float(theta),
-      lightning_alpha=float(get("linear_attn_alpha_factor", get("layernorm_linear_attention_alpha", 1.0))),
-      lightning_beta=float(get("linear_attn_beta_factor", get("layernorm_linear_attention_beta", 1.0))),
-      softmax_alpha=float(get("full_attn_alpha_factor", get("layernorm_full_attention_alpha", 1.0))),
-      softmax_beta=float(get("full_attn_beta_factor", get("layernorm_full_attention_beta", 1.0))),
-      mlp_alpha=float(get("mlp_alpha_factor", get("layernorm_mlp_alpha", 1.0))),
-      mlp_beta=float(get("mlp_beta_factor", get("layernorm_mlp_beta", 1.0))),
-      rms_norm_eps=get("rms_norm_eps", 1e-5), initializer_range=get("initializer_range", 0.02),
-      tie_word_embeddings=bool(get("tie_word_embeddings", False)))
+  rotary_dim, factor = get("rotary_dim"), rope.get("partial_rotary_factor", get("partial_rotary_factor"))
+  if factor is not None:
+    from_factor = int(head_dim * factor)
+    if rotary_dim is not None and rotary_dim != from_factor:
+      raise ConversionError(f"config.json: rotary_dim={rotary_dim} disagrees with partial_rotary_factor={factor} "
+                            f"x head_dim={head_dim}; fix one of them")
+    rotary_dim = from_factor
+  if rotary_dim == head_dim:
+    rotary_dim = None  # the whole head: ModelConfig's canonical spelling
+  dtype_key = "dtype" if get("dtype") is not None else "torch_dtype"
+  dtype = str(get(dtype_key) or "float32").replace("torch.", "")
+  if dtype not in _DTYPES:
+    unsupported(dtype_key, dtype, "mx01 keeps parameters in float32 or bfloat16; pass config= with the param_dtype "
+                "you want to convert on load")
+
+
+  try:
+    return ModelConfig(
+        vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_layers=n_layers,
+        num_heads=heads, num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim,
+        layer_types=tuple(table[t] for t in raw), ffn_type="moe", intermediate_size=get("intermediate_size"),
+        num_experts=get("num_local_experts"), num_experts_per_tok=get("num_experts_per_tok"),
+        router_aux_loss_coef=get("router_aux_loss_coef", 0.001), aux_loss_reduction="pooled",
+        block_size=get("block_size", 256), rotary_dim=rotary_dim,
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", 10_000.0))),
+        **{ours: float(get(h, get(r, 1.0))) for ours, h, r in _DEEPNORM},
+        rms_norm_eps=get("rms_norm_eps", 1e-5), initializer_range=get("initializer_range", 0.02),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        max_seq_len=get("max_position_embeddings") or ModelConfig.max_seq_len, param_dtype=_DTYPES[dtype])
+  except ConfigError as e:
+    raise ConversionError(f"config.json does not make a valid mx01 model: {e}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict:
-  """ModelConfig -> keyword arguments of transformers.MiniMaxConfig."""
+  """ModelConfig -> config.json contents: transformers' MiniMax keys and the release's names for the same values.
+
+  transformers 5.24 ignores rotary_dim / partial_rotary_factor (it rotates the whole head), so only a
+  full-rotary config computes the same in transformers.
+  """
   c = config
   if not c.is_moe:
-    raise ConversionError("transformers' MiniMax has only MoE feed-forward layers; ffn_type='dense' has no equivalent")
-  if c.resolved_rotary_dim != c.head_dim:
-    raise ConversionError(
-        f"transformers' MiniMax rotates the whole head, but rotary_dim={c.resolved_rotary_dim} < head_dim={c.head_dim}; "
-        "set model.rotary_dim=None for an exact transformers equivalent")
-  return dict(
+    raise ConversionError("the MiniMax checkpoint format has only MoE feed-forward layers; "
+                          "ffn_type='dense' has no equivalent")
+  rd = c.resolved_rotary_dim
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  if rd != c.head_dim:
+    rope["partial_rotary_factor"] = rd / c.head_dim
+  out = dict(
+      model_type="minimax", architectures=["MiniMaxForCausalLM"], dtype=c.param_dtype,
       vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
       head_dim=c.head_dim, hidden_act="silu", rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
       num_experts_per_tok=c.num_experts_per_tok, num_local_experts=c.num_experts,
       router_aux_loss_coef=c.router_aux_loss_coef, layer_types=[_OUR_KIND[k] for k in c.resolved_layer_types],
-      block_size=c.block_size, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-      full_attn_alpha_factor=c.softmax_alpha, full_attn_beta_factor=c.softmax_beta,
-      linear_attn_alpha_factor=c.lightning_alpha, linear_attn_beta_factor=c.lightning_beta,
-      mlp_alpha_factor=c.mlp_alpha, mlp_beta_factor=c.mlp_beta, initializer_range=c.initializer_range)
+      block_size=c.block_size, rope_parameters=rope, max_position_embeddings=c.max_seq_len,
+      initializer_range=c.initializer_range,
+      # The release's spelling of the same values (read by engines that follow the original config).
+      attn_type_list=[1 if k == SOFTMAX else 0 for k in c.resolved_layer_types], rotary_dim=rd,
+      postnorm=True, shared_intermediate_size=0)
+  for ours, hf_key, release_key in _DEEPNORM:
+    out[hf_key] = out[release_key] = getattr(c, ours)
+  return out
 
 
-def _to_numpy(x) -> np.ndarray:
-  if hasattr(x, "detach"):  # torch.Tensor (bf16 has no numpy dtype: go through float32)
-    x = x.detach().cpu()
-    if str(x.dtype) == "torch.bfloat16":
-      x = x.float()
-    return x.numpy()
-  return np.asarray(x)
+# ---- the name table ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """One parameter: our path and shape, how it is stored ("vector", "linear" = [out, in], "experts" = per
+  expert [out, in]), its released name ("{e}" = expert index) and transformers' in-memory name
+  ("name[k]" = the k-th of the equal row blocks of a fused tensor)."""
+  path: tuple
+  shape: tuple
+  kind: str
+  released: str
+  in_memory: str
 
 
-def _layer_map(config: ModelConfig, i: int):
-  """(hf_name, our_path, to_ours, expected_hf_shape) for every tensor of layer i."""
+def _layer_rows(config: ModelConfig, i: int) -> list[_Row]:
+  """The name table: every parameter of layer i."""
   c = config
-  d, h, kv, hd, e, inter = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts,
-                            c.intermediate_size)
-  p = f"model.layers.{i}."
-  T = lambda w: w.T  # noqa: E731  [out, in] -> [in, out]
+  d, h, kv, hd, e, m = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts, c.intermediate_size
   rows = [
-      (p + "input_layernorm.weight", ("input_norm", "scale"), None, (d,)),
-      (p + "post_attention_layernorm.weight", ("post_attn_norm", "scale"), None, (d,)),
-      (p + "mlp.gate.weight", ("moe", "router"), T, (e, d)),
-      (p + "mlp.experts.down_proj", ("moe", "wo"), lambda w: w.transpose(0, 2, 1), (e, d, inter)),
+      (("input_norm", "scale"), (d,), "vector", "input_layernorm.weight", None),
+      (("post_attn_norm", "scale"), (d,), "vector", "post_attention_layernorm.weight", None),
+      (("moe", "router"), (d, e), "linear", "block_sparse_moe.gate.weight", "mlp.gate.weight"),
+      (("moe", "wi_gate"), (e, d, m), "experts", "block_sparse_moe.experts.{e}.w1.weight", "mlp.experts.gate_up_proj[0]"),
+      (("moe", "wi_up"), (e, d, m), "experts", "block_sparse_moe.experts.{e}.w3.weight", "mlp.experts.gate_up_proj[1]"),
+      (("moe", "wo"), (e, m, d), "experts", "block_sparse_moe.experts.{e}.w2.weight", "mlp.experts.down_proj"),
   ]
   if c.resolved_layer_types[i] == LIGHTNING:
     rows += [
-        (p + "self_attn.qkv_proj.weight", ("attn", "qkv_proj", "kernel"), T, (3 * h * hd, d)),
-        (p + "self_attn.output_gate.weight", ("attn", "output_gate", "kernel"), T, (h * hd, d)),
-        (p + "self_attn.out_proj.weight", ("attn", "out_proj", "kernel"), T, (d, h * hd)),
-        (p + "self_attn.norm.weight", ("attn", "norm", "scale"), None, (h * hd,)),
+        (("attn", "qkv_proj", "kernel"), (d, 3 * h * hd), "linear", "self_attn.qkv_proj.weight", None),
+        (("attn", "output_gate", "kernel"), (d, h * hd), "linear", "self_attn.output_gate.weight", None),
+        (("attn", "out_proj", "kernel"), (h * hd, d), "linear", "self_attn.out_proj.weight", None),
+        (("attn", "norm", "scale"), (h * hd,), "vector", "self_attn.norm.weight", None),
     ]
   else:
     rows += [
-        (p + "self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), T, (h * hd, d)),
-        (p + "self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), T, (kv * hd, d)),
-        (p + "self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), T, (kv * hd, d)),
-        (p + "self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), T, (d, h * hd)),
+        (("attn", "q_proj", "kernel"), (d, h * hd), "linear", "self_attn.q_proj.weight", None),
+        (("attn", "k_proj", "kernel"), (d, kv * hd), "linear", "self_attn.k_proj.weight", None),
+        (("attn", "v_proj", "kernel"), (d, kv * hd), "linear", "self_attn.v_proj.weight", None),
+        (("attn", "o_proj", "kernel"), (h * hd, d), "linear", "self_attn.o_proj.weight", None),
     ]
+  p = f"model.layers.{i}."
+  return [_Row(path, shape, kind, p + rel, p + (mem or rel)) for path, shape, kind, rel, mem in rows]
+
+
+def _top_rows(config: ModelConfig) -> list[_Row]:
+  c = config
+  rows = [_Row(("embed", "embedding"), (c.vocab_size, c.hidden_size), "vector", "model.embed_tokens.weight",
+               "model.embed_tokens.weight"),
+          _Row(("final_norm", "scale"), (c.hidden_size,), "vector", "model.norm.weight", "model.norm.weight")]
+  if not c.tie_word_embeddings:
+    rows.append(_Row(("lm_head", "kernel"), (c.hidden_size, c.vocab_size), "linear", "lm_head.weight",
+                     "lm_head.weight"))
   return rows
 
 
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
+def _layers_of(tree: dict, config: ModelConfig) -> tuple[dict, list[dict]]:
+  """A params-shaped tree -> (top-level entries, one dict per layer).  The inverse of `_params_tree`."""
+  layers = [tree[f"layers_{i}"] for i in range(config.num_layers)]
+  return {k: v for k, v in tree.items() if not k.startswith("layers_")}, layers
+
+
+def _params_tree(top: dict, layers: list[dict], config: ModelConfig) -> dict:
+  """The one place that assembles the params tree from the top-level entries and per-layer dicts."""
+  assert len(layers) == config.num_layers
+  return {**top, **{f"layers_{i}": layer for i, layer in enumerate(layers)}}
 
 
 def _get(tree: dict, path):
@@ -136,73 +248,282 @@ def _get(tree: dict, path):
   return tree
 
 
-def _global_map(config: ModelConfig):
-  c = config
-  rows = [("model.embed_tokens.weight", ("embed", "embedding"), None, (c.vocab_size, c.hidden_size)),
-          ("model.norm.weight", ("final_norm", "scale"), None, (c.hidden_size,))]
-  if not c.tie_word_embeddings:
-    rows.append(("lm_head.weight", ("lm_head", "kernel"), lambda w: w.T, (c.vocab_size, c.hidden_size)))
-  return rows
+def _set(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
 
 
-def from_hf_state_dict(state_dict: Mapping, config: ModelConfig) -> dict:
-  """transformers state dict -> mx01 params.  Raises ConversionError listing every problem."""
-  problems, params, used = [], {}, set()
+# ---- reading -------------------------------------------------------------------
 
-  def take(name, shape):
-    """The tensor `name` as numpy if present with `shape`; otherwise records the problem and returns None."""
-    if name not in state_dict:
-      problems.append(f"missing tensor {name} (expected shape {shape})")
-      return None
-    used.add(name)
-    w = _to_numpy(state_dict[name])
-    if tuple(w.shape) != shape:
-      problems.append(f"{name}: shape {tuple(w.shape)} but the config needs {shape}")
-      return None
-    return w
+def _to_numpy(x) -> np.ndarray:
+  if hasattr(x, "detach"):  # torch.Tensor; bf16 has no torch->numpy path: via float32, exactly
+    x = x.detach().cpu()
+    if str(x.dtype) == "torch.bfloat16":
+      return x.float().numpy().astype(ml_dtypes.bfloat16)
+    return x.numpy()
+  return np.asarray(x)
 
-  def take_all(rows, tree):
-    for name, path, fn, shape in rows:
-      w = take(name, shape)
-      if w is not None:
-        _set(tree, path, fn(w) if fn else w)
 
-  for i in range(config.num_layers):
-    layer = {}
-    take_all(_layer_map(config, i), layer)
-    # Experts: gate_up_proj [E, 2I, H] -> wi_gate, wi_up [E, H, I].
-    inter = config.intermediate_size
-    w = take(f"model.layers.{i}.mlp.experts.gate_up_proj", (config.num_experts, 2 * inter, config.hidden_size))
-    if w is not None:
-      _set(layer, ("moe", "wi_gate"), w[:, :inter].transpose(0, 2, 1))
-      _set(layer, ("moe", "wi_up"), w[:, inter:].transpose(0, 2, 1))
-    if config.resolved_layer_types[i] == LIGHTNING:
-      name = f"model.layers.{i}.self_attn.slope_rate"
-      for buf in _DECAY_BUFFERS:
-        used.add(f"model.layers.{i}.self_attn.{buf}")
-      if name in state_dict:
-        got = -_to_numpy(state_dict[name]).reshape(-1).astype(np.float32)
-        want = minimax_log_decay(config.num_heads, i, config.num_layers)
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-7):
-          problems.append(f"{name}: decay rates differ from the config's (num_heads={config.num_heads}, "
-                          f"layer {i} of {config.num_layers}); is num_hidden_layers right?")
-    params[f"layers_{i}"] = layer
-  take_all(_global_map(config), params)
-  extra = sorted(set(state_dict) - used)
-  if config.tie_word_embeddings and "lm_head.weight" in extra:
-    extra.remove("lm_head.weight")  # transformers may store the tied head too
+class _DictSource:
+  """Tensors held in memory (a state dict of torch tensors or numpy arrays)."""
+
+  def __init__(self, state_dict: Mapping):
+    self._sd = state_dict
+
+  def shapes(self) -> dict:
+    return {k: tuple(v.shape) for k, v in self._sd.items()}
+
+  def read(self, name: str, index: tuple) -> np.ndarray:
+    return _to_numpy(self._sd[name][index])
+
+
+class _SafetensorsSource:
+  """Tensors in safetensors files, opened lazily: at most `max_open` memory maps at once (a map's touched
+  pages count as this process's memory until it is closed)."""
+
+  def __init__(self, files: list[str], max_open: int = 2):
+    from safetensors import safe_open
+    self._open_fn = lambda f: safe_open(f, framework="numpy")
+    self._file_of, self._shapes = {}, {}
+    for f in files:
+      handle = self._open_checked(f)
+      for name in handle.keys():
+        self._file_of[name] = f
+        self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+      del handle
+    self._handles = collections.OrderedDict()
+    self._max_open = max_open
+
+  def _open_checked(self, f):
+    try:
+      return self._open_fn(f)
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise ConversionError(f"{f}: not a readable safetensors file ({e})") from None
+
+  def shapes(self) -> dict:
+    return dict(self._shapes)
+
+  def read(self, name: str, index: tuple) -> np.ndarray:
+    f = self._file_of[name]
+    if f not in self._handles:
+      if len(self._handles) >= self._max_open:
+        self._handles.popitem(last=False)
+      self._handles[f] = self._open_checked(f)
+    self._handles.move_to_end(f)
+    return self._handles[f].get_slice(name)[index]
+
+  def close(self):
+    self._handles.clear()
+
+
+def _block_of(in_memory: str):
+  """"name[k]" -> (name, k); "name" -> (name, None)."""
+  m = re.fullmatch(r"(.*)\[(\d)\]", in_memory)
+  return (m.group(1), int(m.group(2))) if m else (in_memory, None)
+
+
+def _stored(row: _Row, released: bool) -> dict:
+  """{stored name: stored shape} of one row in the chosen layout."""
+  if row.kind == "vector":
+    return {row.released if released else row.in_memory: row.shape}
+  if row.kind == "linear":
+    return {row.released if released else row.in_memory: row.shape[::-1]}
+  e, a, b = row.shape  # experts: ours [E, in, out], stored per expert [out, in]
+  if released:
+    return {row.released.format(e=i): (b, a) for i in range(e)}
+  name, block = _block_of(row.in_memory)
+  return {name: (e, 2 * b if block is not None else b, a)}
+
+
+def _reader(row: _Row, released: bool, source) -> Callable[[tuple], np.ndarray]:
+  """index -> that slice of the parameter as stored: [n] vectors, Linear weights [out, in], experts
+  [E, out, in] (the per-expert tensors stacked, or rows of transformers' fused tensor)."""
+  if row.kind in ("vector", "linear"):
+    name = row.released if released else row.in_memory
+    return lambda idx: source.read(name, idx)
+  if released:
+    return lambda idx: np.stack([source.read(row.released.format(e=i), idx[1:]) for i in range(row.shape[0])[idx[0]]])
+  name, block = _block_of(row.in_memory)
+  offset = 0 if block is None else block * row.shape[2]
+  return lambda idx: source.read(name, (idx[0], slice(idx[1].start + offset, idx[1].stop + offset), idx[2]))
+
+
+def _swap_last(x: tuple) -> tuple:
+  return tuple(x[:-2]) + (x[-1], x[-2])
+
+
+def _stored_sharding(sharding, ndim: int):
+  """The sharding of the stored [.., out, in] array whose transpose has `sharding` (None: not derivable)."""
+  from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*_swap_last(spec)), memory_kind=sharding.memory_kind)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_into(sharding):
+  """A jitted swap of the last two axes whose result lands in `sharding` (the transpose runs on the devices)."""
+  import jax
+  return jax.jit(lambda x: x.swapaxes(-1, -2), out_shardings=sharding)
+
+
+def _concrete(index: tuple, shape: tuple) -> tuple:
+  """make_array_from_callback's index (slices, possibly open) -> slices with explicit bounds."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _check(source_shapes: dict, config: ModelConfig, released: bool) -> None:
+  """Every missing, extra or mis-shaped tensor, before anything is read."""
+  problems, used = [], set()
+  for rows in [_top_rows(config)] + [_layer_rows(config, i) for i in range(config.num_layers)]:
+    for row in rows:
+      for name, shape in _stored(row, released).items():
+        if name in used:
+          continue
+        used.add(name)
+        if name not in source_shapes:
+          problems.append(f"missing tensor {name} (expected shape {shape})")
+        elif source_shapes[name] != shape:
+          problems.append(f"{name}: shape {source_shapes[name]} but the config needs {shape}")
+  for i, kind in enumerate(config.resolved_layer_types):
+    if kind == LIGHTNING:
+      used.update(f"model.layers.{i}.self_attn.{b}" for b in _DECAY_BUFFERS)
+  if config.tie_word_embeddings:
+    used.add("lm_head.weight")  # transformers may store the tied head too
+  extra = sorted(set(source_shapes) - used)
   problems += [f"unexpected tensor {k} (not part of this config; wrong num_layers or layer_types?)" for k in extra]
   if problems:
+    layout = "released (block_sparse_moe.experts.E.w1)" if released else "transformers in-memory (mlp.experts)"
     shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-    raise ConversionError(f"checkpoint does not match the config ({len(problems)} problems):\n  {shown}")
-  import jax.numpy as jnp
-  target = jnp.dtype(config.param_dtype)
-  return _map_tree(params, lambda a: jnp.asarray(np.ascontiguousarray(a), dtype=target))
+    raise ConversionError(f"checkpoint ({layout} layout) does not match the config ({len(problems)} problems):"
+                          f"\n  {shown}")
 
 
-def _map_tree(tree, fn):
-  return {k: _map_tree(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+def _check_decay(source, source_shapes: dict, config: ModelConfig) -> None:
+  """The stored lightning decay rates (when present) must be the config's: catches a wrong depth."""
+  for i, kind in enumerate(config.resolved_layer_types):
+    name = f"model.layers.{i}.self_attn.slope_rate"
+    if kind != LIGHTNING or name not in source_shapes:
+      continue
+    stored = source.read(name, tuple(slice(None) for _ in source_shapes[name]))
+    got = -stored.astype(np.float32).reshape(-1)
+    want = minimax_log_decay(config.num_heads, i, config.num_layers)
+    rtol = 1e-2 if stored.dtype == ml_dtypes.bfloat16 else 1e-5
+    if got.shape != want.shape or not np.allclose(got, want, rtol=rtol, atol=1e-7):
+      raise ConversionError(f"{name}: decay rates differ from the config's (num_heads={config.num_heads}, "
+                            f"layer {i} of {config.num_layers}); is num_hidden_layers right?")
 
+
+def _convert(source, config: ModelConfig, shardings) -> dict:
+  """Source tensors -> params, each built in its target sharding from per-device slices."""
+  import jax
+  shapes = source.shapes()
+  released = not any(".mlp.experts." in n or ".mlp.gate." in n for n in shapes)
+  _check(shapes, config, released)
+  _check_decay(source, shapes, config)
+  dtype = np.dtype(config.param_dtype)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    top_sh, layer_sh = shardings, [shardings] * config.num_layers
+    pick = lambda tree, path: tree  # noqa: E731
+  else:
+    top_sh, layer_sh = _layers_of(shardings, config)
+
+    def pick(tree, path):
+      try:
+        return _get(tree, path)
+      except (KeyError, TypeError):
+        raise ConversionError(f"shardings: no entry for {'/'.join(path)}; give one jax Sharding or a tree "
+                              "shaped like the params (e.g. jax.tree.map over model.abstract_params)") from None
+
+  def place(row, sharding):
+    read = _reader(row, released, source)
+    if row.kind == "vector":
+      return jax.make_array_from_callback(
+          row.shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, row.shape)), dtype=dtype))
+    # Weights are stored [.., out, in] and ours are [.., in, out]: host transposes are slow (strided
+    # copies), so the stored order goes to the devices and is transposed there, into the target sharding.
+    stored_shape, stored_sharding = _swap_last(row.shape), _stored_sharding(sharding, len(row.shape))
+    if stored_sharding is None:  # a sharding we cannot permute: transpose each slice on the host
+      return jax.make_array_from_callback(row.shape, sharding, lambda idx: np.ascontiguousarray(
+          read(_swap_last(_concrete(idx, row.shape))).swapaxes(-1, -2), dtype=dtype))
+    stored = jax.make_array_from_callback(stored_shape, stored_sharding, lambda idx: np.ascontiguousarray(
+        read(_concrete(idx, stored_shape)), dtype=dtype))
+    return _transpose_into(sharding)(stored)
+
+  top, layers = {}, []
+  for row in _top_rows(config):
+    _set(top, row.path, place(row, pick(top_sh, row.path)))
+  for i in range(config.num_layers):
+    layer = {}
+    for row in _layer_rows(config, i):
+      _set(layer, row.path, place(row, pick(layer_sh[i], row.path)))
+    layers.append(layer)
+  return _params_tree(top, layers, config)
+
+
+def from_hf_state_dict(state_dict: Mapping, config: ModelConfig, *, shardings=None) -> dict:
+  """A state dict (released or in-memory names; torch tensors or numpy arrays) -> mx01 params.
+
+  shardings: one jax Sharding for every parameter or a params-shaped tree of them (default: the first
+  local device).  Raises ConversionError listing every missing, extra or mis-shaped tensor.
+  """
+  return _convert(_DictSource(state_dict), config, shardings)
+
+
+def _checkpoint_files(path: str) -> list[str]:
+  if not os.path.isdir(path):
+    if not os.path.isfile(path):
+      raise ConversionError(f"{path}: no such checkpoint file or directory")
+    return [path]
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError) as e:
+      raise ConversionError(f"{index}: not a safetensors index ({e!r}); it needs a weight_map") from None
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise ConversionError(f"no .safetensors files in {path}")
+  return [os.path.join(path, f) for f in files]
+
+
+def read_config(folder: str) -> ModelConfig:
+  """The ModelConfig of a checkpoint folder's config.json."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise ConversionError(f"no config given and no config.json in {folder}")
+  try:
+    with open(path) as f:
+      return config_from_hf(json.load(f))
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_safetensors(path: str, config: ModelConfig | None = None, *, shardings=None):
+  """A checkpoint file, a folder of them, or a sharded one (model.safetensors.index.json) -> (params, config).
+
+  The config comes from config.json beside the weights when not given; parameters are cast to its
+  param_dtype and placed in `shardings` (see `from_hf_state_dict`) one tensor at a time.
+  """
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  config = config or read_config(folder)
+  source = _SafetensorsSource(_checkpoint_files(path))
+  try:
+    return _convert(source, config, shardings), config
+  finally:
+    source.close()
+
+
+# ---- writing -------------------------------------------------------------------
 
 def _decay_buffers(config: ModelConfig, i: int) -> dict:
   """The transformers lightning layer's non-weight buffers, from the config."""
@@ -216,65 +537,100 @@ def _decay_buffers(config: ModelConfig, i: int) -> dict:
   return {"slope_rate": slope, "query_decay": q_decay, "key_decay": k_decay, "diagonal_decay": diag}
 
 
-def to_hf_state_dict(params: dict, config: ModelConfig, *, include_buffers: bool = True) -> dict:
-  """mx01 params -> transformers state dict of float32 numpy arrays."""
-  out = {}
-  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-  for i in range(config.num_layers):
-    layer = params[f"layers_{i}"]
-    for name, path, fn, _ in _layer_map(config, i):
-      w = f32(_get(layer, path))
-      if fn is not None:
-        w = w.transpose(0, 2, 1) if w.ndim == 3 else w.T
-      out[name] = np.ascontiguousarray(w)
-    gate_up = np.concatenate([f32(layer["moe"]["wi_gate"]), f32(layer["moe"]["wi_up"])], axis=2)
-    out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.ascontiguousarray(gate_up.transpose(0, 2, 1))
+def _host_transposed(x) -> np.ndarray:
+  """x [.., a, b] -> contiguous numpy [.., b, a]; a jax array is transposed on its devices (a strided
+  host copy runs at a fraction of a GB/s)."""
+  if hasattr(x, "addressable_shards"):
+    return np.asarray(x.swapaxes(-1, -2))
+  return np.ascontiguousarray(np.asarray(x).swapaxes(-1, -2))
+
+
+def released_tensors(params: dict, config: ModelConfig, include_buffers: bool = True) -> list:
+  """[(name, shape, dtype, make)] in the released layout; make() -> the numpy tensor, built when called.
+
+  Leaves may be jax arrays (fully addressable), numpy arrays, or anything with .shape and .dtype when
+  only the names, shapes and dtypes are wanted (e.g. `model.abstract_params(config)`).
+  """
+  top, layers = _layers_of(params, config)
+  out = []
+
+  def add(row, leaf):
+    dtype = np.dtype(leaf.dtype)
+    if row.kind == "vector":
+      out.append((row.released, row.shape, dtype, lambda: np.ascontiguousarray(np.asarray(leaf))))
+    elif row.kind == "linear":
+      out.append((row.released, row.shape[::-1], dtype, lambda: _host_transposed(leaf)))
+    else:
+      for e in range(row.shape[0]):
+        out.append((row.released.format(e=e), row.shape[:0:-1], dtype, lambda e=e: _host_transposed(leaf[e])))
+
+  for row in _top_rows(config):
+    add(row, _get(top, row.path))
+  for i, layer in enumerate(layers):
+    for row in _layer_rows(config, i):
+      add(row, _get(layer, row.path))
     if include_buffers and config.resolved_layer_types[i] == LIGHTNING:
       for k, v in _decay_buffers(config, i).items():
-        out[f"model.layers.{i}.self_attn.{k}"] = v
-  for name, path, fn, _ in _global_map(config):
-    w = f32(_get(params, path))
-    out[name] = np.ascontiguousarray(fn(w) if fn else w)
+        out.append((f"model.layers.{i}.self_attn.{k}", v.shape, v.dtype, lambda v=v: v))
   return out
 
 
-def save_safetensors(params: dict, config: ModelConfig, out_dir: str) -> str:
-  """Writes model.safetensors + config.json (transformers MiniMax layout) into out_dir."""
-  from safetensors.numpy import save_file
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "model.safetensors")
-  save_file(to_hf_state_dict(params, config, include_buffers=False), path)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(dict(config_to_hf(config), model_type="minimax", architectures=["MiniMaxForCausalLM"]), f, indent=2)
-  return path
+def to_hf_state_dict(params: dict, config: ModelConfig, *, include_buffers: bool = True) -> dict:
+  """mx01 params -> {released name: numpy array} in the parameters' dtype (decay buffers in float32)."""
+  return {name: make() for name, _, _, make in released_tensors(params, config, include_buffers)}
 
 
-def load_safetensors(path: str, config: ModelConfig | None = None):
-  """Reads a file, a directory, or a sharded checkpoint (model.safetensors.index.json).
+def _parse_size(size) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)\s*", str(size).upper())
+  if not m:
+    raise ConversionError(f"max_shard_size={size!r}: give bytes as an int or a string like '5GB' or '200MB'")
+  return int(float(m.group(1)) * 1000 ** "BKMGT".index(m.group(2)[0]))
 
-  Returns (params, config); the config is read from config.json beside the weights when not given.
+
+def write_safetensors(tensors: Iterable, out_dir: str, max_shard_size="5GB") -> list[str]:
+  """[(name, shape, dtype, make)] -> model.safetensors, or numbered shards plus model.safetensors.index.json.
+
+  Shards are planned from the shapes first and filled one at a time, so one shard is in memory.
   """
-  from safetensors.numpy import load_file
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  if config is None:
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-      raise ConversionError(f"no config given and no config.json in {folder}")
-    with open(cfg_path) as f:
-      config = config_from_hf(json.load(f))
-  if os.path.isdir(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-      files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-      raise ConversionError(f"no .safetensors files in {path}")
-    paths = [os.path.join(path, f) for f in files]
-  else:
-    paths = [path]
-  state = {}
-  for p in paths:
-    state.update(load_file(p))
-  return from_hf_state_dict(state, config), config
+  from safetensors.numpy import save_file
+  limit = _parse_size(max_shard_size)
+  shards, size, total = [[]], 0, 0
+  for item in tensors:
+    nbytes = int(np.prod(item[1], dtype=np.int64)) * np.dtype(item[2]).itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+    total += nbytes
+  os.makedirs(out_dir, exist_ok=True)
+  n = len(shards)
+  names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+  weight_map = {}
+  for fname, shard in zip(names, shards):
+    tensors_here = {}
+    for name, shape, dtype, make in shard:
+      t = make()
+      assert t.shape == tuple(shape) and t.dtype == dtype, (name, t.shape, t.dtype)
+      tensors_here[name] = t
+      weight_map[name] = fname
+    save_file(tensors_here, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    del tensors_here
+  if n > 1:
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return [os.path.join(out_dir, f) for f in names]
+
+
+def save_safetensors(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="5GB") -> list[str]:
+  """Writes params in the released layout (sharded with an index beyond max_shard_size) and config.json.
+
+  Tensors keep the parameters' dtype; leaves may be jax arrays (fully addressable) or numpy arrays.
+  Returns the weight files written.
+  """
+  files = write_safetensors(released_tensors(params, config), out_dir, max_shard_size)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(config), f, indent=2)
+  return files

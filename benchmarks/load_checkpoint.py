@@ -1,0 +1,180 @@
+"""Loading a released-layout safetensors checkpoint onto devices: seconds and GB/s.
+
+    python -m benchmarks.load_checkpoint --layers 8 --dir /tmp/mx01_ckpt --out results/gpu/load_checkpoint.json
+    python -m benchmarks.load_checkpoint --tiny --dir /tmp/ckpt_tiny          # a CPU smoke run
+
+Writes an `--layers`-layer slice of MiniMax-Text-01's shape (hidden 6144, 64 heads of 128, 32 experts
+of width 9216, vocab 200064; the release's lightning/softmax order) in bf16 with
+`mx01.convert.write_safetensors` (5 GB shards and an index, as the Hub's), then times
+`mx01.convert.load_safetensors` onto the first local device (or, with `--expert-parallel`, the
+experts split over all local devices) until every array is ready.  8 layers are about 88 GB: mind
+the disk.  Tensors are written under the released names and shapes
+(`convert.released_tensors`), each one random row repeated (the loader cannot tell; the writer holds
+one shard and does no host transposes).  `--cold` evicts the files from the page cache
+(posix_fadvise DONTNEED, no root needed) before loading, so the read comes from the disk; without it
+the files are as warm as writing left them.  A few loaded slices are compared with what was written.
+
+Reports: checkpoint GB, write seconds, load seconds, load GB/s (file bytes / load seconds) and the
+host's transient memory during the load (peak RSS minus RSS after, Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+import zlib
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from mx01 import convert, model
+from mx01.presets import get_preset
+
+
+def slice_config(layers: int, experts: int | None, tiny: bool):
+  """The release's config cut to `layers` layers (tiny: small widths, for a CPU smoke run)."""
+  cfg = get_preset("hybrid_456b").model
+  cfg = dataclasses.replace(cfg, num_layers=layers, layer_types=cfg.resolved_layer_types[:layers],
+                            param_dtype="bfloat16")
+  if tiny:
+    cfg = dataclasses.replace(cfg, hidden_size=96, num_heads=6, num_kv_heads=2, head_dim=16, rotary_dim=8,
+                              intermediate_size=40, num_experts=4, vocab_size=300)
+  if experts is not None:
+    cfg = dataclasses.replace(cfg, num_experts=experts, num_experts_per_tok=min(cfg.num_experts_per_tok, experts))
+  return cfg
+
+
+def stored_tensor(name: str, shape, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+  """A tensor as written: one random row (seeded by the name) repeated, as a read-only broadcast view."""
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  return np.broadcast_to((rng.standard_normal(shape[-1]) * 0.02).astype(dtype), tuple(shape))
+
+
+def write_checkpoint(cfg, folder: str, max_shard_size) -> list[str]:
+  """The released layout's names and shapes (`convert.released_tensors`), filled without host transposes."""
+  def fill(name, shape, dtype, make):
+    if not name.endswith(".weight"):  # the lightning decay buffers: real values, from the config
+      return name, shape, dtype, make
+    return name, shape, dtype, lambda: np.ascontiguousarray(stored_tensor(name, shape, dtype))
+  specs = [fill(*spec) for spec in convert.released_tensors(model.abstract_params(cfg), cfg)]
+  files = convert.write_safetensors(specs, folder, max_shard_size)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(convert.config_to_hf(cfg), f, indent=2)
+  return files
+
+
+def _status_bytes(key: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+  except (OSError, StopIteration):
+    return None
+
+
+def _reset_peak_rss() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _evict(files: list[str]) -> None:
+  for path in files:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def _shardings(cfg, expert_parallel: bool):
+  if not expert_parallel:
+    return None
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = jax.local_devices()
+  if cfg.num_experts % len(devices):
+    raise SystemExit(f"--expert-parallel: {cfg.num_experts} experts do not split over {len(devices)} devices")
+  mesh = Mesh(np.array(devices), ("expert",))
+  return jax.tree.map(lambda s: NamedSharding(mesh, P("expert") if s.ndim == 3 else P()), model.abstract_params(cfg))
+
+
+def _check(loaded: dict, cfg) -> None:
+  """A few slices of the loaded params equal the written tensors (transposed where ours are [in, out])."""
+  last = cfg.num_layers - 1
+  for path, name, transposed in (
+      (("embed", "embedding"), "model.embed_tokens.weight", False),
+      (("layers_0", "moe", "wi_gate"), "model.layers.0.block_sparse_moe.experts.0.w1.weight", True),
+      ((f"layers_{last}", "moe", "wo"), f"model.layers.{last}.block_sparse_moe.experts.0.w2.weight", True),
+      ((f"layers_{last}", "input_norm", "scale"), f"model.layers.{last}.input_layernorm.weight", False)):
+    got = loaded
+    for k in path:
+      got = got[k]
+    got = np.asarray(got[0] if got.ndim == 3 else got)
+    shape = got.shape[::-1] if transposed else got.shape
+    want = stored_tensor(name, shape)
+    np.testing.assert_array_equal(got, want.T if transposed else want, err_msg="/".join(path))
+
+
+def run(args) -> dict:
+  cfg = slice_config(args.layers, args.experts, args.tiny)
+  t0 = time.perf_counter()
+  files = write_checkpoint(cfg, args.dir, args.max_shard_size)
+  write_s = time.perf_counter() - t0
+  size = sum(os.path.getsize(f) for f in files)
+  if args.cold:
+    _evict(files)
+  shardings = _shardings(cfg, args.expert_parallel)
+  jax.block_until_ready(jax.device_put(np.zeros(8, np.float32)))  # start the backend outside the timing
+  peak_ok = _reset_peak_rss()
+  rss0 = _status_bytes("VmRSS")
+  t0 = time.perf_counter()
+  loaded, _ = convert.load_safetensors(args.dir, shardings=shardings)
+  jax.block_until_ready(loaded)
+  load_s = time.perf_counter() - t0
+  peak, rss1 = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+  _check(loaded, cfg)
+  result = {
+      "layers": cfg.num_layers, "experts": cfg.num_experts, "hidden": cfg.hidden_size, "files": len(files),
+      "checkpoint_gb": size / 1e9, "write_s": write_s, "load_s": load_s, "load_gb_per_s": size / 1e9 / load_s,
+      "cold": bool(args.cold), "devices": len(jax.local_devices()) if args.expert_parallel else 1,
+      "device": str(jax.local_devices()[0].device_kind),
+      "host_transient_gb": (peak - rss1) / 1e9 if peak_ok and peak and rss1 else None,
+      "host_rss_growth_gb": (rss1 - rss0) / 1e9 if rss0 and rss1 else None,
+  }
+  if not args.keep:
+    for f in files + [os.path.join(args.dir, n) for n in ("model.safetensors.index.json", "config.json")]:
+      if os.path.exists(f):
+        os.remove(f)
+  return result
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--experts", type=int, default=None, help="override the 32 experts (to fit a smaller disk)")
+  p.add_argument("--dir", default="/tmp/mx01_load_checkpoint")
+  p.add_argument("--max-shard-size", default="5GB")
+  p.add_argument("--cold", action="store_true", help="evict the files from the page cache before loading")
+  p.add_argument("--expert-parallel", action="store_true", help="split the experts over all local devices")
+  p.add_argument("--keep", action="store_true", help="keep the checkpoint files afterwards")
+  p.add_argument("--tiny", action="store_true", help="small widths: a CPU smoke run")
+  p.add_argument("--out", default=None, help="append the result as a JSON line to this file")
+  args = p.parse_args(argv)
+  result = run(args)
+  print(json.dumps(result))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+      f.write(json.dumps(result) + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()
