@@ -46,7 +46,7 @@ def test_lasp_equals_unsharded(parallel, length, use_initial_state):
   seg = packed_segments(ks[3], B, length, start_prob=0.08)
   log_decay = -jnp.array([0.1, 0.5])
   init = jax.random.normal(ks[4], (B, H, DK, DK)) if use_initial_state else None
-  inner = functools.partial(lightning.lightning_attention, impl="chunked")
+  inner = lightning.lightning_attention_chunked
 
   def local(q, k, v, seg, init):
     return lasp_lightning(q, k, v, log_decay, block_size=2, segment_ids=seg, initial_state=init, inner=inner,
