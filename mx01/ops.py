@@ -7,7 +7,8 @@ the sharded versions in `mx01/parallel/` (LASP+, ring attention, expert
 parallel MoE) without a second copy of the stack.
 
 Each op has one table from the config's own names to a builder
-`config -> callable`, and "auto" is resolved in one function per op:
+`(config, interpret) -> callable` (`interpret` runs Pallas kernels on any
+backend, for tests), and "auto" is resolved in one function per op:
 
   LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
   ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
