@@ -144,7 +144,7 @@ def lasp_case(parallel: ParallelConfig):
   pm = mesh_lib.build_mesh(parallel)
   layout = SequenceLayout(L, parallel.sequence)
   h, dk = MODEL.num_heads, MODEL.head_dim
-  inner = functools.partial(lightning.lightning_attention, impl="chunked")
+  inner = lightning.lightning_attention_chunked
   log_decay = jnp.asarray(lightning.minimax_log_decay(h, 0, 2))
   act = pm.spec("data", "sequence", "tensor", None)
 

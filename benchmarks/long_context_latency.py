@@ -61,7 +61,7 @@ from mx01.inference.quantize import linear  # noqa: E402
 from mx01.layers import moe as moe_lib  # noqa: E402
 from mx01.layers.norms import rms_norm  # noqa: E402
 from mx01.layers.rope import apply_rope  # noqa: E402
-from mx01.ops import resolve_lightning_impl  # noqa: E402
+from mx01 import ops  # noqa: E402
 from recipes import flags as flags_lib  # noqa: E402
 
 PAPER_LENGTHS = (8192, 32768, 131072, 524288, 1_024_000)
@@ -152,9 +152,11 @@ def _ffn(p, x, shape, moe_impl):
 
 
 def lightning_core_fn(impl: str, block_size: int = 256):
+  """impl: a model.lightning_impl name (the Pallas kernels tile by ModelConfig().lightning_kernel)."""
+  fn = ops.lightning_op(ModelConfig(lightning_impl=impl, block_size=block_size))
+
   def core(q, k, v, log_decay, state):
-    return lightning_lib.lightning_attention(q, k, v, log_decay, block_size=block_size, initial_state=state,
-                                             impl=impl)
+    return fn(q, k, v, log_decay, block_size=block_size, initial_state=state)
   return jax.jit(core)
 
 
@@ -175,7 +177,7 @@ def run(args) -> dict:
   params = make_params(shape, key, dtype)
   h, kvh, hd = shape.heads, shape.kv_heads, shape.head_dim
   backend = jax.default_backend()
-  lightning_impl = resolve_lightning_impl(args.model.lightning_impl)
+  lightning_impl = ops.lightning_impl(args.model)
   attn_impl = {"auto": "cudnn" if backend == "gpu" else "xla"}.get(args.model.attention_impl,
                                                                    args.model.attention_impl)
   notes = []
@@ -206,8 +208,8 @@ def run(args) -> dict:
   try:
     lightning_chunk_s = lightning_chunk_time(lc, lightning_impl)
   except Exception as e:  # noqa: BLE001 - e.g. the Pallas kernels are not available
-    notes.append(f"lightning impl {lightning_impl!r} failed ({type(e).__name__}: {str(e)[:200]}); used 'chunked'")
-    lightning_impl = "chunked"
+    notes.append(f"lightning impl {lightning_impl!r} failed ({type(e).__name__}: {str(e)[:200]}); used 'xla'")
+    lightning_impl = "xla"
     lightning_chunk_s = lightning_chunk_time(lc, lightning_impl)
   print(f"lightning core ({lightning_impl}): {lightning_chunk_s * 1e3:.2f} ms per {lc} tokens", flush=True)
 

@@ -43,8 +43,7 @@ def experts_for(name: str, capacity: int):
   if name == "ragged":
     return lambda x, i, w, pos, *ws: moe_lib.experts_grouped(x, i, w, *ws)
   if name == "ragged_mosaic":
-    from mx01.layers.grouped_matmul import experts_grouped_mosaic
-    return lambda x, i, w, pos, *ws: experts_grouped_mosaic(x, i, w, *ws)
+    return lambda x, i, w, pos, *ws: moe_lib.experts_grouped_mosaic(x, i, w, *ws)
   if name.startswith("capacity"):
     return lambda x, i, w, pos, *ws: moe_lib.experts_capacity(x, i, w, pos, *ws, capacity=capacity)
   raise ValueError(name)

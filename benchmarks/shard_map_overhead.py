@@ -31,7 +31,7 @@ from mx01 import model as model_lib
 from mx01.config import Config, ConfigError, ParallelConfig
 from mx01.parallel import mesh as mesh_lib
 from mx01.parallel import step as step_lib
-from mx01.ops import resolve_attention_impl
+from mx01.ops import attention_impl
 from mx01.training import make_train_step
 from recipes import flags as flags_lib
 
@@ -62,7 +62,7 @@ def main():
 
   # The plain step with the XLA attention as well: separates the cost of the attention kernel from the
   # cost of the shard_map machinery (earlier versions ran the XLA attention inside shard_map).
-  if resolve_attention_impl(mcfg.attention_impl) != "xla":
+  if attention_impl(mcfg) != "xla":
     xcfg = dataclasses.replace(mcfg, attention_impl="xla")
     params = model_lib.init(xcfg, jax.random.key(0))
     plain_x = jax.jit(make_train_step(xcfg, optimizer), donate_argnums=(0, 1))

@@ -28,8 +28,10 @@ SOFTMAX = "softmax"
 LAYER_KINDS = (LIGHTNING, SOFTMAX)
 
 
-class ConfigError(ValueError):
-  """An invalid or inconsistent configuration value."""
+# One error type for every invalid config value, the kernels' tuning configs included
+# (defined with them, at the bottom layer, so that they can raise it).
+from pallas_kernels.errors import ConfigError  # noqa: E402
+from pallas_kernels.lightning.config import LightningConfig  # noqa: E402
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -72,9 +74,15 @@ class ModelConfig:
   # "per_layer": mean over layers of E*sum_e f_e*P_e (GShard/Switch per layer);
   # "pooled": the transformers formula, f and P pooled over all layers first.
   aux_loss_reduction: Literal["per_layer", "pooled"] = "per_layer"
-  # Lightning attention.
+  # Lightning attention: tokens per block of the XLA block-wise form (lightning_impl="xla").
   block_size: int = 256
+  # "reference" (token-by-token recurrence), "xla" (block-wise form), "pallas"
+  # (GPU kernels); "auto" = pallas on GPU, xla elsewhere (mx01/ops.py).
   lightning_impl: Literal["auto", "reference", "xla", "pallas"] = "auto"
+  # The Pallas kernels' tiles and launch parameters, used as given
+  # (pallas_kernels/lightning/config.py; block_size at most 128).  Tile 128:
+  # what the model has run on GPUs (BENCHMARKS.md).
+  lightning_kernel: LightningConfig = dataclasses.field(default_factory=lambda: LightningConfig(block_size=128))
   # Softmax attention: "xla" (einsum, materialises the scores), "pallas" (jax's
   # Pallas flash attention with segment ids), "cudnn" (unpacked rows only);
   # "auto" = pallas on GPU, xla elsewhere.
@@ -104,6 +112,13 @@ class ModelConfig:
   loss_chunk_size: Optional[int] = None
 
   def __post_init__(self):
+    if isinstance(self.lightning_kernel, dict):  # a config saved with to_dict / to_json
+      try:
+        object.__setattr__(self, "lightning_kernel", LightningConfig(**self.lightning_kernel))
+      except TypeError as e:
+        raise ConfigError(f"lightning_kernel: {e}") from None
+    _require(isinstance(self.lightning_kernel, LightningConfig), "lightning_kernel",
+             f"must be a pallas_kernels.LightningConfig, got {type(self.lightning_kernel).__name__}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "intermediate_size", "block_size", "max_seq_len"):
       v = getattr(self, name)

@@ -13,13 +13,14 @@ Two implementations share one signature:
 
 * `lightning_attention_recurrent` - token by token; the oracle.
 * `lightning_attention_chunked`   - the block-wise form of Lightning
-  Attention-2 that the model uses: for each block of `block_size` tokens an
-  intra-block masked product (Q K^T * D) V with the decay mask D, plus an
-  inter-block term (Q * decay) S from the running state; the running state is
-  carried from block to block with one decayed update per block.
+  Attention-2: for each block of `block_size` tokens an intra-block masked
+  product (Q K^T * D) V with the decay mask D and the block's own end state
+  from a zero start (the local pass); the states entering the blocks and
+  their term (Q * decay) S_in come from the inter-chunk state pass shared
+  with the Pallas kernels and LASP+ (pallas_kernels/lightning/chunk_states.py).
 
-`lightning_attention(..., impl=...)` dispatches between them and the Pallas
-kernels in `pallas_kernels/`.
+`lightning_attention_numpy` is the float64 loop every implementation is tested
+against; mx01/ops.py chooses between these and the Pallas kernels.
 
 Shapes: q, k [batch, seq, heads, head_dim_k]; v [batch, seq, heads, head_dim_v];
 log_decay [heads] (<= 0); segment_ids [batch, seq] (int); state
@@ -28,14 +29,14 @@ log_decay [heads] (<= 0); segment_ids [batch, seq] (int); state
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Impl = Literal["recurrent", "chunked", "pallas"]
+from pallas_kernels.lightning import chunk_states
 
 
 def minimax_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> np.ndarray:
@@ -51,17 +52,6 @@ def minimax_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> np.nda
   slopes = base ** (np.arange(num_heads, dtype=np.float64) + 1.0)
   factor = 1.0 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
   return (-(slopes * factor)).astype(np.float32)
-
-
-def segment_starts_to_index(segment_ids: jax.Array) -> jax.Array:
-  """Maps arbitrary per-token segment ids to a running segment index.
-
-  A new segment starts wherever the id changes; the result counts the starts
-  so equal values mean "same contiguous segment".  [batch, seq] -> int32.
-  """
-  change = jnp.concatenate(
-      [jnp.zeros_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  return jnp.cumsum(change.astype(jnp.int32), axis=1)
 
 
 def _check_inputs(q, k, v, log_decay, segment_ids, initial_state):
@@ -90,7 +80,7 @@ def lightning_attention_recurrent(q, k, v, log_decay, *, segment_ids=None, initi
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)
   else:
-    idx = segment_starts_to_index(segment_ids)
+    idx = chunk_states.segment_index(segment_ids)
     reset = jnp.concatenate([jnp.zeros((b, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
 
   def step(state, xs):
@@ -119,84 +109,45 @@ def lightning_attention_chunked(q, k, v, log_decay, *, block_size: int = 256, se
   c = int(min(block_size, t))
   n = -(-t // c)
   pad = n * c - t
-  f32 = jnp.float32
+  f32 = jnp.promote_types(q.dtype, jnp.float32)  # float64 inputs stay float64 (gradient checks)
   ld = log_decay.astype(f32)  # [h]
+  lengths = chunk_states.chunk_lengths(t, n, c)  # [n] real tokens per block
 
-  if segment_ids is None:
-    seg = jnp.zeros((b, t), jnp.int32)
-  else:
-    seg = segment_starts_to_index(segment_ids)
-  # Padded positions get their own segment id (-1) so they touch nothing.
-  seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, c)
+  seg = None  # [b, n, c] running segment index, -1 on padding
+  if segment_ids is not None:
+    seg = jnp.pad(chunk_states.segment_index(segment_ids), ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, c)
 
   def blocks(x):
     return jnp.pad(x.astype(f32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, c, h, x.shape[-1])
 
-  qb, kb, vb = blocks(q), blocks(k), blocks(v)  # [b, n, c, h, d]
-
+  qb, kb, vb = blocks(q), blocks(k), blocks(v)  # [b, n, c, h, d]; padded keys and values are zero
   pos = jnp.arange(c, dtype=f32)
-  valid_len = jnp.minimum(c, t - jnp.arange(n) * c).astype(f32)  # [n] real tokens per block
-  last = (valid_len - 1).astype(jnp.int32)
-  last_seg = jnp.take_along_axis(seg, jnp.broadcast_to(last[None, :, None], (b, n, 1)), axis=2)[..., 0]  # [b, n]
-  # Segment of the token just before each block (block 0: the first segment, which owns the initial state).
-  prev_seg = jnp.concatenate([seg[:, :1, 0], last_seg[:, :-1]], axis=1)  # [b, n]
 
   # Intra-block: (Q K^T * D) V, D_ij = lambda^(i-j) for j <= i within one segment.
   diff = pos[:, None] - pos[None, :]  # [c, c]
-  causal = diff >= 0
-  same_seg = seg[:, :, :, None] == seg[:, :, None, :]  # [b, n, c, c]
-  decay_ij = jnp.exp(jnp.where(causal[None], ld[:, None, None] * diff[None], -jnp.inf))  # [h, c, c]
-  scores = jnp.einsum("bnihd,bnjhd->bnhij", qb, kb)
-  scores = scores * decay_ij[None, None] * same_seg[:, :, None]
+  decay_ij = jnp.exp(jnp.where((diff >= 0)[None], ld[:, None, None] * diff[None], -jnp.inf))  # [h, c, c]
+  scores = jnp.einsum("bnihd,bnjhd->bnhij", qb, kb) * decay_ij[None, None]
+  bounds = None
+  if seg is not None:
+    scores = scores * (seg[:, :, :, None] == seg[:, :, None, :])[:, :, None]
+    bounds = chunk_states.chunk_boundaries(seg, lengths)
   o_intra = jnp.einsum("bnhij,bnjhv->bnihv", scores, vb)
 
-  # Each block's own contribution to the state at its last real token.
-  k_exp = (valid_len[:, None] - 1.0 - pos[None, :])  # [n, c], <0 on padding
-  k_mask = (k_exp >= 0)[None] & (seg == last_seg[:, :, None])  # [b, n, c]
-  k_decay = jnp.exp(jnp.where(k_exp[None, :, :, None] >= 0, ld * k_exp[None, :, :, None], -jnp.inf))  # [1, n, c, h]
-  k_w = kb * (k_decay * k_mask[..., None])[..., None]
-  kv_block = jnp.einsum("bnchk,bnchv->bnhkv", k_w, vb)  # [b, n, h, dk, dv]
-  keep = (last_seg == prev_seg).astype(f32)  # no boundary inside the block
-  block_decay = jnp.exp(ld[None, :] * valid_len[:, None])  # [n, h]
+  # Each block's end state from a zero start: its last segment's keys, decayed to its last real token.
+  k_exp = jnp.asarray(lengths, f32)[:, None] - 1.0 - pos[None, :]  # [n, c], < 0 on padding
+  k_decay = jnp.exp(jnp.where(k_exp[..., None] >= 0, ld * k_exp[..., None], -jnp.inf))[None]  # [1, n, c, h]
+  if seg is not None:
+    k_decay = k_decay * (seg == bounds.last[:, :, None])[..., None]
+  local_states = jnp.einsum("bnchk,bnchv->bnhkv", kb * k_decay[..., None], vb)  # [b, n, h, dk, dv]
 
-  # Inter-block: carry the state across blocks (a short scan over n).
-  state0 = jnp.zeros((b, h, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
-
-  def carry(state, xs):
-    kv_c, keep_c, bd_c = xs
-    new = state * (keep_c[:, None, None, None] * bd_c[None, :, None, None]) + kv_c
-    return new, state  # emit the state entering this block
-
-  final_state, states_in = jax.lax.scan(
-      carry, state0, (jnp.moveaxis(kv_block, 1, 0), jnp.moveaxis(keep, 1, 0), block_decay))
-  states_in = jnp.moveaxis(states_in, 0, 1)  # [b, n, h, dk, dv]
-
-  q_decay = jnp.exp(ld[None, :] * (pos[:, None] + 1.0))  # [c, h]
-  q_mask = (seg == prev_seg[:, :, None]).astype(f32)  # [b, n, c]
-  q_w = qb * (q_decay[None, None] * q_mask[..., None])[..., None]
-  o_inter = jnp.einsum("bnchk,bnhkv->bnchv", q_w, states_in)
+  # Inter-block: the shared state pass.
+  chunk_decay, enters = chunk_states.chunk_transitions(ld, bounds, lengths)
+  states_in, final_state = chunk_states.combine_chunk_states(local_states, chunk_decay, initial_state)
+  mask = chunk_states.incoming_mask(seg, enters, lengths)
+  o_inter = chunk_states.apply_incoming_states(qb, states_in, ld, mask, precision=None)
 
   out = (o_intra + o_inter).reshape(b, n * c, h, dv)[:, :t]
   return out.astype(q.dtype), final_state
-
-
-def lightning_attention(q, k, v, log_decay, *, block_size: int = 256, segment_ids=None, initial_state=None,
-                        impl: Impl = "chunked", interpret: bool = False) -> Tuple[jax.Array, jax.Array]:
-  """Lightning attention; returns (out [b, t, h, dv] in q.dtype, final_state [b, h, dk, dv] float32).
-
-  impl: "recurrent" (oracle), "chunked" (XLA block-wise) or "pallas" (GPU kernels;
-  `interpret=True` runs them on any backend).
-  """
-  if impl == "recurrent":
-    return lightning_attention_recurrent(q, k, v, log_decay, segment_ids=segment_ids, initial_state=initial_state)
-  if impl == "chunked":
-    return lightning_attention_chunked(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
-                                       initial_state=initial_state)
-  if impl == "pallas":
-    import pallas_kernels  # imported lazily: the model works without the kernels
-    return pallas_kernels.lightning_attention(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
-                                              initial_state=initial_state, interpret=interpret)
-  raise ValueError(f"impl must be 'recurrent', 'chunked' or 'pallas', got {impl!r}")
 
 
 def lightning_decode_step(q, k, v, log_decay, state) -> Tuple[jax.Array, jax.Array]:

@@ -1,18 +1,27 @@
-"""The swappable compute of the decoder: attention kernels and the MoE.
+"""The swappable compute of the decoder, one registry per op.
 
 The decoder (`mx01/model.py`) is a thin assembly of projections, norms and
 residuals; the three pieces of heavy compute are called through a `ModelOps`
 so that the same model runs with the plain reference, the Pallas kernels, or
 the sharded versions in `mx01/parallel/` (LASP+, ring attention, expert
 parallel MoE) without a second copy of the stack.
+
+Each op has one table from the config's own names to a builder
+`(config, interpret) -> callable` (`interpret` runs Pallas kernels on any
+backend, for tests), and "auto" is resolved in one function per op:
+
+  LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
+  ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
+  MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | dense
+                                     auto: capacity with a capacity_factor, else ragged on accelerators, dense on CPU
+  LIGHTNING_DECODE (model.lightning_impl, one token against the state)  reference | xla | pallas
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import types
-from typing import Callable, Optional
+from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -22,30 +31,22 @@ from mx01.config import ModelConfig
 from mx01.layers import moe as moe_lib
 
 
-def causal_attention(q, k, v, *, segment_ids=None, implementation: str = "xla", interpret: bool = False):
-  """Causal softmax attention with GQA and packed-sequence masking.
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def causal_attention(q, k, v, *, segment_ids=None):
+  """Causal softmax attention with GQA and packed-sequence masking, in plain XLA (the reference).
 
   q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim],
   segment_ids [batch, seq] (tokens attend only within their segment).
   Returns [batch, seq, heads, head_dim] in q.dtype; softmax in float32.
-
-  implementation: "xla" (materialises the [seq, seq] scores), "pallas" (jax's
-  Pallas flash attention, which takes segment ids), or "cudnn" (cuDNN flash
-  attention; rows must not be packed).
+  Materialises the [seq, seq] scores.
   """
   b, t, h, d = q.shape
   kvh = k.shape[2]
-  scale = d ** -0.5
-  if implementation == "pallas":
-    return _pallas_flash_attention(q, k, v, segment_ids, scale, interpret)
-  if implementation == "cudnn":
-    if segment_ids is not None:
-      raise ValueError("attention_impl='cudnn' does not take packed rows (segment_ids); use 'pallas' or 'xla'")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
-  if implementation != "xla":
-    raise ValueError(f"implementation must be 'xla', 'pallas' or 'cudnn', got {implementation!r}")
   qg = q.reshape(b, t, kvh, h // kvh, d)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -55,71 +56,109 @@ def causal_attention(q, k, v, *, segment_ids=None, implementation: str = "xla", 
   return out.reshape(b, t, h, d)
 
 
-def _flash_attention_module():
-  """jax's Pallas (Triton) flash attention module, made usable inside `shard_map(check_vma=True)`.
-
-  Inside shard_map a pallas_call must state how its outputs vary across the
-  mesh (`manual_axis_type`), and jax's attention kernels do not.  Their module
-  reaches `pallas_call` through its global `pl`; pointing that at a namespace
-  whose `pallas_call` declares the inputs' varying axes on every output (as
-  our own kernels do, pallas_kernels/_common.py) lets the same kernels run in
-  the sharded step.  Outside shard_map the wrapper changes nothing.
-  """
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas.ops.gpu import attention as module
-
-  if not getattr(module.pl, "_mx01_declares_varying_axes", False):
-    from pallas_kernels._common import match_varying, out_struct
-
-    def pallas_call(kernel, *args, out_shape, **kwargs):
-      def call(*operands):
-        operands, axis_type = match_varying(operands)
-        shapes = jax.tree.map(lambda s: out_struct(s.shape, s.dtype, axis_type), out_shape)
-        return pl.pallas_call(kernel, *args, out_shape=shapes, **kwargs)(*operands)
-      return call
-
-    namespace = types.SimpleNamespace(**{n: getattr(pl, n) for n in dir(pl) if not n.startswith("__")})
-    namespace.pallas_call = pallas_call
-    namespace._mx01_declares_varying_axes = True
-    module.pl = namespace
-  return module
+def _cudnn_attention(q, k, v, *, segment_ids=None):
+  """cuDNN flash attention (jax.nn.dot_product_attention); rows must not be packed."""
+  if segment_ids is not None:
+    raise ValueError("attention_impl='cudnn' does not take packed rows (segment_ids); use 'pallas' or 'xla'")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5, implementation="cudnn")
 
 
-def _pallas_flash_attention(q, k, v, segment_ids, scale, interpret):
-  """jax's Pallas (Triton) flash attention; K/V heads repeated for GQA, the tail padded to a block."""
-  pallas_attention = _flash_attention_module()
-  b, t, h, d = q.shape
-  rep = h // k.shape[2]
-  if rep > 1:
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-  block = 128 if t >= 128 else max(16, 1 << (t - 1).bit_length())
-  pad = -t % block
-  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  if pad:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)  # padding attends only to padding
-  sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
-                                      block_q_dq=block, block_kv_dq=block)
-  out = pallas_attention.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes, interpret=interpret)
-  return out[:, :t]
+def _pallas_attention(q, k, v, *, segment_ids=None, interpret: bool = False):
+  """jax's Pallas flash attention (pallas_kernels/flash_attention.py), which takes segment ids."""
+  from pallas_kernels import flash_attention  # the kernels load on first use
+  return flash_attention.flash_attention(q, k, v, segment_ids, scale=q.shape[-1] ** -0.5, interpret=interpret)
 
 
-def resolve_attention_impl(impl: str) -> str:
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-  return impl
+def _lightning_pallas(config: ModelConfig, interpret: bool):
+  """The Pallas kernels, tiled by `config.lightning_kernel` (the XLA form's `block_size` is not theirs)."""
+  import pallas_kernels  # the kernels load on first use
+
+  def lightning(q, k, v, log_decay, *, block_size=None, segment_ids=None, initial_state=None):
+    del block_size  # ModelOps.lightning's block_size is the XLA form's (ModelConfig.block_size)
+    return pallas_kernels.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                                              initial_state=initial_state, config=config.lightning_kernel,
+                                              interpret=interpret)
+
+  return lightning
 
 
-def resolve_lightning_impl(impl: str) -> str:
-  """Maps the config's lightning_impl to an implementation name of mx01.lightning."""
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "chunked"
-  return {"reference": "recurrent", "xla": "chunked", "pallas": "pallas"}[impl]
+def _lightning_decode_pallas(config: ModelConfig, interpret: bool):
+  import pallas_kernels
+  return functools.partial(pallas_kernels.lightning_decode, config=config.lightning_kernel, interpret=interpret)
+
+
+# Builders: (config, interpret) -> callable.  `interpret` runs Pallas kernels on any backend (tests).
+LIGHTNING: Dict[str, Callable] = {
+    "reference": lambda config, interpret: lightning_lib.lightning_attention_recurrent,
+    "xla": lambda config, interpret: lightning_lib.lightning_attention_chunked,
+    "pallas": _lightning_pallas,
+}
+LIGHTNING_DECODE: Dict[str, Callable] = {
+    "reference": lambda config, interpret: lightning_lib.lightning_decode_step,
+    "xla": lambda config, interpret: lightning_lib.lightning_decode_step,
+    "pallas": _lightning_decode_pallas,
+}
+ATTENTION: Dict[str, Callable] = {
+    "xla": lambda config, interpret: causal_attention,
+    "pallas": lambda config, interpret: functools.partial(_pallas_attention, interpret=interpret),
+    "cudnn": lambda config, interpret: _cudnn_attention,
+}
+MOE: Dict[str, Callable] = {
+    "capacity": lambda config, interpret: functools.partial(moe_lib.moe_forward, capacity_buffers=True),
+    "ragged": lambda config, interpret: functools.partial(moe_lib.moe_forward, experts_fn=moe_lib.experts_grouped),
+    "ragged_mosaic": lambda config, interpret: functools.partial(moe_lib.moe_forward,
+                                                                 experts_fn=moe_lib.experts_grouped_mosaic),
+    "dense": lambda config, interpret: functools.partial(moe_lib.moe_forward,
+                                                         experts_fn=moe_lib.experts_dense_reference),
+}
+
+
+def lightning_impl(config: ModelConfig) -> str:
+  """config.lightning_impl with "auto" resolved: the Pallas kernels on GPU, the XLA block-wise form elsewhere."""
+  if config.lightning_impl == "auto":
+    return "pallas" if _on_gpu() else "xla"
+  return config.lightning_impl
+
+
+def attention_impl(config: ModelConfig) -> str:
+  """config.attention_impl with "auto" resolved: Pallas flash attention on GPU, XLA elsewhere."""
+  if config.attention_impl == "auto":
+    return "pallas" if _on_gpu() else "xla"
+  return config.attention_impl
+
+
+def moe_impl(config: ModelConfig) -> str:
+  """config.moe_impl with "auto" resolved: "capacity" when a capacity is set (token-drop training);
+  otherwise dropless "ragged" grouped matmuls on accelerators and "dense" on CPUs, where ragged_dot is slow."""
+  if config.moe_impl == "auto":
+    if config.capacity_factor is not None:
+      return "capacity"
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+  return config.moe_impl
+
+
+def lightning_op(config: ModelConfig, *, interpret: bool = False) -> Callable:
+  return LIGHTNING[lightning_impl(config)](config, interpret)
+
+
+def lightning_decode_op(config: ModelConfig, *, interpret: bool = False) -> Callable:
+  """(q, k [b, h, dk], v [b, h, dv], log_decay [h], state [b, h, dk, dv]) -> (out [b, h, dv], new state)."""
+  return LIGHTNING_DECODE[lightning_impl(config)](config, interpret)
+
+
+def attention_op(config: ModelConfig, *, interpret: bool = False) -> Callable:
+  return ATTENTION[attention_impl(config)](config, interpret)
+
+
+def moe_op(config: ModelConfig, *, interpret: bool = False) -> Callable:
+  return MOE[moe_impl(config)](config, interpret)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelOps:
   """lightning(q, k, v, log_decay, *, block_size, segment_ids, initial_state) -> (out, final_state)
+      (block_size: the XLA block-wise form's, ModelConfig.block_size; the Pallas kernels tile by
+      ModelConfig.lightning_kernel)
   attention(q, k, v, *, segment_ids) -> out
   moe(x, params, *, config, token_mask) -> (out, stats)
   """
@@ -128,11 +167,8 @@ class ModelOps:
   moe: Callable
 
 
-def default_ops(config: ModelConfig) -> ModelOps:
-  """Single-device ops chosen by the config."""
-  impl = resolve_lightning_impl(config.lightning_impl)
-  return ModelOps(
-      lightning=functools.partial(lightning_lib.lightning_attention, impl=impl),
-      attention=functools.partial(causal_attention, implementation=resolve_attention_impl(config.attention_impl)),
-      moe=moe_lib.moe_forward,
-  )
+def default_ops(config: ModelConfig, *, interpret: bool = False) -> ModelOps:
+  """Single-device ops chosen by the config (`interpret`: run Pallas kernels on any backend)."""
+  return ModelOps(lightning=lightning_op(config, interpret=interpret),
+                  attention=attention_op(config, interpret=interpret),
+                  moe=moe_op(config, interpret=interpret))

@@ -36,8 +36,8 @@ from mx01.inference.quantize import grouped_linear, linear
 from mx01.layers import moe as moe_lib
 from mx01.layers.norms import rms_norm
 from mx01.layers.rope import apply_rope
-from mx01.lightning import lightning_decode_step, minimax_log_decay
-from mx01.ops import ModelOps, default_ops, resolve_lightning_impl
+from mx01.lightning import minimax_log_decay
+from mx01.ops import ModelOps, default_ops, lightning_decode_op
 
 
 @flax.struct.dataclass
@@ -168,14 +168,8 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo):
 
 
 def lightning_decode_fn(config: ModelConfig):
-  """The one-token lightning update: the Pallas kernel when the config selects it, else XLA."""
-  if resolve_lightning_impl(config.lightning_impl) == "pallas":
-    try:
-      import pallas_kernels  # optional: the kernels may not be installed
-      return pallas_kernels.lightning_decode
-    except Exception:  # noqa: BLE001 - any import failure falls back to the XLA step
-      pass
-  return lightning_decode_step
+  """The one-token lightning update the config selects (mx01/ops.py's LIGHTNING_DECODE)."""
+  return lightning_decode_op(config)
 
 
 def _lightning_attention(p, x, state, key_mask, *, cfg: ModelConfig, layer_idx: int, ops: ModelOps):

@@ -1,7 +1,8 @@
 """Mixture of experts: top-k router, SwiGLU experts, capacity and the GShard aux loss.
 
 Pure functions over an explicit parameter dict, so the same math serves the
-single-device model and the expert-parallel version in `mx01/parallel/`:
+single-device model and the expert-parallel version in `mx01/parallel/`
+(mx01/ops.py's MOE table maps `ModelConfig.moe_impl` to one of them):
 
   params = {"router": [hidden, E], "wi_gate": [E, hidden, I], "wi_up": [E, hidden, I], "wo": [E, I, hidden]}
 
@@ -176,43 +177,23 @@ def experts_capacity(x, expert_idx, weights, positions, wi_gate, wi_up, wo, *, c
   return jnp.sum(gathered * (weights * kept)[..., None], axis=1).astype(dt)
 
 
-MOE_IMPLS = ("auto", "capacity", "ragged", "ragged_mosaic", "dense")
+def experts_grouped_mosaic(x, expert_idx, weights, wi_gate, wi_up, wo):
+  """`experts_grouped` on jax's Hopper (Mosaic GPU) ragged-dot kernels (pallas_kernels/grouped_matmul.py)."""
+  from pallas_kernels.grouped_matmul import grouped_matmul  # Hopper-only kernels, loaded on first use
+  return experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, grouped_dot=grouped_matmul)
 
 
-def resolve_moe_impl(impl: str, capacity_factor: Optional[float]) -> str:
-  """The config's moe_impl as used on this backend.
-
-  auto: "capacity" when a capacity is set (token-drop training); otherwise
-  dropless "ragged" grouped matmuls on accelerators and "dense" on CPUs, where
-  ragged_dot is slow.
-  """
-  if impl == "auto":
-    if capacity_factor is not None:
-      return "capacity"
-    return "dense" if jax.default_backend() == "cpu" else "ragged"
-  if impl == "capacity" and capacity_factor is None:
-    raise ValueError("moe_impl='capacity' needs model.capacity_factor (e.g. 1.25); "
-                     "set it, or pick a dropless moe_impl ('ragged', 'ragged_mosaic' or 'dense')")
-  return impl
-
-
-def _dropless_experts_fn(impl: str):
-  if impl == "ragged":
-    return experts_grouped
-  if impl == "dense":
-    return experts_dense_reference
-  if impl == "ragged_mosaic":
-    from mx01.layers import grouped_matmul  # Hopper-only kernels, imported on demand
-    return grouped_matmul.experts_grouped_mosaic
-  raise ValueError(f"unknown moe_impl {impl!r}; expected one of {MOE_IMPLS}")
-
-
-def moe_forward(x, params, *, config, token_mask=None, experts_fn=None):
+def moe_forward(x, params, *, config, token_mask=None, experts_fn=experts_dense_reference,
+                capacity_buffers: bool = False):
   """The MoE block on one device.
 
   x [batch, seq, hidden]; token_mask [batch, seq] excludes tokens (padding)
-  from the load statistics and from expert capacity.  `experts_fn` (a dropless
-  experts function) overrides config.moe_impl.  Returns (y [batch, seq, hidden], routing_stats).
+  from the load statistics and from expert capacity.  The experts run as
+  `experts_fn` (a dropless experts function; default the dense reference) or,
+  with `capacity_buffers`, as one batched matmul over per-expert buffers
+  (needs config.capacity_factor).  With a capacity_factor, assignments past
+  an expert's capacity are dropped either way.  mx01/ops.py picks these from
+  config.moe_impl.  Returns (y [batch, seq, hidden], routing_stats).
   """
   b, t, d = x.shape
   chex.assert_shape(params["router"], (d, config.num_experts))
@@ -221,13 +202,14 @@ def moe_forward(x, params, *, config, token_mask=None, experts_fn=None):
   probs, expert_idx, weights = route(xf, params["router"], config.num_experts_per_tok)
   w = (params["wi_gate"], params["wi_up"], params["wo"])
   cap = expert_capacity(b * t, config.num_experts, config.num_experts_per_tok, config.capacity_factor)
-  impl = resolve_moe_impl(config.moe_impl, config.capacity_factor)
+  if capacity_buffers and cap is None:
+    raise ValueError("moe_impl='capacity' needs model.capacity_factor (e.g. 1.25); "
+                     "set it, or pick a dropless moe_impl ('ragged', 'ragged_mosaic' or 'dense')")
   if cap is not None:
     positions = capacity_positions(expert_idx, config.num_experts, token_mask=tm)
-    if experts_fn is None and impl == "capacity":
+    if capacity_buffers:
       y = experts_capacity(xf, expert_idx, weights, positions, *w, capacity=cap)
       return y.reshape(b, t, d), routing_stats(probs, expert_idx, tm)
     weights = weights * (positions < cap)  # dropped assignments pass through the residual only
-  experts_fn = experts_fn or _dropless_experts_fn(impl)
   y = experts_fn(xf, expert_idx, weights, *w)
   return y.reshape(b, t, d), routing_stats(probs, expert_idx, tm)

@@ -10,14 +10,11 @@ and corrected afterwards:
    initial state, giving its output o_loc and final state S_loc (which only
    holds the chunk's last segment).
 2. All-gather S_loc of every chunk over the sequence axis, with each chunk's
-   first/last segment id and whether a segment starts inside it.
-3. Prefix combine, on every device at once (nobody waits for the previous
-   device, unlike the serial ring of LASP):
-       S_in[g] = sum_{g' < g} W[g, g'] S_loc[g'] + W0[g] S_init
-       W[g, g'] = lambda^(c (g - 1 - g')) if no segment boundary lies between
-                  the end of chunk g' and the start of chunk g, else 0,
-   where c is the chunk length (a whole chunk decays its incoming state by
-   lambda^c).
+   segment summary (first/last segment id, whether a segment starts inside).
+3. The inter-chunk state pass (pallas_kernels/lightning/chunk_states.py, the
+   same code the XLA form and the Pallas split path use), on every device at
+   once over the G global chunks (nobody waits for the previous device,
+   unlike the serial ring of LASP): S_in[g+1] = a_g S_in[g] + S_loc[g].
 4. Correct: o_t += (q_t * lambda^(t+1)) S_in for the tokens t of the chunk's
    first segment, if that segment continues from the previous chunk.
 
@@ -34,9 +31,9 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
-from mx01.lightning import segment_starts_to_index
 from mx01.parallel import comm
 from mx01.parallel.layout import SequenceLayout
+from pallas_kernels.lightning import chunk_states
 
 
 def _to_global_chunks(gathered, layout: SequenceLayout):
@@ -49,7 +46,7 @@ def _to_global_chunks(gathered, layout: SequenceLayout):
 
 def lasp_lightning(q, k, v, log_decay, *, block_size: int = 256, segment_ids=None, initial_state=None,
                    inner: Callable, layout: SequenceLayout, sequence_axes: Tuple[str, ...]):
-  """Sequence-parallel lightning attention with the `mx01.lightning.lightning_attention` interface.
+  """Sequence-parallel lightning attention with the interface of `ModelOps.lightning` (mx01/ops.py).
 
   q, k [b, t_local, h, dk]; v [b, t_local, h, dv]; log_decay [h]; segment_ids
   [b, t_local]; initial_state [b, h, dk, dv] (state entering the first chunk of
@@ -76,8 +73,7 @@ def lasp_lightning(q, k, v, log_decay, *, block_size: int = 256, segment_ids=Non
   s_loc = s_loc.reshape(b, n, h, dk, dv)
 
   seg_c = seg_c.reshape(b, n, c)
-  first_seg, last_seg = seg_c[:, :, 0], seg_c[:, :, -1]  # [b, n]
-  inner_boundary = jnp.any(seg_c[:, :, 1:] != seg_c[:, :, :-1], axis=-1)  # [b, n]
+  local_lengths = chunk_states.chunk_lengths(c * n, n, c)  # every local token is real
 
   # All-gather per-chunk summaries over the sequence axis, into global chunk order [b, G, ...].
   def gather(x):
@@ -86,40 +82,17 @@ def lasp_lightning(q, k, v, log_decay, *, block_size: int = 256, segment_ids=Non
     gathered = comm.all_gather_replicated(x[None], sequence_axes, axis=0)  # [S, b, n, ...], same on every rank
     return _to_global_chunks(gathered, layout)
 
-  s_all = gather(s_loc)  # [b, G, h, dk, dv]
-  first_all, last_all, inner_all = gather(first_seg), gather(last_seg), gather(inner_boundary)
-  g = layout.num_chunks
-  # enters[g]: chunk g's first token continues the segment of chunk g-1's last token (chunk 0: the initial state).
-  enters = jnp.concatenate([jnp.ones((b, 1), bool), first_all[:, 1:] == last_all[:, :-1]], axis=1)  # [b, G]
-  passes = enters & ~inner_all  # the incoming state survives the whole chunk
-  breaks = jnp.cumsum((~passes).astype(jnp.int32), axis=1)  # [b, G]: non-passing chunks among 0..g
-  breaks_before = jnp.pad(breaks[:, :-1], ((0, 0), (1, 0)))  # [b, G]: among 0..g-1
-  ld = log_decay.astype(f32)
-  idx = jnp.arange(g)
-
-  # Weight of S_loc[g'] in S_in[g] (g' < g, every chunk strictly between passes): [b, G, G, h].
-  connected = (idx[None, :] < idx[:, None])[None] & (breaks_before[:, :, None] == breaks[:, None, :])
-  hops = jnp.maximum(idx[:, None] - 1 - idx[None, :], 0).astype(f32)
-  w = connected[..., None] * jnp.exp(ld * c * hops[..., None])[None]
-  my_chunks = jnp.asarray(layout.chunk_ids())[comm.axis_index(sequence_axes)]  # [n]
-  s_in = jnp.einsum("bngh,bghkv->bnhkv", jnp.take(w, my_chunks, axis=1), s_all)  # [b, n, h, dk, dv]
-  # State after the last global chunk (the final state of the row).
-  w_final = (breaks[:, -1:] == breaks)[..., None] * jnp.exp(ld * c * (g - 1 - idx).astype(f32)[:, None])[None]
-  s_final = jnp.einsum("bgh,bghkv->bhkv", w_final, s_all)
   if initial_state is not None:
     chex.assert_shape(initial_state, (b, h, dk, dv))
-    init = initial_state.astype(f32)
-    w0 = (breaks_before == 0)[..., None] * jnp.exp(ld * c * idx.astype(f32)[:, None])[None]  # [b, G, h]
-    s_in = s_in + jnp.einsum("bnh,bhkv->bnhkv", jnp.take(w0, my_chunks, axis=1), init)
-    s_final = s_final + ((breaks[:, -1] == 0)[:, None] * jnp.exp(ld * c * g)[None])[..., None, None] * init
+  g = layout.num_chunks
+  bounds = chunk_states.ChunkBoundaries(*(gather(x) for x in chunk_states.chunk_boundaries(seg_c, local_lengths)))
+  chunk_decay, enters = chunk_states.chunk_transitions(log_decay, bounds, chunk_states.chunk_lengths(c * g, g, c))
+  states_in, s_final = chunk_states.combine_chunk_states(gather(s_loc), chunk_decay, initial_state)
 
-  # Correct the tokens of each chunk's first segment (if it continues from before).
-  enters_mine = jnp.take(enters, my_chunks, axis=1)  # [b, n]
-  if initial_state is None:
-    enters_mine = enters_mine & (my_chunks > 0)[None]
-  first_segment = segment_starts_to_index(seg_c.reshape(b * n, c)).reshape(b, n, c) == 0
-  mask = first_segment & enters_mine[..., None]  # [b, n, c]
-  q_decay = jnp.exp(ld[None, :] * (jnp.arange(c, dtype=f32)[:, None] + 1.0))  # [c, h]
-  q_w = q.reshape(b, n, c, h, dk).astype(f32) * (q_decay[None, None] * mask[..., None])[..., None]
-  out = o_loc + jnp.einsum("bnchk,bnhkv->bnchv", q_w, s_in)
+  my_chunks = jnp.asarray(layout.chunk_ids())[comm.axis_index(sequence_axes)]  # [n]
+  mask = chunk_states.incoming_mask(seg_c, jnp.take(enters, my_chunks, axis=1), local_lengths)
+  # float32 q at the default precision: the correction's matmul as before the shared pass existed.
+  extra = chunk_states.apply_incoming_states(q.reshape(b, n, c, h, dk).astype(f32),
+                                             jnp.take(states_in, my_chunks, axis=1), log_decay, mask, precision=None)
+  out = o_loc + extra
   return out.reshape(b, t, h, dv).astype(q.dtype), s_final

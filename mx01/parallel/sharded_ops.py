@@ -3,8 +3,8 @@
 The decoder calls `ops.lightning`, `ops.attention` and `ops.moe` (mx01/ops.py);
 these versions take the local shards of a device and communicate over the
 mesh.  The lightning implementation inside LASP+ is the one the config picks
-(`lightning_impl`: XLA block-wise or Pallas kernels), called through the
-initial/final-state interface of `mx01.lightning.lightning_attention`.
+(mx01/ops.py's registries: `lightning_impl`, `attention_impl`), called through
+the initial/final-state interface of `ModelOps.lightning`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _explain_vma_errors(inner, config: ModelConfig):
         raise
       raise ValueError(
           f"the lightning implementation {config.lightning_impl!r} (resolved: "
-          f"{ops_lib.resolve_lightning_impl(config.lightning_impl)!r}) cannot run inside shard_map(check_vma=True): "
+          f"{ops_lib.lightning_impl(config)!r}) cannot run inside shard_map(check_vma=True): "
           "its pallas_call output shapes must carry the inputs' varying mesh axes "
           "(jax.ShapeDtypeStruct(..., manual_axis_type=...), see pallas_kernels/_common.match_varying); "
           "set model.lightning_impl='xla' to use the XLA block-wise form instead") from e
@@ -46,7 +46,7 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
   """Ops for one device of `pmesh`; `config` is the global model config."""
   # The config's lightning implementation ("auto": the Pallas kernels on GPU, which declare their
   # outputs' varying mesh axes; checked against the single-device model on GPUs by benchmarks/multi_gpu.py).
-  inner = _explain_vma_errors(ops_lib.default_ops(config).lightning, config)
+  inner = _explain_vma_errors(ops_lib.lightning_op(config), config)
   sequence_axes = pmesh.axes("sequence")
 
   def lightning(q, k, v, log_decay, *, block_size, segment_ids=None, initial_state=None):
@@ -61,12 +61,13 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
     return lasp_lightning(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
                           initial_state=initial_state, inner=inner, layout=layout, sequence_axes=sequence_axes)
 
-  attention_impl = ops_lib.resolve_attention_impl(config.attention_impl)
+  local_attention = ops_lib.attention_op(config)
 
   def attention(q, k, v, *, segment_ids=None):
     if pmesh.parallel.sequence == 1:
-      # The config's kernel (Pallas flash attention on GPU): it declares varying mesh axes (mx01/ops.py).
-      return ops_lib.causal_attention(q, k, v, segment_ids=segment_ids, implementation=attention_impl)
+      # The config's kernel (Pallas flash attention on GPU: it declares varying mesh axes,
+      # pallas_kernels/flash_attention.py).
+      return local_attention(q, k, v, segment_ids=segment_ids)
     return ring_attention(q, k, v, segment_ids=segment_ids, layout=layout, sequence_axes=sequence_axes)
 
   def moe(x, params, *, config=None, token_mask=None):

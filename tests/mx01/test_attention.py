@@ -5,9 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mx01.ops import causal_attention
+from mx01 import ops
+from mx01.config import ModelConfig
 
 ON_GPU = jax.default_backend() == "gpu"
+
+
+def causal_attention(q, k, v, *, segment_ids=None, implementation, interpret=False):
+  """The registry's attention for `implementation` (a model.attention_impl name)."""
+  fn = ops.attention_op(ModelConfig(attention_impl=implementation), interpret=interpret)
+  return fn(q, k, v, segment_ids=segment_ids)
 
 
 def numpy_attention(q, k, v, seg):

@@ -22,7 +22,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("tokens,empty_expert", [(1000, False), (777, True)])
 def test_mosaic_experts_match_ragged_dot(tokens, empty_expert):
-  from mx01.layers.grouped_matmul import experts_grouped_mosaic
+  experts_grouped_mosaic = moe_lib.experts_grouped_mosaic
   hidden, width, e, k = 256, 384, 8, 2
   ks = jax.random.split(jax.random.key(tokens), 6)
   dt = jnp.bfloat16

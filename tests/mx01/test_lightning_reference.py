@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mx01.lightning import (lightning_attention, lightning_attention_chunked, lightning_attention_numpy,
-                            lightning_attention_recurrent, lightning_decode_step, minimax_log_decay)
+from mx01.lightning import (lightning_attention_chunked, lightning_attention_numpy, lightning_attention_recurrent,
+                            lightning_decode_step, minimax_log_decay)
 
 # float32 compute against float64 truth: errors grow with length and state magnitude.
 F32_ATOL = 2e-4
@@ -119,9 +119,9 @@ def test_bfloat16_inputs():
 
 def test_chunked_prefill_then_decode_equals_full():
   q, k, v, ld, _, _ = _inputs(9, b=2, t=30, segments=False, init=False)
-  full, full_s = lightning_attention(q, k, v, ld, block_size=8)
-  o1, s = lightning_attention(q[:, :13], k[:, :13], v[:, :13], ld, block_size=8)
-  o2, s = lightning_attention(q[:, 13:25], k[:, 13:25], v[:, 13:25], ld, block_size=8, initial_state=s)
+  full, full_s = lightning_attention_chunked(q, k, v, ld, block_size=8)
+  o1, s = lightning_attention_chunked(q[:, :13], k[:, :13], v[:, :13], ld, block_size=8)
+  o2, s = lightning_attention_chunked(q[:, 13:25], k[:, 13:25], v[:, 13:25], ld, block_size=8, initial_state=s)
   outs = [o1, o2]
   for j in range(25, 30):
     o, s = lightning_decode_step(q[:, j], k[:, j], v[:, j], ld, s)
@@ -136,5 +136,20 @@ def test_bad_shapes_raise():
     lightning_attention_chunked(q, k[:, :5], v, ld)
   with pytest.raises(AssertionError):
     lightning_attention_chunked(q, k, v, ld[:2])
-  with pytest.raises(ValueError, match="impl"):
-    lightning_attention(q, k, v, ld, impl="bogus")
+
+
+@pytest.mark.parametrize("t,block", [(45, 16), (130, 32)])
+def test_chunked_at_preset_init_scale(t, block):
+  """Inputs at the presets' initialisation scale (std 0.02 weights: q, k, v ~ 0.02), real decays, packed rows."""
+  rng = np.random.default_rng(t)
+  b, h, dk, dv = 2, 4, 16, 16
+  q, k, v = (rng.standard_normal((b, t, h, d)).astype(np.float32) * 0.02 for d in (dk, dk, dv))
+  ld = minimax_log_decay(h, 3, 8)
+  seg = np.sort(rng.integers(0, 4, (b, t)), axis=1).astype(np.int32)
+  s0 = rng.standard_normal((b, h, dk, dv)).astype(np.float32) * 1e-3
+  want_o, want_s = lightning_attention_numpy(q, k, v, ld, segment_ids=seg, initial_state=s0)
+  o, s = lightning_attention_chunked(*(jnp.asarray(x) for x in (q, k, v, ld)), block_size=block,
+                                     segment_ids=jnp.asarray(seg), initial_state=jnp.asarray(s0))
+  # float32 against float64: relative to the output's scale (~1e-4 here).
+  assert np.linalg.norm(np.asarray(o) - want_o) <= 1e-5 * np.linalg.norm(want_o)
+  assert np.linalg.norm(np.asarray(s) - want_s) <= 1e-5 * np.linalg.norm(want_s)

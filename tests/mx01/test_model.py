@@ -11,6 +11,7 @@ from mx01 import model
 from mx01.config import ModelConfig
 from mx01.layers import moe as moe_lib
 from mx01.layers.rope import apply_rope
+from mx01 import ops
 from mx01.ops import default_ops
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -135,9 +136,10 @@ def test_moe_impl_config_errors():
     p = {"router": jnp.ones((32, 4)), "wi_gate": jnp.ones((4, 32, 24)), "wi_up": jnp.ones((4, 32, 24)),
          "wo": jnp.ones((4, 24, 32))}
     with pytest.raises(ValueError, match="Hopper GPU"):
-      moe_lib.moe_forward(x, p, config=dataclasses.replace(CFG, moe_impl="ragged_mosaic"))
-  assert moe_lib.resolve_moe_impl("auto", 1.25) == "capacity"
-  assert moe_lib.resolve_moe_impl("auto", None) in ("ragged", "dense")
+      cfg = dataclasses.replace(CFG, moe_impl="ragged_mosaic")
+      ops.moe_op(cfg)(x, p, config=cfg)
+  assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=1.25)) == "capacity"
+  assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=None)) in ("ragged", "dense")
 
 
 def test_aux_loss_formula():

@@ -116,13 +116,40 @@ def test_model_decay_rates(interpret, heads, layer):
   assert rel_err(state, want_state) < STATE_TOL[jnp.float32]
 
 
-def test_default_block_size_from_model_dispatch():
-  """`mx01.lightning.lightning_attention(impl="pallas")` passes block_size=256; it is capped, same result."""
-  q, k, v, init = make_inputs(3, 1, 24, 2, 16, 16, jnp.float32)
+@pytest.mark.parametrize("t,splits", [(45, 1), (77, 3)])
+def test_preset_init_scale(t, splits):
+  """Inputs at the presets' initialisation scale (std 0.02 weights give q, k, v ~ 0.02), real decays, packed rows."""
+  b, h, dk, dv = 2, 4, 16, 32
+  rng = np.random.default_rng(t)
+  q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)) * 0.02, jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((b, t, h, dv)) * 0.02, jnp.float32)
+  init = jnp.asarray(rng.standard_normal((b, h, dk, dv)) * 1e-3, jnp.float32)
+  seg = packed_segments(t + 5, b, t)
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 5, 40))
+  cfg = pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
+  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init, config=cfg,
+                                      interpret=True)
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
+  assert rel_err(out, want_out) < OUT_TOL[jnp.float32]
+  assert rel_err(state, want_state) < STATE_TOL[jnp.float32]
+
+
+def test_model_registry_uses_the_kernel_config():
+  """ModelConfig.lightning_kernel reaches the kernels: its tile is used as given, the XLA block_size is not theirs."""
+  import dataclasses
+
+  from mx01 import ops
+  from mx01.config import ModelConfig
+  q, k, v, init = make_inputs(3, 1, 40, 2, 16, 16, jnp.float32)
   log_decay = jnp.asarray(ref.minimax_log_decay(2, 0, 2))
-  out, state = ref.lightning_attention(q, k, v, log_decay, initial_state=init, impl="pallas", interpret=True)
   want_out, want_state = numpy_lightning(q, k, v, log_decay, None, init)
+  cfg = ModelConfig(lightning_impl="pallas", block_size=256, lightning_kernel=SMALL)
+  lightning = ops.lightning_op(cfg, interpret=True)
+  out, state = lightning(q, k, v, log_decay, block_size=cfg.block_size, initial_state=init)
   assert rel_err(out, want_out) < 1e-5 and rel_err(state, want_state) < 1e-5
+  # The tile the kernels cannot hold is refused with the fix, not reduced.
+  with pytest.raises(pk.ConfigError, match="block_size=256 exceeds 128.*lightning_impl='xla'"):
+    dataclasses.replace(cfg.lightning_kernel, block_size=256)
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -224,7 +251,7 @@ def test_combine_chunk_states_matches_sequential():
   local = jnp.asarray(rng.standard_normal((b, n, h, dk, dv)), jnp.float32)
   decay = jnp.asarray(rng.uniform(0, 1, (b, n, h)), jnp.float32)
   init = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-  states_in, final = pk.combine_chunk_states(local, decay, init)
+  states_in, final = pk.chunk_states.combine_chunk_states(local, decay, init)
   s = np.asarray(init, np.float64)
   for j in range(n):
     np.testing.assert_allclose(np.asarray(states_in[:, j]), s, rtol=1e-5, atol=1e-5)
@@ -232,10 +259,69 @@ def test_combine_chunk_states_matches_sequential():
   np.testing.assert_allclose(np.asarray(final), s, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t,chunk,with_seg", [(45, 8, True), (45, 16, False), (30, 16, True)])
+def test_chunk_states_rebuild_the_float64_loop(t, chunk, with_seg):
+  """Chunks run independently from zero (float64 loop per chunk), then chunk_states joins them:
+  equals the float64 loop over the whole row (tail padding, length-1 segments, an initial state), with gradients."""
+  cs = pk.chunk_states
+  b, h, dk, dv = 2, 3, 4, 5
+  n = -(-t // chunk)
+  q, k, v, init = make_inputs(t + chunk, b, t, h, dk, dv, jnp.float32, scale=0.02)
+  v = v * 0.02
+  seg = packed_segments(t, b, t) if with_seg else None
+  log_decay = jnp.asarray(ref.minimax_log_decay(h, 1, 4))
+  lengths = cs.chunk_lengths(t, n, chunk)
+  pad = n * chunk - t
+  seg_np = None if seg is None else np.pad(np.asarray(seg), ((0, 0), (0, pad)), constant_values=-1)
+  # Local pass: every chunk's real tokens from a zero state, in float64.
+  local_out = np.zeros((b, n * chunk, h, dv))
+  local_states = np.zeros((b, n, h, dk, dv))
+  for j in range(n):
+    sl = slice(j * chunk, j * chunk + int(lengths[j]))
+    o, s = numpy_lightning(q[:, sl], k[:, sl], v[:, sl], log_decay, None if seg is None else seg[:, sl])
+    local_out[:, sl], local_states[:, j] = o, s
+  seg_c = None if seg_np is None else jnp.asarray(seg_np.reshape(b, n, chunk))
+
+  def joined(q, local_states, init):
+    bounds = None if seg_c is None else cs.chunk_boundaries(seg_c, lengths)
+    decay, enters = cs.chunk_transitions(log_decay, bounds, lengths)
+    states_in, final = cs.combine_chunk_states(local_states, decay, init)
+    mask = cs.incoming_mask(seg_c, enters, lengths)
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, dk)
+    return cs.apply_incoming_states(qc, states_in, log_decay, mask).reshape(b, n * chunk, h, dv)[:, :t], final
+
+  extra, final = joined(q, jnp.asarray(local_states, jnp.float32), init)
+  want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
+  assert rel_err(np.asarray(extra, np.float64) + local_out[:, :t], want_out) < 1e-5
+  assert rel_err(final, want_state) < 1e-5
+  # Differentiable: gradients of the joined pass equal float64 finite differences along a random direction.
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+  loss = lambda q, ls, s0: jnp.sum(joined(q, ls, s0)[0] * w) + jnp.sum(joined(q, ls, s0)[1] ** 2)
+  args = (q, jnp.asarray(local_states, jnp.float32), init)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+  dirs = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in args]
+  jax.config.update("jax_enable_x64", True)
+  try:
+    f64 = lambda x: jnp.asarray(x, jnp.float64)
+    w64 = f64(w)
+    loss64 = lambda *a: jnp.sum(joined(*a)[0] * w64) + jnp.sum(joined(*a)[1] ** 2)
+    eps = 1e-6
+    plus = loss64(*(f64(a) + eps * f64(d) for a, d in zip(args, dirs)))
+    minus = loss64(*(f64(a) - eps * f64(d) for a, d in zip(args, dirs)))
+    numeric = float((plus - minus) / (2 * eps))
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  analytic = sum(float(jnp.sum(g * d)) for g, d in zip(grads, dirs))
+  assert abs(analytic - numeric) <= 1e-4 * max(abs(numeric), 1.0)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
 def test_config_validation_names_the_value():
+  with pytest.raises(pk.ConfigError, match="bwd_block_size=64 exceeds block_size=32"):
+    pk.LightningConfig(block_size=32, bwd_block_size=64)
   with pytest.raises(ValueError, match="block_size.*48"):
     pk.LightningConfig(block_size=48)
   with pytest.raises(ValueError, match="num_warps.*3"):

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mx01 import lightning
@@ -46,7 +47,7 @@ def test_lasp_equals_unsharded(parallel, length, use_initial_state):
   seg = packed_segments(ks[3], B, length, start_prob=0.08)
   log_decay = -jnp.array([0.1, 0.5])
   init = jax.random.normal(ks[4], (B, H, DK, DK)) if use_initial_state else None
-  inner = functools.partial(lightning.lightning_attention, impl="chunked")
+  inner = lightning.lightning_attention_chunked
 
   def local(q, k, v, seg, init):
     return lasp_lightning(q, k, v, log_decay, block_size=2, segment_ids=seg, initial_state=init, inner=inner,
@@ -74,6 +75,33 @@ def test_lasp_equals_unsharded(parallel, length, use_initial_state):
   g = jax.jit(jax.grad(functools.partial(loss, sharded), argnums=(0, 1, 2)))(q, k, v)
   g_ref = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(q, k, v)
   assert max_abs_diff(g, g_ref) < 5e-5
+
+
+def test_lasp_at_preset_init_scale_matches_float64():
+  """Inputs at the presets' initialisation scale (q, k, v ~ 0.02), chunks of 6 tokens on blocks of 4, the model's
+  decays: the sharded pass equals the float64 loop."""
+  parallel = ParallelConfig(data=2, sequence=4)
+  pm = mesh_lib.build_mesh(parallel)
+  length = 48
+  layout = SequenceLayout(length, parallel.sequence)
+  ks = jax.random.split(jax.random.key(7), 5)
+  q, k, v = (0.02 * jax.random.normal(ks[i], (B, length, H, DK)) for i in range(3))
+  seg = packed_segments(ks[3], B, length, start_prob=0.08)
+  log_decay = jnp.asarray(lightning.minimax_log_decay(H, 1, 4))
+  init = 1e-3 * jax.random.normal(ks[4], (B, H, DK, DK))
+
+  def local(q, k, v, seg, init):
+    return lasp_lightning(q, k, v, log_decay, block_size=4, segment_ids=seg, initial_state=init,
+                          inner=lightning.lightning_attention_chunked, layout=layout, sequence_axes=pm.axes("sequence"))
+
+  act = pm.spec("data", "sequence", None, None)
+  mapped = comm.shard_map(local, mesh=pm.mesh, in_specs=(act, act, act, pm.spec("data", "sequence"), pm.spec("data")),
+                          out_specs=(act, pm.spec("data")))
+  o, s = jax.jit(lambda *a: mapped(*(layout.to_layout(x) for x in a[:4]), a[4]))(q, k, v, seg, init)
+  o = layout.from_layout(o)
+  want_o, want_s = lightning.lightning_attention_numpy(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+  rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+  assert rel(o, want_o) < 1e-5 and rel(s, want_s) < 1e-5  # float32
 
 
 @pytest.mark.parametrize("parallel, length", CASES, ids=IDS)

@@ -1,6 +1,6 @@
 """Lightning attention with Pallas kernels: padding, custom_vjp wiring, sequence splits.
 
-`lightning_attention` matches `mx01.lightning.lightning_attention_recurrent`:
+`lightning_attention` matches the recurrence of mx01/lightning.py (its reference):
 
     S_t = lambda * S_{t-1} + k_t^T v_t,   o_t = q_t S_t,   lambda = exp(log_decay)
 
@@ -20,12 +20,11 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mx01.lightning import segment_starts_to_index
 from pallas_kernels import _common as cm
-from pallas_kernels import lightning_states
-from pallas_kernels.config import DEFAULT_CONFIG, LightningConfig
-from pallas_kernels.lightning_bwd import lightning_backward
-from pallas_kernels.lightning_fwd import lightning_forward
+from pallas_kernels.lightning import chunk_states
+from pallas_kernels.lightning.bwd import lightning_backward
+from pallas_kernels.lightning.config import DEFAULT_CONFIG, LightningConfig
+from pallas_kernels.lightning.fwd import lightning_forward
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Below this many programs (one per (batch, head, value tile); about one wave on an
@@ -111,7 +110,7 @@ def _check_inputs(q, k, v, log_decay, segment_ids, initial_state):
 
 def _segment_index(segment_ids, b, t, t_pad):
   """[b, t] ids -> [b, t_pad] int32 running index from 0, -1 on padding."""
-  idx = segment_starts_to_index(segment_ids)
+  idx = chunk_states.segment_index(segment_ids)
   return jnp.pad(idx, ((0, 0), (0, t_pad - t)), constant_values=-1)
 
 
@@ -129,7 +128,7 @@ def _num_splits(cfg: LightningConfig, b, t, h, dv, block_v, block, interpret):
   return max(1, min(wanted, _pow2_floor(t // (8 * block))))
 
 
-def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=None, block_size: Optional[int] = None,
+def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
                         config: Optional[LightningConfig] = None,
                         interpret: bool = False) -> Tuple[jax.Array, jax.Array]:
   """Lightning attention on the Pallas kernels.
@@ -139,20 +138,18 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
   initial_state [batch, heads, dk, dv] or None.  Head dims: powers of two >= 16.
   Returns (out [batch, seq, heads, dv] in q.dtype, final_state [batch, heads, dk, dv] f32).
 
-  block_size (tokens per block; None: the config's) is rounded down to a power
-  of two and capped at config.max_block_size and at the padded sequence
-  length; the result does not depend on it beyond rounding.
+  Tiles come from `config` (default DEFAULT_CONFIG) as given; only a sequence
+  shorter than a block runs on the smallest power-of-two block (>= 16) that
+  holds it, which changes no result (padding is masked) and saves the padding.
   """
   cfg = config or DEFAULT_CONFIG
   cm.check_backend(interpret)
   _check_inputs(q, k, v, log_decay, segment_ids, initial_state)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  requested = cfg.block_size if block_size is None else int(block_size)
-  if requested < 1:
-    raise ValueError(f"block_size must be >= 1, got {block_size}")
-  block = max(16, min(_pow2_floor(requested), cfg.max_block_size, _pow2_ceil(t)))
-  bwd_block = max(16, min(cfg.backward_block_size, block))
+  short = max(16, _pow2_ceil(t))
+  block = min(cfg.block_size, short)
+  bwd_block = min(cfg.backward_block_size, short)
   block_v = min(cfg.block_v, dv)
   splits = _num_splits(cfg, b, t, h, dv, block_v, block, interpret)
 
@@ -166,7 +163,7 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
     return out[:, :t], state
 
   # Super-chunks: each of `splits` pieces runs from a zero state as its own row,
-  # then the incoming states are combined and their term added.
+  # then chunk_states combines the incoming states and adds their term.
   chunk_len = -(-t // (splits * block)) * block
   t_pad = splits * chunk_len
   seg = None
@@ -183,9 +180,14 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
                min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
   out_local, local_states = _lightning_core(rows(q), rows(k), rows(v), log_decay.astype(jnp.float32), local_seg,
                                             None, st)
-  chunk_decay, carries = lightning_states.chunk_transitions(log_decay, seg, splits, chunk_len, t)
-  states_in, final_state = lightning_states.combine_chunk_states(
+  lengths = chunk_states.chunk_lengths(t, splits, chunk_len)
+  seg_c = None if segment_ids is None else seg.reshape(b, splits, chunk_len)
+  bounds = None if seg_c is None else chunk_states.chunk_boundaries(seg_c, lengths)
+  chunk_decay, enters = chunk_states.chunk_transitions(log_decay, bounds, lengths)
+  states_in, final_state = chunk_states.combine_chunk_states(
       local_states.reshape(b, splits, h, dk, dv), chunk_decay, initial_state)
-  out = lightning_states.apply_incoming_states(_pad_seq(q, t_pad), out_local.reshape(b, t_pad, h, dv), states_in,
-                                               log_decay, carries, chunk_len)
-  return out[:, :t], final_state
+  mask = chunk_states.incoming_mask(seg_c, enters, lengths)
+  extra = chunk_states.apply_incoming_states(_pad_seq(q, t_pad).reshape(b, splits, chunk_len, h, dk), states_in,
+                                             log_decay, mask)
+  out = out_local.reshape(b, t_pad, h, dv).astype(jnp.float32) + extra.reshape(b, t_pad, h, dv)
+  return out[:, :t].astype(q.dtype), final_state

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as cm
-from pallas_kernels.config import DEFAULT_CONFIG, LightningConfig
+from pallas_kernels.lightning.config import DEFAULT_CONFIG, LightningConfig
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, ld_ref, state_ref, o_ref, new_state_ref):

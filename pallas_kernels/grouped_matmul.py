@@ -9,10 +9,11 @@ ships Hopper kernels for the two grouped products a MoE needs
   transposed_ragged_dot(x [m, k], dy [m, n])   dw[i] = x[rows of i]^T @ dy[rows of i]
 
 `grouped_matmul` wires them into a differentiable op (dx is a ragged_dot
-against the transposed weights, read in place), and `experts_grouped_mosaic`
-is `mx01.layers.moe.experts_grouped` on top of it.  Hopper only (wgmma/TMA):
-there is no CPU or interpret path, so the tests compare it with
-`jax.lax.ragged_dot` on the GPU (tests/mx01/test_grouped_matmul_gpu.py).
+against the transposed weights, read in place) with the signature of
+`jax.lax.ragged_dot`; mx01/layers/moe.py's `experts_grouped_mosaic` runs the
+MoE experts on it.  Hopper only (wgmma/TMA): there is no CPU or interpret
+path, so the tests compare it with `jax.lax.ragged_dot` on the GPU
+(tests/mx01/test_grouped_matmul_gpu.py).
 """
 
 from __future__ import annotations
@@ -83,10 +84,3 @@ def _bwd(tiling, res, dy):
 
 
 grouped_matmul.defvjp(_fwd, _bwd)
-
-
-def experts_grouped_mosaic(x, expert_idx, weights, wi_gate, wi_up, wo, *, tiling: GroupedMatmulTiling = DEFAULT_TILING):
-  """`mx01.layers.moe.experts_grouped` with the Hopper kernels for its three grouped matmuls."""
-  from mx01.layers import moe  # moe imports this module lazily
-  dot = lambda a, w, gs: grouped_matmul(a, w, gs, tiling)
-  return moe.experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, grouped_dot=dot)

@@ -1,9 +1,20 @@
-"""Tuning configuration of the lightning attention kernels."""
+"""Tuning configuration of the lightning attention kernels.
+
+`mx01.config.ModelConfig.lightning_kernel` holds one of these, so every value
+here is reachable from the model config (`--config.model.lightning_kernel.block_size=64`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+
+from pallas_kernels.errors import ConfigError
+
+# Largest token block: the kernels keep a [block, block] float32 score tile on
+# chip next to the Q/K/V tiles; at 256 that tile alone is 256 KiB, above the
+# 227 KiB of shared memory (and the 256 KiB register file) one H100/H200 SM has.
+MAX_BLOCK_SIZE = 128
 
 
 def _is_pow2(x: int) -> bool:
@@ -28,7 +39,10 @@ class LightningConfig:
   decode_num_warps: decode launch parameter.
   num_splits:       super-chunks the sequence is cut into when batch*heads is
                     too small to fill the GPU (None: choose from the shape).
-  max_block_size:   larger requested block sizes are reduced to this.
+
+  Every value is used as given (block_size and bwd_block_size at most
+  MAX_BLOCK_SIZE, bwd_block_size at most block_size); a sequence shorter than
+  a block runs on a smaller block, which changes no result.
   """
   # Defaults: fastest of a small sweep on an H100 at head dim 128, bf16 (BENCHMARKS.md).
   block_size: int = 64
@@ -43,26 +57,35 @@ class LightningConfig:
   decode_block_v: int = 64
   decode_num_warps: int = 4
   num_splits: Optional[int] = None
-  max_block_size: int = 128
 
   def __post_init__(self):
-    for name in ("block_size", "block_v", "bwd_block_k", "bwd_block_v", "decode_block_v", "max_block_size"):
+    for name in ("block_size", "block_v", "bwd_block_k", "bwd_block_v", "decode_block_v"):
       value = getattr(self, name)
       if not _is_pow2(value) or value < 16:
-        raise ValueError(f"LightningConfig.{name} must be a power of two >= 16, got {value!r}")
+        raise ConfigError(f"LightningConfig.{name} must be a power of two >= 16, got {value!r}")
     if self.bwd_block_size is not None and (not _is_pow2(self.bwd_block_size) or self.bwd_block_size < 16):
-      raise ValueError(f"LightningConfig.bwd_block_size must be None or a power of two >= 16, "
+      raise ConfigError(f"LightningConfig.bwd_block_size must be None or a power of two >= 16, "
                        f"got {self.bwd_block_size!r}")
+    for name in ("block_size", "bwd_block_size"):
+      value = getattr(self, name)
+      if value is not None and value > MAX_BLOCK_SIZE:
+        raise ConfigError(f"LightningConfig.{name}={value} exceeds {MAX_BLOCK_SIZE}: the kernels hold a "
+                          f"[block, block] float32 tile on chip ({value * value * 4 // 1024} KiB, above one SM's "
+                          f"shared memory); use {MAX_BLOCK_SIZE} or less, or the XLA form (lightning_impl='xla') "
+                          "for larger blocks")
+    if self.bwd_block_size is not None and self.bwd_block_size > self.block_size:
+      raise ConfigError(f"LightningConfig.bwd_block_size={self.bwd_block_size} exceeds block_size={self.block_size} "
+                        "(the backward sweeps run on the forward's padding); use at most block_size, or None")
     for name in ("num_warps", "bwd_num_warps", "decode_num_warps"):
       value = getattr(self, name)
       if value not in (1, 2, 4, 8, 16):
-        raise ValueError(f"LightningConfig.{name} must be one of 1, 2, 4, 8, 16, got {value!r}")
+        raise ConfigError(f"LightningConfig.{name} must be one of 1, 2, 4, 8, 16, got {value!r}")
     for name in ("num_stages", "bwd_num_stages"):
       value = getattr(self, name)
       if not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError(f"LightningConfig.{name} must be an int in [1, 8], got {value!r}")
+        raise ConfigError(f"LightningConfig.{name} must be an int in [1, 8], got {value!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
-      raise ValueError(f"LightningConfig.num_splits must be None or an int >= 1, got {self.num_splits!r}")
+      raise ConfigError(f"LightningConfig.num_splits must be None or an int >= 1, got {self.num_splits!r}")
 
   @property
   def backward_block_size(self) -> int:
