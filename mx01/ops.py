@@ -122,10 +122,12 @@ class ModelOps:
   """lightning(q, k, v, log_decay, *, block_size, segment_ids, initial_state) -> (out, final_state)
   attention(q, k, v, *, segment_ids) -> out
   moe(x, params, *, config, token_mask) -> (out, stats)
+  lightning_decode(q, k, v, log_decay, state) -> (out, new_state): one token per row (generation)
   """
   lightning: Callable
   attention: Callable
   moe: Callable
+  lightning_decode: Callable = lightning_lib.lightning_decode_step
 
 
 def default_ops(config: ModelConfig) -> ModelOps:
@@ -135,4 +137,13 @@ def default_ops(config: ModelConfig) -> ModelOps:
       lightning=functools.partial(lightning_lib.lightning_attention, impl=impl),
       attention=functools.partial(causal_attention, implementation=resolve_attention_impl(config.attention_impl)),
       moe=moe_lib.moe_forward,
+      lightning_decode=_lightning_decode_fn(impl),
   )
+
+
+def _lightning_decode_fn(impl: str) -> Callable:
+  """The one-token lightning update: the Pallas kernel with the Pallas implementation, else XLA."""
+  if impl == "pallas":
+    import pallas_kernels  # imported lazily: the model works without the kernels
+    return pallas_kernels.lightning_decode
+  return lightning_lib.lightning_decode_step
