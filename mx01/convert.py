@@ -147,7 +147,7 @@ def _global_map(config: ModelConfig):
 
 def from_hf_state_dict(state_dict: Mapping, config: ModelConfig) -> dict:
   """transformers state dict -> mx01 params.  Raises ConversionError listing every problem."""
-  problems, params, used = [], {}, set()
+  problems, params, used, layers = [], {}, set(), []
 
   def take(name, shape):
     """The tensor `name` as numpy if present with `shape`; otherwise records the problem and returns None."""
@@ -186,7 +186,7 @@ def from_hf_state_dict(state_dict: Mapping, config: ModelConfig) -> dict:
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-7):
           problems.append(f"{name}: decay rates differ from the config's (num_heads={config.num_heads}, "
                           f"layer {i} of {config.num_layers}); is num_hidden_layers right?")
-    params[f"layers_{i}"] = layer
+    layers.append(layer)
   take_all(_global_map(config), params)
   extra = sorted(set(state_dict) - used)
   if config.tie_word_embeddings and "lm_head.weight" in extra:
@@ -196,6 +196,8 @@ def from_hf_state_dict(state_dict: Mapping, config: ModelConfig) -> dict:
     shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
     raise ConversionError(f"checkpoint does not match the config ({len(problems)} problems):\n  {shown}")
   import jax.numpy as jnp
+  from mx01.model import params_from_layers
+  params = params_from_layers(params, layers, config)
   target = jnp.dtype(config.param_dtype)
   return _map_tree(params, lambda a: jnp.asarray(np.ascontiguousarray(a), dtype=target))
 
@@ -218,10 +220,10 @@ def _decay_buffers(config: ModelConfig, i: int) -> dict:
 
 def to_hf_state_dict(params: dict, config: ModelConfig, *, include_buffers: bool = True) -> dict:
   """mx01 params -> transformers state dict of float32 numpy arrays."""
+  from mx01.model import layer_params
   out = {}
   f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-  for i in range(config.num_layers):
-    layer = params[f"layers_{i}"]
+  for i, layer in enumerate(layer_params(params, config)):
     for name, path, fn, _ in _layer_map(config, i):
       w = f32(_get(layer, path))
       if fn is not None:

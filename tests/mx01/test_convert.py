@@ -61,8 +61,7 @@ def test_safetensors_round_trip(tmp_path, converted):
   convert.save_safetensors(params, cfg, str(tmp_path))
   loaded, cfg2 = convert.load_safetensors(str(tmp_path))
   assert cfg2.resolved_layer_types == cfg.resolved_layer_types and cfg2.num_layers == cfg.num_layers
-  for a, b in zip(*(np.asarray(x) for x in (loaded["layers_2"]["attn"]["q_proj"]["kernel"],
-                                            params["layers_2"]["attn"]["q_proj"]["kernel"]))):
+  for a, b in zip(*(np.asarray(model.layer_params(x, cfg)[2]["attn"]["q_proj"]["kernel"]) for x in (loaded, params))):
     np.testing.assert_array_equal(a, b)
 
 
