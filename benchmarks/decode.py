@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import SMALL_MODEL  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
 from mx01.config import ConfigError, ModelConfig  # noqa: E402
-from mx01.inference import decoding, quantize  # noqa: E402
+from mx01.inference import cache as cache_lib, quantize  # noqa: E402
 from mx01.inference.generate import generate, make_decode_step  # noqa: E402
 from mx01.inference.sampling import SamplingConfig  # noqa: E402
 from recipes import flags as flags_lib  # noqa: E402
@@ -54,7 +54,7 @@ def build_config(args) -> ModelConfig:
 def hlo_dequant_report(params, config, batch: int, cache_len: int, dump_dir=None) -> dict:
   """Looks for int8->bf16 converts in the optimized decode-step HLO that are not inside a dot fusion."""
   step = jax.jit(make_decode_step(config, SamplingConfig()))
-  cache = decoding.init_cache(config, batch, cache_len)
+  cache = cache_lib.init_cache(config, batch, cache_len)
   tokens = jnp.zeros((batch,), jnp.int32)
   text = step.lower(params, cache, tokens, jnp.zeros((batch,), bool), jax.random.key(0)).compile().as_text()
   if dump_dir:

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import SMALL_MODEL, experts_balanced  # noqa: E402
 from mx01 import lightning as lightning_lib  # noqa: E402
 from mx01.config import ConfigError, ModelConfig  # noqa: E402
-from mx01.inference.decoding import experts_grouped  # noqa: E402
+from mx01.layers.moe import experts_grouped  # noqa: E402
 from mx01.inference.quantize import linear  # noqa: E402
 from mx01.layers import moe as moe_lib  # noqa: E402
 from mx01.layers.norms import rms_norm  # noqa: E402

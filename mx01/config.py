@@ -106,6 +106,9 @@ class ModelConfig:
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   # Rematerialise each decoder layer in the backward pass.
   remat: Literal["none", "full", "save_dots"] = "none"
+  # Run the layers that repeat with a period under nn.scan (params stacked
+  # per period; compile time independent of depth); False unrolls every layer.
+  scan_layers: bool = True
   # Training loss: apply the LM head and cross-entropy in sequence chunks of
   # this many tokens (rematerialised), so [batch, seq, vocab] logits never
   # exist at once -- what makes 1M-token steps fit.  None = one piece.

@@ -14,8 +14,8 @@ Two tensor layouts are read, and the first is written:
   [E, 2I, H] (gate rows first) and `mlp.experts.down_proj` [E, H, I].
 
 Linear weights are stored [out, in]; our kernels are [in, out]; our experts are wi_gate/wi_up [E, H, I]
-(w1 / w3) and wo [E, I, H] (w2).  `_layer_rows` / `_top_rows` are the one name table; `_params_tree` /
-`_layers_of` are the one place that knows how layers sit in the params tree.
+(w1 / w3) and wo [E, I, H] (w2).  `_layer_rows` / `_top_rows` are the one name table; how layers sit in the params tree
+(repeating layers stacked for the scan) is `mx01.model.scan_plan` / `layer_params`.
 
 Streaming: shards are opened lazily with safetensors' `safe_open` (a couple at a time) and every
 parameter is built by `jax.make_array_from_callback` in its target sharding; the callback reads only
@@ -231,15 +231,10 @@ def _top_rows(config: ModelConfig) -> list[_Row]:
 
 
 def _layers_of(tree: dict, config: ModelConfig) -> tuple[dict, list[dict]]:
-  """A params-shaped tree -> (top-level entries, one dict per layer).  The inverse of `_params_tree`."""
-  layers = [tree[f"layers_{i}"] for i in range(config.num_layers)]
-  return {k: v for k, v in tree.items() if not k.startswith("layers_")}, layers
-
-
-def _params_tree(top: dict, layers: list[dict], config: ModelConfig) -> dict:
-  """The one place that assembles the params tree from the top-level entries and per-layer dicts."""
-  assert len(layers) == config.num_layers
-  return {**top, **{f"layers_{i}": layer for i, layer in enumerate(layers)}}
+  """A params tree -> (top-level entries, one dict per layer, unstacked from the scan)."""
+  from mx01 import model as model_lib
+  layers = model_lib.layer_params(tree, config)
+  return {k: v for k, v in tree.items() if k != model_lib.SCAN_NAME and not k.startswith("layers_")}, layers
 
 
 def _get(tree: dict, path):
@@ -429,43 +424,56 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
   dtype = np.dtype(config.param_dtype)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if isinstance(shardings, jax.sharding.Sharding):
-    top_sh, layer_sh = shardings, [shardings] * config.num_layers
-    pick = lambda tree, path: tree  # noqa: E731
-  else:
-    top_sh, layer_sh = _layers_of(shardings, config)
+  single = isinstance(shardings, jax.sharding.Sharding)
 
-    def pick(tree, path):
-      try:
-        return _get(tree, path)
-      except (KeyError, TypeError):
-        raise ConversionError(f"shardings: no entry for {'/'.join(path)}; give one jax Sharding or a tree "
-                              "shaped like the params (e.g. jax.tree.map over model.abstract_params)") from None
+  def pick(tree, path):
+    if single:
+      return tree
+    try:
+      return _get(tree, path)
+    except (KeyError, TypeError):
+      raise ConversionError(f"shardings: no entry for {'/'.join(path)}; give one jax Sharding or a tree "
+                            "shaped like the params (e.g. jax.tree.map over model.abstract_params)") from None
 
-  def place(row, sharding):
-    read = _reader(row, released, source)
-    if row.kind == "vector":
+  def place(shape, kind, read, sharding):
+    """One array of `shape` in `sharding`; read(index of the stored array) -> that slice as stored."""
+    if kind == "vector":
       return jax.make_array_from_callback(
-          row.shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, row.shape)), dtype=dtype))
+          shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, shape)), dtype=dtype))
     # Weights are stored [.., out, in] and ours are [.., in, out]: host transposes are slow (strided
     # copies), so the stored order goes to the devices and is transposed there, into the target sharding.
-    stored_shape, stored_sharding = _swap_last(row.shape), _stored_sharding(sharding, len(row.shape))
+    stored_shape, stored_sharding = _swap_last(shape), _stored_sharding(sharding, len(shape))
     if stored_sharding is None:  # a sharding we cannot permute: transpose each slice on the host
-      return jax.make_array_from_callback(row.shape, sharding, lambda idx: np.ascontiguousarray(
-          read(_swap_last(_concrete(idx, row.shape))).swapaxes(-1, -2), dtype=dtype))
+      return jax.make_array_from_callback(shape, sharding, lambda idx: np.ascontiguousarray(
+          read(_swap_last(_concrete(idx, shape))).swapaxes(-1, -2), dtype=dtype))
     stored = jax.make_array_from_callback(stored_shape, stored_sharding, lambda idx: np.ascontiguousarray(
         read(_concrete(idx, stored_shape)), dtype=dtype))
     return _transpose_into(sharding)(stored)
 
-  top, layers = {}, []
+  def stacked_reader(rows):
+    """Reads a slice [layers, ...] of the same parameter of several layers (the scan's stacked leaf)."""
+    readers = [_reader(row, released, source) for row in rows]
+    return lambda idx: np.stack([readers[k](idx[1:]) for k in range(len(rows))[idx[0]]])
+
+  from mx01 import model as model_lib
+  period, repeats = model_lib.scan_plan(config)
+  params = {}
   for row in _top_rows(config):
-    _set(top, row.path, place(row, pick(top_sh, row.path)))
-  for i in range(config.num_layers):
-    layer = {}
+    _set(params, row.path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, row.path)))
+  # Scanned layers: each stacked leaf [repeats, ...] is built directly from the layers' tensors, so no
+  # per-layer copy is stacked on the devices afterwards.
+  for j in range(period if repeats else 0):
+    slot = (model_lib.SCAN_NAME, f"layer_{j}")
+    per_rep = [_layer_rows(config, rep * period + j) for rep in range(repeats)]
+    for rows in zip(*per_rep):
+      path = slot + rows[0].path
+      _set(params, path, place((repeats,) + rows[0].shape, rows[0].kind, stacked_reader(rows),
+                               pick(shardings, path)))
+  for i in range(period * repeats, config.num_layers):
     for row in _layer_rows(config, i):
-      _set(layer, row.path, place(row, pick(layer_sh[i], row.path)))
-    layers.append(layer)
-  return _params_tree(top, layers, config)
+      path = (f"layers_{i}",) + row.path
+      _set(params, path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, path)))
+  return params
 
 
 def from_hf_state_dict(state_dict: Mapping, config: ModelConfig, *, shardings=None) -> dict:

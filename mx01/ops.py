@@ -161,14 +161,17 @@ class ModelOps:
       ModelConfig.lightning_kernel)
   attention(q, k, v, *, segment_ids) -> out
   moe(x, params, *, config, token_mask) -> (out, stats)
+  lightning_decode(q, k, v, log_decay, state) -> (out, new_state): one token per row (generation)
   """
   lightning: Callable
   attention: Callable
   moe: Callable
+  lightning_decode: Callable = lightning_lib.lightning_decode_step
 
 
 def default_ops(config: ModelConfig, *, interpret: bool = False) -> ModelOps:
   """Single-device ops chosen by the config (`interpret`: run Pallas kernels on any backend)."""
   return ModelOps(lightning=lightning_op(config, interpret=interpret),
                   attention=attention_op(config, interpret=interpret),
-                  moe=moe_op(config, interpret=interpret))
+                  moe=moe_op(config, interpret=interpret),
+                  lightning_decode=lightning_decode_op(config, interpret=interpret))

@@ -1,15 +1,18 @@
-"""Batched generation: chunked prefill, then token-by-token decode over a `DecodeCache`.
+"""Batched generation: chunked prefill, then token-by-token decode, both `mx01.model.apply` with a cache.
 
     result = generate(params, [[1, 2, 3], [4, 5]], config=cfg, max_new_tokens=32,
                       sampling=SamplingConfig(temperature=0.8, top_p=0.95), rng=jax.random.key(0))
     result.tokens            # generated ids per prompt (up to and including a stop token)
     result.decode_tokens_per_s
 
-Prompts of different lengths share a batch LEFT-padded (right-aligned), see
-`mx01.inference.decoding`.  A prompt longer than `prefill_chunk` is prefilled
-in chunks of that many columns (the padded prompt is rounded up to a multiple
-of the chunk so one compiled chunk function serves all of them): lightning
-states are carried from chunk to chunk and the KV cache is filled as it goes.
+Prompts of different lengths share a batch LEFT-padded (right-aligned); the
+padding is masked (`token_mask`), so every row computes what an unpadded
+forward over its own tokens computes, and the KV cache holds each row's
+tokens from position 0 (padding takes no cache columns).  A prompt longer
+than `prefill_chunk` is prefilled in chunks of that many columns (the padded
+prompt is rounded up to a multiple of the chunk so one compiled chunk function
+serves all of them): lightning states are carried from chunk to chunk and the
+KV cache is filled as it goes.
 Each decode step is one call of a jitted pure function
 (params, cache, tokens, done, key) -> (next tokens, done, cache, logits).
 Compilation happens before the timers start and is reported separately.
@@ -26,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mx01 import model as model_lib
 from mx01.config import SOFTMAX, ModelConfig
-from mx01.inference import decoding
+from mx01.inference import cache as cache_lib
 from mx01.inference.sampling import SamplingConfig, sample_tokens
 from mx01.ops import ModelOps
 
@@ -54,34 +58,41 @@ class GenerationResult:
 
 def plan_lengths(prompt_len: int, max_new_tokens: int, *, config: ModelConfig, prefill_chunk: int,
                  max_cache_len: Optional[int] = None) -> tuple[int, int, int]:
-  """Checks the sizes; returns (padded prompt columns, prefill chunk, cache columns).
+  """Checks the sizes; returns (padded prompt columns, prefill chunk, cache positions).
 
-  Raises PromptTooLongError naming the sizes and the fix.
+  The last new token is sampled, never fed back: a prompt of exactly
+  max_seq_len tokens can still get one.  Raises PromptTooLongError naming the sizes and the fix.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  total = prompt_len + max_new_tokens
-  if total > config.max_seq_len:
+  needed = prompt_len + max_new_tokens - 1  # positions the model sees
+  if needed > config.max_seq_len:
     raise PromptTooLongError(
-        f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {total} tokens exceeds "
-        f"model.max_seq_len={config.max_seq_len}; shorten the prompt, lower max_new_tokens, or raise "
-        f"model.max_seq_len (e.g. override model.max_seq_len={total})")
+        f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} needs {needed} positions (the last "
+        f"new token is never fed back), more than model.max_seq_len={config.max_seq_len}; shorten the prompt, "
+        f"lower max_new_tokens, or raise model.max_seq_len (e.g. override model.max_seq_len={needed})")
   chunk = prompt_len if prompt_len <= prefill_chunk else prefill_chunk
   padded = -(-prompt_len // chunk) * chunk
-  needed = padded + max_new_tokens - 1  # the last token is sampled, never written to the cache
   if max_cache_len is None:
     return padded, chunk, needed
-  if padded > max_cache_len:
+  if prompt_len > max_cache_len:
     raise PromptTooLongError(
-        f"prompt of {prompt_len} tokens (padded to {padded} for prefill chunks of {chunk}) is longer than the "
-        f"KV cache of max_cache_len={max_cache_len} columns; raise max_cache_len to at least {needed} "
-        f"(prompt + max_new_tokens - 1), or shorten the prompt")
+        f"prompt of {prompt_len} tokens is longer than the KV cache of max_cache_len={max_cache_len} positions; "
+        f"raise max_cache_len to at least {needed} (prompt + max_new_tokens - 1), or shorten the prompt")
   if needed > max_cache_len:
     raise PromptTooLongError(
-        f"prompt of {prompt_len} tokens (padded to {padded}) + max_new_tokens={max_new_tokens} needs {needed} "
-        f"cache columns but max_cache_len={max_cache_len}; raise max_cache_len to {needed} or lower "
-        f"max_new_tokens to {max_cache_len - padded + 1}")
+        f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} needs {needed} cache positions but "
+        f"max_cache_len={max_cache_len}; raise max_cache_len to {needed} or lower max_new_tokens to "
+        f"{max_cache_len - prompt_len + 1}")
   return padded, chunk, needed
+
+
+def forward(params: dict, tokens, cache: dict, token_mask=None, *, config: ModelConfig,
+            ops: Optional[ModelOps] = None, kv_block: int = 4096):
+  """New tokens [b, c] through the model with the cache -> (last column's logits [b, vocab] float32, new cache)."""
+  logits, aux = model_lib.apply(params, tokens, config=config, ops=ops, cache=cache, token_mask=token_mask,
+                                last_only=True, kv_block=kv_block)
+  return logits[:, 0], aux["cache"]
 
 
 def make_decode_step(config: ModelConfig, sampling: SamplingConfig, *, stop_tokens: Sequence[int] = (),
@@ -93,7 +104,7 @@ def make_decode_step(config: ModelConfig, sampling: SamplingConfig, *, stop_toke
   stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
 
   def step(params, cache, tokens, done, key):
-    logits, cache = decoding.decode_step(params, cache, tokens, config=config, ops=ops, kv_block=kv_block)
+    logits, cache = forward(params, tokens[:, None], cache, config=config, ops=ops, kv_block=kv_block)
     nxt = jnp.where(done, pad_id, sample_tokens(logits, key, sampling))
     done = done | jnp.isin(nxt, stop)
     return nxt, done, cache, logits
@@ -124,11 +135,10 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], *, config: ModelCon
   tokens = np.full((b, padded), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, padded - len(p):] = np.asarray(p, np.int32)
-  start = jnp.asarray([padded - n for n in lengths], jnp.int32)
-  cache = decoding.init_cache(config, b, cache_len, start)
+  mask = np.arange(padded)[None, :] >= np.asarray([padded - n for n in lengths])[:, None]  # [b, padded]
+  cache = cache_lib.init_cache(config, b, cache_len)
 
-  prefill_fn = jax.jit(functools.partial(decoding.forward_chunk, config=config, ops=ops, logits_mode="last",
-                                         kv_block=kv_block), donate_argnums=(2,))
+  prefill_fn = jax.jit(functools.partial(forward, config=config, ops=ops, kv_block=kv_block), donate_argnums=(2,))
   step_fn = jax.jit(make_decode_step(config, sampling, stop_tokens=stop_tokens, pad_id=pad_id, ops=ops,
                                      kv_block=kv_block), donate_argnums=(1,))
   first_fn = jax.jit(lambda logits, key: sample_tokens(logits, key, sampling))
@@ -137,7 +147,7 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], *, config: ModelCon
   # Compile ahead of time so the timers measure execution only.
   t0 = time.perf_counter()
   chunk_tokens = jnp.asarray(tokens[:, :chunk])
-  prefill_c = prefill_fn.lower(params, chunk_tokens, cache).compile()
+  prefill_c = prefill_fn.lower(params, chunk_tokens, cache, jnp.asarray(mask[:, :chunk])).compile()
   done0 = jnp.zeros((b,), bool)
   tok0 = jnp.zeros((b,), jnp.int32)
   step_c = step_fn.lower(params, cache, tok0, done0, rng).compile() if max_new_tokens > 1 else None
@@ -146,7 +156,7 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], *, config: ModelCon
 
   t0 = time.perf_counter()
   for c0 in range(0, padded, chunk):
-    logits, cache = prefill_c(params, jnp.asarray(tokens[:, c0:c0 + chunk]), cache)
+    logits, cache = prefill_c(params, jnp.asarray(tokens[:, c0:c0 + chunk]), cache, jnp.asarray(mask[:, c0:c0 + chunk]))
   logits.block_until_ready()
   prefill_s = time.perf_counter() - t0
 

@@ -5,7 +5,7 @@
 Trains the preset (byte tokens) for `--steps` steps with
 `mx01.training.make_train_step` and AdamW on a byte corpus made of Python
 standard-library sources (deterministic, no download), then evaluates held-out
-windows three ways through the inference forward: float32, bf16 (weights and
+windows three ways through `mx01.model.apply`: float32, bf16 (weights and
 activations) and W8A16 (int8 attention/expert weights, bf16 activations).
 Reports, against float32 and against bf16: the relative L2 error of the
 logits, the max |logit difference|, the mean KL divergence of the next-token
@@ -28,7 +28,7 @@ import optax
 
 from mx01 import model as model_lib
 from mx01 import presets, training
-from mx01.inference import decoding, quantize
+from mx01.inference import quantize
 
 
 def stdlib_corpus(max_bytes: int = 4_000_000) -> np.ndarray:
@@ -78,13 +78,12 @@ def train(config, corpus: np.ndarray, *, steps: int, batch_size: int, seq_len: i
 def compare(params, config, tokens: np.ndarray) -> dict:
   """Logits of fp32 / bf16 / W8A16 on tokens [b, t + 1]; returns the error metrics."""
   inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
-  b, t = inputs.shape
+
   cfg32 = dataclasses.replace(config, compute_dtype="float32")
   cfg16 = dataclasses.replace(config, compute_dtype="bfloat16")
 
   def logits_of(p, cfg):
-    cache = decoding.init_cache(cfg, b, t)
-    return jax.jit(lambda p: decoding.forward_chunk(p, inputs, cache, config=cfg, logits_mode="all")[0])(p)
+    return jax.jit(lambda p: model_lib.apply(p, inputs, config=cfg)[0])(p)
 
   variants = {
       "fp32": logits_of(params, cfg32),
@@ -110,7 +109,7 @@ def compare(params, config, tokens: np.ndarray) -> dict:
       "bf16_vs_fp32": errors(variants["bf16"], variants["fp32"]),
       "w8a16_vs_fp32": errors(variants["w8a16"], variants["fp32"]),
       "w8a16_vs_bf16": errors(variants["w8a16"], variants["bf16"]),
-      "eval_tokens": int(b * t),
+      "eval_tokens": int(inputs.size),
   }
 
 

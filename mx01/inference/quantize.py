@@ -5,51 +5,31 @@ A quantised weight keeps int8 values and one float32 scale per output channel:
     W[..., i, o] ~= qvalue[..., i, o] * scale[..., o]      |qvalue| <= 127
 
 (symmetric, scale = max_i |W[..., i, o]| / 127).  Activations stay in the
-compute dtype (bf16); `linear` and `grouped_linear` convert the int8 weight to
-the activation dtype inside the dot (XLA fuses the convert into the matmul
-operand) and apply the scale to the float32 output, which is exact because the
-scale is constant along the contracted axis:
-
-    x @ (q * s) == (x @ q) * s
+compute dtype (bf16).  The weight type and the matmul that reads it
+(`QuantizedWeight`, `linear`) live with the layers (mx01/layers/linear.py):
+the model's projections take a float or a quantised kernel alike, and the
+MoE experts dequantise theirs to the compute dtype at use.
 
 `quantize_params` converts a checkpoint (the plain params pytree of
 `mx01.model.init`): the attention projections (lightning qkv/gate/out, softmax
 q/k/v/o) and the expert weights (MoE wi_gate/wi_up/wo, or the dense MLP) become
 `QuantizedWeight`s; embeddings, the LM head, norms and the router stay as they
-are.  Converted params are only read by the inference path
-(`mx01.inference.decoding`), not by `mx01.model.apply`.
+are.  Converted params go through `mx01.model.apply` like float ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mx01.layers.linear import QuantizedWeight, linear  # noqa: F401 - linear re-exported for callers
+
 # Param names (leaf keys) that get quantised, and the module names they sit under.
 _ATTENTION_KERNELS = {"qkv_proj", "output_gate", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"}
 _EXPERT_WEIGHTS = {"wi_gate", "wi_up", "wo"}
-
-
-@flax.struct.dataclass
-class QuantizedWeight:
-  """int8 weight with per-output-channel scales.
-
-  qvalue [..., in, out] int8; scale [..., out] float32 (leading axes, e.g.
-  experts, are kept: an expert weight [E, in, out] has scale [E, out]).
-  """
-  qvalue: jax.Array
-  scale: jax.Array
-
-  @property
-  def shape(self):
-    return self.qvalue.shape
-
-  def dequantize(self, dtype=jnp.float32) -> jax.Array:
-    return (self.qvalue.astype(jnp.float32) * self.scale[..., None, :]).astype(dtype)
 
 
 def quantize_weight(w) -> QuantizedWeight:
@@ -124,30 +104,3 @@ def param_bytes(params: Any, *, only_quantizable: bool = False) -> int:
 
   walk(params, ())
   return total
-
-
-def linear(x, w, *, out_dtype=None):
-  """x [..., in] @ w [in, out] -> [..., out] in x.dtype (or out_dtype).
-
-  w is a float array (cast to x.dtype, as flax's Dense does) or a
-  QuantizedWeight (int8 converted to x.dtype inside the dot, f32 accumulate,
-  scaled per output channel).
-  """
-  out_dtype = out_dtype or x.dtype
-  if isinstance(w, QuantizedWeight):
-    y = jnp.dot(x, w.qvalue.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y * w.scale).astype(out_dtype)
-  return jnp.dot(x, w.astype(x.dtype)).astype(out_dtype)
-
-
-def grouped_linear(x, w, group_sizes, row_group):
-  """Grouped matmul over rows sorted by group (the MoE experts).
-
-  x [rows, in] sorted by group; w [E, in, out] float or QuantizedWeight;
-  group_sizes [E] int32; row_group [rows] int32, the group of each row (used
-  for the per-expert output scales).  Returns [rows, out] in x.dtype.
-  """
-  if isinstance(w, QuantizedWeight):
-    y = jax.lax.ragged_dot(x, w.qvalue.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
-    return (y * w.scale[row_group]).astype(x.dtype)
-  return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)

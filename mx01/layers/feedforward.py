@@ -1,12 +1,18 @@
-"""Feed-forward blocks: the MoE (MiniMax) and a dense SwiGLU MLP (for ablations)."""
+"""Feed-forward blocks: the MoE (MiniMax) and a dense SwiGLU MLP (for ablations).
+
+Weights may be W8A16 `QuantizedWeight`s: the dense MLP's go through `linear`,
+the experts are dequantised to the compute dtype at use (the MoE ops take
+plain arrays).
+"""
 
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mx01.config import ModelConfig
-from mx01.layers.moe import swiglu
+from mx01.layers.linear import in_dtype, linear
 
 
 class MoEBlock(nn.Module):
@@ -27,7 +33,7 @@ class MoEBlock(nn.Module):
         "wo": self.param("wo", init, (e, i, d), pd),
     }
     cd = jnp.dtype(cfg.compute_dtype)
-    params = {k: (v if k == "router" else v.astype(cd)) for k, v in params.items()}
+    params = {k: (v if k == "router" else in_dtype(v, cd)) for k, v in params.items()}
     return self.ops.moe(x.astype(cd), params, config=cfg, token_mask=token_mask)
 
 
@@ -40,7 +46,8 @@ class DenseMLP(nn.Module):
     d, i = cfg.hidden_size, cfg.intermediate_size
     init = nn.initializers.normal(cfg.initializer_range)
     pd, cd = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
-    wi_gate = self.param("wi_gate", init, (d, i), pd).astype(cd)
-    wi_up = self.param("wi_up", init, (d, i), pd).astype(cd)
-    wo = self.param("wo", init, (i, d), pd).astype(cd)
-    return swiglu(x.astype(cd), wi_gate, wi_up, wo), None
+    wi_gate = self.param("wi_gate", init, (d, i), pd)
+    wi_up = self.param("wi_up", init, (d, i), pd)
+    wo = self.param("wo", init, (i, d), pd)
+    x = x.astype(cd)
+    return linear(jax.nn.silu(linear(x, wi_gate)) * linear(x, wi_up), wo), None

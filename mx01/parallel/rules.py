@@ -4,6 +4,8 @@ Two steps, as MaxText does:
 
 1. `PARAM_RULES` maps a parameter path (regex over "layers_3/attn/q_proj/kernel")
    to one *logical* name per array dimension ("embed", "heads", "experts", ...).
+   A parameter of the scanned period ("period/layer_0/...", mx01/model.py) is
+   stacked over the repeats: its leading dimension is "layers", never sharded.
 2. `logical_to_mesh(parallel)` maps each logical name to *mesh* axes of the
    dense or expert view (see mesh.py); `fsdp=True` additionally shards the
    "embed" dimension over data (dense params) or expert_data (expert params).
@@ -43,6 +45,8 @@ PARAM_RULES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
     (r"norm/scale$", (None,)),
 )
 
+STACKED_PREFIX = "period/"  # mx01.model.SCAN_NAME: parameters with a leading "layers" dimension
+
 # Logical dims that FSDP shards (and must gather inside the step), by the mesh axis they use.
 FSDP_LOGICAL = {"embed": "data", "expert_embed": "expert_data"}
 
@@ -50,6 +54,7 @@ FSDP_LOGICAL = {"embed": "data", "expert_embed": "expert_data"}
 def logical_to_mesh(parallel: ParallelConfig) -> Dict[str, Tuple[str, ...]]:
   """Logical dimension name -> logical mesh axes (of mesh.py) it is sharded over."""
   return {
+      "layers": (),
       "vocab": (),
       "embed": ("data",) if parallel.fsdp else (),
       "expert_embed": ("expert_data",) if parallel.fsdp else (),
@@ -66,6 +71,8 @@ def path_str(path) -> str:
 
 
 def logical_axes_for(path: str, ndim: int) -> Tuple[Optional[str], ...]:
+  if path.startswith(STACKED_PREFIX):
+    return ("layers",) + logical_axes_for(path[len(STACKED_PREFIX):], ndim - 1)
   for pattern, axes in PARAM_RULES:
     if re.search(pattern, path):
       if len(axes) != ndim:

@@ -56,7 +56,9 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
     if pmesh.parallel.sequence == 1:
       if initial_state is None:
         b, _, h, dk = q.shape
-        initial_state = comm.as_varying(jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32), comm.vma_of(q))
+        # Varying like every operand (inside nn.scan the activations' own types may not show it).
+        axes = sorted({a for x in (q, k, v, log_decay, segment_ids) if x is not None for a in comm.vma_of(x)})
+        initial_state = comm.as_varying(jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32), axes)
       return inner(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids, initial_state=initial_state)
     return lasp_lightning(q, k, v, log_decay, block_size=block_size, segment_ids=segment_ids,
                           initial_state=initial_state, inner=inner, layout=layout, sequence_axes=sequence_axes)

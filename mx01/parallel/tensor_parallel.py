@@ -33,9 +33,9 @@ import jax.numpy as jnp
 
 from mx01.config import ModelConfig
 from mx01.layers.feedforward import DenseMLP, MoEBlock
-from mx01.layers.lightning_layer import LightningAttentionLayer
+from mx01.layers.lightning_layer import LightningAttentionLayer, layer_log_decay
+from mx01.layers.linear import Linear
 from mx01.layers.norms import RMSNorm
-from mx01.lightning import minimax_log_decay
 from mx01.parallel import comm
 from mx01.parallel.mesh import ParallelMesh
 
@@ -93,8 +93,9 @@ def model_hooks(config: ModelConfig, pmesh: ParallelMesh):
     if tensor == 1:
       return next_fun(*args, **kwargs)
     if isinstance(module, LightningAttentionLayer):
-      decay = minimax_log_decay(config.num_heads, module.layer_idx, config.num_layers).reshape(tensor, heads_per_rank)
-      mine = jnp.asarray(decay)[comm.axis_index(tensor_axes)]
+      # layer_idx is traced for layers under nn.scan: index the table of decays on device.
+      decay = layer_log_decay(kwargs["layer_idx"], config.num_heads, config.num_layers)
+      mine = decay.reshape(tensor, heads_per_rank)[comm.axis_index(tensor_axes)]
       token = LAYER_LOG_DECAY.set(mine)
       try:
         return next_fun(*args, **kwargs)
@@ -102,7 +103,7 @@ def model_hooks(config: ModelConfig, pmesh: ParallelMesh):
         LAYER_LOG_DECAY.reset(token)
     if isinstance(module, RMSNorm) and module.name == "norm" and isinstance(module.parent, LightningAttentionLayer):
       return _distributed_rms_norm(module, args[0], tensor_axes, config.num_heads * config.head_dim)
-    if isinstance(module, nn.Dense) and module.name in ROW_PARALLEL_PROJECTIONS:
+    if isinstance(module, Linear) and module.name in ROW_PARALLEL_PROJECTIONS:
       return comm.psum(next_fun(*args, **kwargs), tensor_axes)
     if isinstance(module, DenseMLP):
       y, stats = next_fun(*args, **kwargs)

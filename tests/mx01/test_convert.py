@@ -84,6 +84,36 @@ def test_transformers_save_loads_to_same_logits_fp32(tmp_path, request, which, s
   assert np.abs(want).max() > 0.05  # logits large enough for the tolerance to mean something
 
 
+def test_scanned_layers_load_stacked_into_target_shardings(tmp_path):
+  """A repeating layer pattern is stacked for the scan: each stacked leaf is built from the layers'
+  tensors in its target sharding (here experts split over 4 devices) and gives transformers' logits."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 host devices (tests/conftest.py sets them)")
+  torch.manual_seed(3)
+  hf = transformers.MiniMaxForCausalLM(_hf_config(
+      num_local_experts=8, num_hidden_layers=5,
+      layer_types=["linear_attention", "full_attention"] * 2 + ["linear_attention"])).eval()
+  hf.save_pretrained(tmp_path, max_shard_size="20KB")
+  cfg = convert.read_config(str(tmp_path))
+  period, repeats = model.scan_plan(cfg)
+  assert repeats >= 2, (period, repeats)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("expert", "tensor"))
+
+  def spec(path, leaf):
+    stacked = getattr(path[0], "key", None) == model.SCAN_NAME
+    own = (P("expert", None, "tensor") if leaf.ndim - stacked == 3 else P())
+    return NamedSharding(mesh, P(*((None,) if stacked else ()), *own))
+
+  shardings = jax.tree_util.tree_map_with_path(spec, model.abstract_params(cfg))
+  params, _ = convert.load_safetensors(str(tmp_path), shardings=shardings)
+  wo = params[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
+  assert wo.shape[0] == repeats and wo.sharding == shardings[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
+  assert {s.data.shape for s in wo.addressable_shards} == {(repeats, 2, 36, 22)}
+  jax.tree.map(np.testing.assert_array_equal, params, convert.from_hf_state_dict(hf.state_dict(), cfg))
+  np.testing.assert_allclose(_logits(params, cfg), _hf_logits(hf), atol=1e-5, rtol=0)
+
+
 def test_bf16_checkpoint_loads_bit_exactly(tmp_path, hf_model):
   import copy
   hf16 = copy.deepcopy(hf_model).to(torch.bfloat16)

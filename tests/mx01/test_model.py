@@ -208,3 +208,46 @@ def test_gpu_kernels_in_the_model_match_xla():
     ls, gs = jax.value_and_grad(loss)(p, slow)
   np.testing.assert_allclose(lf, ls, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7), gf, gs)
+
+
+@pytest.mark.parametrize("kinds, plan", [
+    (("lightning",) * 7 + ("softmax",), (1, 7)),  # 7 scanned lightning layers, the softmax one unrolled
+    ((("lightning",) * 7 + ("softmax",)) * 10, (8, 10)),  # hybrid_456b
+    (("lightning", "lightning", "softmax") * 3 + ("lightning",), (3, 3)),  # a remainder, unrolled
+    (("lightning",) * 4 + ("softmax",), (1, 4)),
+    (("lightning", "softmax", "lightning"), (0, 0)),
+])
+def test_scan_plan(kinds, plan):
+  assert model.scan_plan(dataclasses.replace(CFG, num_layers=len(kinds), layer_types=kinds)) == plan
+
+
+def test_scanned_equals_unrolled_logits_and_grads():
+  """7:1-like hybrid with a remainder (2 x (L, L, S) + L) at std 0.02: scan over layers changes nothing."""
+  kinds = ("lightning", "lightning", "softmax") * 2 + ("lightning",)
+  scanned = dataclasses.replace(CFG, num_layers=7, layer_types=kinds, remat="full")
+  unrolled = dataclasses.replace(scanned, scan_layers=False)
+  assert model.scan_plan(scanned) == (3, 2) and model.scan_plan(unrolled) == (0, 0)
+  ps = model.init(scanned, jax.random.key(0))
+  assert ps["period"]["layer_2"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 32) and "layers_6" in ps
+  top = {k: ps[k] for k in ("embed", "final_norm", "lm_head")}
+  pu = model.params_from_layers(top, model.layer_params(ps, scanned), unrolled)
+  assert sorted(pu) == sorted(["embed", "final_norm", "lm_head"] + [f"layers_{i}" for i in range(7)])
+  # The inverse reproduces the scanned tree exactly.
+  back = model.params_from_layers(top, model.layer_params(pu, unrolled), scanned)
+  jax.tree.map(np.testing.assert_array_equal, back, ps)
+  tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, CFG.vocab_size)
+  seg = jnp.asarray(np.array([[1] * 8 + [2] * 11, [1] * 19]))
+
+  def loss(p, cfg):
+    logits, aux = model.apply(p, tokens, seg, config=cfg)
+    return jnp.mean(logits ** 2) + aux["aux_loss"], (logits, aux["routing_stats"])
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (ls, (logits_s, stats_s)), gs = grad_fn(ps, scanned)
+  (lu, (logits_u, stats_u)), gu = grad_fn(pu, unrolled)
+  np.testing.assert_allclose(logits_s, logits_u, atol=1e-6 * float(jnp.abs(logits_u).max()))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats_s, stats_u)  # in layer order
+  np.testing.assert_allclose(ls, lu, rtol=1e-6)
+  gs_layers, gu_layers = model.layer_params(gs, scanned), model.layer_params(gu, unrolled)
+  for a, b in zip(gs_layers, gu_layers):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5 * float(jnp.abs(y).max()) + 1e-12), a, b)

@@ -81,3 +81,21 @@ def test_indivisible_parameter_names_it():
   params = model_lib.abstract_params(tiny_config(hidden_size=36, num_heads=4, head_dim=9))
   with pytest.raises(MeshError, match=r"parameter embed/embedding dimension 'embed' of size 36"):
     rules.param_specs(params, pm)
+
+
+def test_stacked_parameters_get_a_leading_layers_dim():
+  """Parameters of the scanned period are [repeats, ...]: the rules prepend an unsharded "layers" dimension."""
+  from mx01.config import LIGHTNING, SOFTMAX
+  cfg = tiny_config(num_layers=5, layer_types=(LIGHTNING, SOFTMAX) * 2 + (LIGHTNING,))
+  assert model_lib.scan_plan(cfg) == (2, 2)
+  pm = mesh_lib.build_mesh(ParallelConfig(data=4, tensor=2, expert=2, fsdp=True))
+  abstract = model_lib.abstract_params(cfg)
+  specs = rules.param_specs(abstract, pm)
+  flat = {rules.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+  t, e, d = (pm.axes(a) for a in ("tensor", "expert", "data"))
+  assert flat["period/layer_0/attn/qkv_proj/kernel"] == jax.sharding.PartitionSpec(None, d, t)
+  assert flat["period/layer_1/attn/o_proj/kernel"] == jax.sharding.PartitionSpec(None, t, d)
+  assert flat["layers_4/attn/qkv_proj/kernel"] == jax.sharding.PartitionSpec(d, t)
+  stacked = rules.param_logical_axes(abstract)["period"]["layer_0"]["moe"]["wi_gate"]
+  assert stacked == ("layers", "experts", "expert_embed", "expert_mlp")

@@ -1,0 +1,77 @@
+"""The projection every layer uses: a float kernel or a W8A16 int8 one, through one `linear`.
+
+A quantised weight keeps int8 values and one float32 scale per output channel,
+
+    W[..., i, o] ~= qvalue[..., i, o] * scale[..., o]      |qvalue| <= 127,
+
+and is a pytree (`QuantizedWeight`), so a params tree holding it goes through
+`mx01.model.apply` unchanged: `Linear` reads whichever kernel the tree holds.
+The int8 values are converted to the activation dtype inside the dot and the
+scale is applied to the float32 output, exact because the scale is constant
+along the contracted axis: x @ (q * s) == (x @ q) * s.  Converting a params
+tree is `mx01.inference.quantize`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+  """int8 weight with per-output-channel scales.
+
+  qvalue [..., in, out] int8; scale [..., out] float32 (leading axes, e.g.
+  experts, are kept: an expert weight [E, in, out] has scale [E, out]).
+  """
+  qvalue: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self):
+    return self.qvalue.shape
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return (self.qvalue.astype(jnp.float32) * self.scale[..., None, :]).astype(dtype)
+
+
+def is_quantized(w) -> bool:
+  return isinstance(w, QuantizedWeight)
+
+
+def linear(x, w, *, out_dtype=None):
+  """x [..., in] @ w [in, out] -> [..., out] in x.dtype (or out_dtype).
+
+  w is a float array (cast to x.dtype, as flax's Dense does) or a
+  QuantizedWeight (int8 converted to x.dtype inside the dot, f32 accumulate,
+  scaled per output channel).
+  """
+  out_dtype = out_dtype or x.dtype
+  if is_quantized(w):
+    y = jnp.dot(x, w.qvalue.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * w.scale).astype(out_dtype)
+  return jnp.dot(x, w.astype(x.dtype)).astype(out_dtype)
+
+
+def in_dtype(w, dtype):
+  """A weight as a dense array of `dtype` (a QuantizedWeight is dequantised), for ops that take plain arrays."""
+  return w.dequantize(dtype) if is_quantized(w) else w.astype(dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel without bias; kernel [in, features] float or QuantizedWeight."""
+  features: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  kernel_init: Callable
+
+  @nn.compact
+  def __call__(self, x):
+    """x [..., in] -> [..., features] in `dtype`."""
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    return linear(x.astype(self.dtype), kernel)
