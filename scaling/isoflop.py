@@ -124,7 +124,7 @@ def sizes_for_budget(budget: float, n: int = SIZES_PER_BUDGET, seq_len: int = SE
 
 
 def run_config(point: Point, corpus: Corpus = Corpus(), *, run_root="runs/isoflop", seq_len: int = SEQ_LEN,
-               batch_size: Optional[int] = None) -> Config:
+               batch_size: Optional[int] = None, eval_tokens: int = EVAL_TOKENS) -> Config:
   """The full training Config of a point: steps = round(budget / (FLOPs per token x tokens per step))."""
   base = presets.get_preset(presets.isoflop_name(point.kind, point.size))
   batch = batch_size_for(point.budget) if batch_size is None else batch_size
@@ -133,7 +133,7 @@ def run_config(point: Point, corpus: Corpus = Corpus(), *, run_root="runs/isoflo
   train = dataclasses.replace(
       base.train, steps=steps, batch_size=batch, learning_rate=point.learning_rate, lr_schedule="cosine",
       warmup_steps=max(1, min(steps // 20, 200)), seed=point.seed, log_every=max(1, steps // 20),
-      eval_every=steps, eval_batches=max(1, math.ceil(EVAL_TOKENS / (batch * seq_len))),
+      eval_every=steps, eval_batches=max(1, math.ceil(eval_tokens / (batch * seq_len))),
       checkpoint_every=max(1, steps // 4), keep_checkpoints=1, run_dir=str(pathlib.Path(run_root) / point.name),
       tensorboard=False)
   data = dataclasses.replace(base.data, source=corpus.source, eval_fraction=corpus.eval_fraction, seq_len=seq_len,
@@ -338,7 +338,8 @@ def format_table(entries: Sequence[dict], cost: CostModel) -> str:
 def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Corpus = Corpus(),
              run_root="runs/isoflop", time_budget_s: float = math.inf, lr_grid: Sequence[float] = LR_GRID,
              sizes_per_budget: int = SIZES_PER_BUDGET, seed_neighbours: int = 0, seq_len: int = SEQ_LEN,
-             batch_size: Optional[int] = None, dry_run: bool = False, train_fn: Optional[Callable] = None,
+             batch_size: Optional[int] = None, eval_tokens: int = EVAL_TOKENS, dry_run: bool = False,
+             train_fn: Optional[Callable] = None,
              log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> List[dict]:
   """Runs the plan's points not yet in `out`, in order, until done or the next would overrun the time budget.
 
@@ -351,7 +352,7 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
 
   def configs(rows, notes=None):
     for p in plan(budgets, kinds, rows, notes=notes, **kw):
-      cfg = run_config(p, corpus, run_root=run_root, seq_len=seq_len, batch_size=batch_size)
+      cfg = run_config(p, corpus, run_root=run_root, seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens)
       yield p, cfg, point_key(cfg, corpus)
 
   rows = read_rows(out)
