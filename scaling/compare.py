@@ -195,7 +195,7 @@ def fit_kind(rows: Sequence[dict], kind: str, *, convention: str = "causal", n_b
   except ValueError as e:
     errors["parametric"] = str(e)
 
-  # L(C) through the budget minima (the smoothed profile's lowest loss at each budget's mean compute).
+  # L(C) through the budget minima (each budget's lowest-loss run).
   c_min, l_min = _budget_minima(c, budget, loss)
   base = _power_theta(c_min, l_min)
   samples = residual_bootstrap(lambda l: _power_theta(*_budget_minima(c, budget, l)), pred, resid, n_bootstrap,
@@ -215,12 +215,13 @@ def _parametric_theta(n, d, loss, grid) -> np.ndarray:
 
 
 def _budget_minima(c, budget, loss):
-  """Per budget: (geometric-mean compute of its runs, its lowest loss)."""
+  """Per budget: the lowest loss and that run's compute (under the paper's convention it differs per size)."""
   cs, ls = [], []
   for b in np.unique(budget):
     i = np.flatnonzero(budget == b)
-    cs.append(float(np.exp(np.mean(np.log(c[i])))))
-    ls.append(float(loss[i].min()))
+    j = i[np.argmin(loss[i])]
+    cs.append(float(c[j]))
+    ls.append(float(loss[j]))
   return np.array(cs), np.array(ls)
 
 

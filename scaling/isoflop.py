@@ -21,7 +21,8 @@ seed, data and the corpus fingerprint; not run_dir, logging or checkpoint cadenc
 CSV is skipped, and a run cut off mid-training resumes from its last checkpoint under run_root.  Before each
 point the runner checks that its estimated time fits in what is left of `--time_budget_s` and stops cleanly
 if not.  The estimate is FLOPs / (790 TFLOP/s x MFU) + a fixed overhead per run (compilation, evaluation,
-checkpoints); once the CSV has measured runs, their FLOP/s and overhead replace the assumptions.
+checkpoints) + a fixed cost per step; once the CSV has measured runs, a fit of their wall times replaces
+the assumptions.
 
 Held-out loss: the corpus (scaling/corpus.py) names its files so that the data pipeline's own split
 (`mx01.data.sources.split_indices` at the manifest's eval_fraction) holds out exactly its held-out packages;
@@ -57,11 +58,12 @@ EVAL_TOKENS = 1_000_000
 H200_PEAK_FLOPS = 790e12  # bf16 dense, the figure the plan's estimates assume
 ASSUMED_MFU = 0.3
 ASSUMED_OVERHEAD_S = 30.0  # compile + held-out evaluation + checkpoints per run, until measured
+ASSUMED_STEP_S = 0.01  # fixed cost of one step of an 8-layer model (launches, optimizer), until measured
 
 CSV_COLUMNS = ("key", "kind", "size", "budget", "phase", "learning_rate", "seed", "n_params", "n_params_paper",
                "n_params_total", "num_layers", "hidden_size", "tokens", "steps", "batch_size", "seq_len",
                "compute", "compute_paper", "flops_per_token", "final_loss", "eval_loss", "eval_tokens",
-               "wall_time_s", "tokens_per_sec", "mfu", "corpus", "run_dir")
+               "wall_time_s", "tokens_per_sec", "mfu", "epochs", "corpus", "run_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,14 @@ class Corpus:
   source: str = "embedded"
   eval_fraction: float = 0.02
   fingerprint: str = "embedded"
+  train_bytes: Optional[int] = None  # byte tokens of the training split (None: not known)
 
   @classmethod
   def from_dir(cls, path) -> "Corpus":
     from scaling import corpus as corpus_lib
     manifest = corpus_lib.load_manifest(path)
     return cls(source=str(pathlib.Path(path) / manifest["docs_dir"]), eval_fraction=manifest["eval_fraction"],
-               fingerprint=manifest["fingerprint"])
+               fingerprint=manifest["fingerprint"], train_bytes=manifest["bytes"]["train"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +100,12 @@ class Point:
 
 
 def batch_size_for(budget: float) -> int:
-  """Sequences per step: 16 below 5e15 FLOPs, 32 above (steps stay in the hundreds to thousands)."""
-  return 16 if budget < 5e15 else 32
+  """Sequences of 2048 per step: 32 up to 5e15 FLOPs, 64 up to 2e16, 128 above.
+
+  Grows with the budget so runs stay at a few hundred to ~3,000 steps: at these sizes a step costs about as
+  much in fixed overhead as in FLOPs, and 65k-262k tokens per step stay small next to each run's 10-650M.
+  """
+  return 32 if budget <= 5e15 else 64 if budget <= 2e16 else 128
 
 
 def model_config(kind: str, size: str):
@@ -229,7 +236,7 @@ def extra_seed_points(rows: Sequence[dict], kinds: Sequence[str], budgets: Seque
 
 def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = (), *,
          lr_grid: Sequence[float] = LR_GRID, sizes_per_budget: int = SIZES_PER_BUDGET, seed_neighbours: int = 0,
-         seq_len: int = SEQ_LEN, notes: Optional[List[str]] = None) -> List[Point]:
+         second_seeds: bool = True, seq_len: int = SEQ_LEN, notes: Optional[List[str]] = None) -> List[Point]:
   """Every point of the plan for `budgets`, in run order, given the rows already measured."""
   budgets = sorted(budgets)
   lrs = chosen_learning_rates(rows, kinds, lr_grid, sizes_per_budget, seq_len)
@@ -247,8 +254,9 @@ def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = 
           if notes is not None and f"lr:{kind}" not in notes:
             notes.append(f"lr:{kind}")
         points.append(Point(kind, s, budget, lr, 0, "grid"))
-  points += extra_seed_points(rows, kinds, budgets, neighbours=seed_neighbours, lr_grid=lr_grid,
-                              sizes_per_budget=sizes_per_budget, seq_len=seq_len)
+  if second_seeds:
+    points += extra_seed_points(rows, kinds, budgets, neighbours=seed_neighbours, lr_grid=lr_grid,
+                                sizes_per_budget=sizes_per_budget, seq_len=seq_len)
   return points
 
 
@@ -257,27 +265,32 @@ def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-  """Seconds of one run = compute / flops_per_s + overhead_s."""
+  """Seconds of one run = compute / flops_per_s + steps * step_s + overhead_s."""
 
   flops_per_s: float = H200_PEAK_FLOPS * ASSUMED_MFU
+  step_s: float = ASSUMED_STEP_S
   overhead_s: float = ASSUMED_OVERHEAD_S
   measured: bool = False
 
-  def seconds(self, compute: float) -> float:
-    return compute / self.flops_per_s + self.overhead_s
+  def seconds(self, compute: float, steps: int) -> float:
+    return compute / self.flops_per_s + steps * self.step_s + self.overhead_s
 
   @classmethod
   def from_rows(cls, rows: Sequence[dict]) -> "CostModel":
-    """Least squares of wall time on compute over the measured rows (>= 3 distinct computes), else assumed."""
-    pts = [(float(r["compute"]), _float(r, "wall_time_s")) for r in rows if _float(r, "wall_time_s")]
-    if len({c for c, _ in pts}) < 3:
+    """Non-negative least squares of wall time on (compute, steps, 1) over >= 6 measured rows, else assumed."""
+    pts = [(float(r["compute"]), float(r["steps"]), _float(r, "wall_time_s")) for r in rows
+           if _float(r, "wall_time_s")]
+    if len(pts) < 6:
       return cls()
     import numpy as np
-    c, t = np.array(pts).T
-    slope, intercept = np.polyfit(c, t, 1)
-    if not slope > 0:
+    from scipy import optimize
+    c, steps, wall = np.array(pts).T
+    # Columns in PFLOP and thousands of steps for conditioning: seconds per PFLOP, per 1000 steps, per run.
+    coef, _ = optimize.nnls(np.column_stack([c / 1e15, steps / 1e3, np.ones_like(c)]), wall)
+    per_pflop, per_kstep, overhead = coef
+    if not per_pflop > 0:
       return cls()
-    return cls(flops_per_s=1.0 / slope, overhead_s=max(0.0, float(intercept)), measured=True)
+    return cls(flops_per_s=1e15 / per_pflop, step_s=per_kstep / 1e3, overhead_s=float(overhead), measured=True)
 
 
 # ---- running ------------------------------------------------------------------------
@@ -321,24 +334,25 @@ def format_table(entries: Sequence[dict], cost: CostModel) -> str:
   lines = [head]
   total = 0.0
   for e in entries:
-    est = cost.seconds(e["compute"])
+    est = cost.seconds(e["compute"], e["steps"])
     total += est
     status = "  (done)" if e.get("done") else ""
     lines.append(f"{e['kind']:9s} {e['size']:5s} {e['budget']:7.0e} {e['phase']:5s} {e['learning_rate']:7.2g} "
                  f"{e['seed']:4d} {e['n_params']:11,d} {e['num_layers']:6d} {e['tokens']:12,d} {e['steps']:6d} "
                  f"{e['compute']:9.3g} {e['compute_paper']:9.3g} {est:7.0f}{status}")
-  pending = sum(cost.seconds(e["compute"]) for e in entries if not e.get("done"))
+  pending = sum(cost.seconds(e["compute"], e["steps"]) for e in entries if not e.get("done"))
   basis = ("measured from the CSV" if cost.measured else
            f"assumed: {H200_PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {ASSUMED_MFU}")
   lines.append(f"{len(entries)} points, est. {total / 60:.1f} GPU-min in all, {pending / 60:.1f} GPU-min not yet run "
-               f"({cost.flops_per_s / 1e12:.0f} TFLOP/s effective + {cost.overhead_s:.0f} s per run, {basis})")
+               f"({cost.flops_per_s / 1e12:.0f} TFLOP/s effective + {cost.step_s * 1e3:.0f} ms per step + "
+               f"{cost.overhead_s:.0f} s per run, {basis})")
   return "\n".join(lines)
 
 
 def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Corpus = Corpus(),
              run_root="runs/isoflop", time_budget_s: float = math.inf, lr_grid: Sequence[float] = LR_GRID,
-             sizes_per_budget: int = SIZES_PER_BUDGET, seed_neighbours: int = 0, seq_len: int = SEQ_LEN,
-             batch_size: Optional[int] = None, eval_tokens: int = EVAL_TOKENS, dry_run: bool = False,
+             sizes_per_budget: int = SIZES_PER_BUDGET, seed_neighbours: int = 0, second_seeds: bool = True,
+             seq_len: int = SEQ_LEN, batch_size: Optional[int] = None, eval_tokens: int = EVAL_TOKENS, dry_run: bool = False,
              train_fn: Optional[Callable] = None,
              log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> List[dict]:
   """Runs the plan's points not yet in `out`, in order, until done or the next would overrun the time budget.
@@ -348,7 +362,8 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
   train_fn(config, resume=True, log=...) -> summary (default recipes.pretrain.train).
   """
   out = pathlib.Path(out)
-  kw = dict(lr_grid=lr_grid, sizes_per_budget=sizes_per_budget, seed_neighbours=seed_neighbours, seq_len=seq_len)
+  kw = dict(lr_grid=lr_grid, sizes_per_budget=sizes_per_budget, seed_neighbours=seed_neighbours,
+            second_seeds=second_seeds, seq_len=seq_len)
 
   def configs(rows, notes=None):
     for p in plan(budgets, kinds, rows, notes=notes, **kw):
@@ -365,6 +380,10 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
       log(f"note: {n[3:]} runs at the base rate {BASE_LR:g} until the learning-rate check at {BUDGETS[0]:.0e} "
           "is in the CSV; the plan then changes (run that budget first)")
     log("note: second-seed points (one per kind and budget) appear once each profile is in the CSV")
+    if corpus.train_bytes and entries:
+      most = max(e["tokens"] for e in entries)
+      log(f"note: the longest run reads {most / corpus.train_bytes:.2f} epochs of the corpus's "
+          f"{corpus.train_bytes / 1e6:.0f} MB training split (byte tokens)")
     return []
   if train_fn is None:
     from recipes.pretrain import train as train_fn  # lazily: the plan and --dry_run need no training stack
@@ -377,7 +396,7 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
       break
     point, cfg, key = pending[0]
     entry = describe(point, cfg)
-    est = CostModel.from_rows(rows).seconds(entry["compute"])
+    est = CostModel.from_rows(rows).seconds(entry["compute"], entry["steps"])
     elapsed = clock() - start
     if elapsed + est > time_budget_s:
       log(f"stopping: next point {point.name} needs ~{est:.0f} s, {time_budget_s - elapsed:.0f} s of the time "
@@ -395,7 +414,8 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
     row = dict(entry, key=key, final_loss=summary.get("final_train_loss"), eval_loss=summary.get("eval_loss"),
                eval_tokens=cfg.train.eval_batches * cfg.train.batch_size * seq_len,
                wall_time_s=round(clock() - t0, 2), tokens_per_sec=summary.get("tokens_per_sec"),
-               mfu=summary.get("mfu"), corpus=corpus.fingerprint, run_dir=cfg.train.run_dir)
+               mfu=summary.get("mfu"), corpus=corpus.fingerprint, run_dir=cfg.train.run_dir,
+               epochs=round(entry["tokens"] / corpus.train_bytes, 3) if corpus.train_bytes else None)
     _append_row(out, row)
     rows.append({k: "" if row.get(k) is None else str(row.get(k)) for k in CSV_COLUMNS})
     added.append(row)

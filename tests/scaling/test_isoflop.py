@@ -105,11 +105,14 @@ def test_dry_run_prints_table_and_total(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_two_points_three_steps(tmp_path):
-  """Real training (recipes.pretrain.train) of 2 points of about 3 steps each, then a resume that adds nothing."""
+  """Real training (recipes.pretrain.train) of 2 points (3 and 1 steps), then a call that adds nothing.
+
+  Minutes on 2 busy CPU cores: most of it is compiling the 8-layer models.
+  """
   budget = 3 * 2 * 64 * flops.training_flops_per_token(isoflop.model_config("hybrid", "i64"), 64)
   kw = dict(kinds=["hybrid"], out=tmp_path / "iso.csv", run_root=tmp_path / "runs", lr_grid=(3e-3,),
-            sizes_per_budget=2, seq_len=64, batch_size=2, eval_tokens=256, log=lambda s: None)
+            sizes_per_budget=2, second_seeds=False, seq_len=64, batch_size=2, eval_tokens=256, log=lambda s: None)
   rows = isoflop.run_plan([budget], **kw)
-  assert [r["size"] for r in rows[:2]] == ["i64", "i96"] and rows[0]["steps"] == 3
+  assert [r["size"] for r in rows] == ["i64", "i96"] and rows[0]["steps"] == 3
   assert all(math.isfinite(float(r["eval_loss"])) for r in rows)
   assert isoflop.run_plan([budget], **kw) == []
