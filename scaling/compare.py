@@ -127,8 +127,12 @@ def fit_power_law_residual(compute, loss, *, n_bootstrap: int = 200, level: floa
 
 
 def fit_kind(rows: Sequence[dict], kind: str, *, convention: str = "causal", n_bootstrap: int = 200,
-             level: float = 0.95, seed: int = 0) -> KindFit:
-  """Approaches 1-3 and L(C) for one kind, with residual-bootstrap intervals (see the module docstring)."""
+             level: float = 0.95, seed: int = 0, parametric_starts: int = 64) -> KindFit:
+  """Approaches 1-3 and L(C) for one kind, with residual-bootstrap intervals (see the module docstring).
+
+  parametric_starts: L-BFGS starts of Approach 3's full fit (scaling/fit.py's num_starts); its resamples
+  restart from the full fit's optimum.
+  """
   r = runs_from_rows(rows, kind, convention)
   n, d, c, loss, budget = r["n"], r["d"], r["compute"], r["loss"], r["budget"]
   if len(np.unique(budget)) < 2:
@@ -180,7 +184,7 @@ def fit_kind(rows: Sequence[dict], kind: str, *, convention: str = "causal", n_b
 
   parametric = None
   try:
-    parametric = fit_lib.fit_parametric(n, d, loss, **kw)
+    parametric = fit_lib.fit_parametric(n, d, loss, num_starts=parametric_starts, **kw)
     best = {"a": (math.log(parametric.A),), "b": (math.log(parametric.B),), "e": (math.log(parametric.E),),
             "alpha": (parametric.alpha,), "beta": (parametric.beta,)}
     samples = (residual_bootstrap(lambda l: fit_lib._theta_to_params(_parametric_theta(n, d, l, best)), pred, resid,
