@@ -6,8 +6,9 @@
 
 The plan, in a fixed order:
 
-1. Learning-rate check on the smallest budget (`BUDGETS[0]`): every kind and size of that budget at each
-   rate of `LR_GRID` (the base rate's runs are the budget's IsoFLOP points).
+1. Learning-rate check on the smallest budget (`BUDGETS[0]`): per kind, its smallest, middle and largest
+   width (`lr_check_sizes`) at each rate of `LR_GRID`; that budget's other sizes then run at the rate of
+   the nearest checked width.
 2. Per budget (ascending), per kind: `sizes_per_budget` presets `isoflop_{kind}_{size}` (mx01/presets.py)
    around a first guess of the optimum (20 tokens per parameter), at the rate the check found best for that
    kind and the nearest checked width (the base rate until the check is complete, with a note).
@@ -179,6 +180,11 @@ def _budget_rows(rows, kind, budget, seed=None):
           and (seed is None or int(r["seed"]) == seed)]
 
 
+def lr_check_sizes(sizes: Sequence[str]) -> List[str]:
+  """The widths the learning-rate check runs: the smallest, middle and largest of a budget's sizes."""
+  return list(dict.fromkeys([sizes[0], sizes[len(sizes) // 2], sizes[-1]]))
+
+
 def chosen_learning_rates(rows: Sequence[dict], kinds: Sequence[str], lr_grid: Sequence[float] = LR_GRID,
                           sizes_per_budget: int = SIZES_PER_BUDGET, seq_len: int = SEQ_LEN) -> Dict[tuple, float]:
   """{(kind, size): learning rate} from the check on BUDGETS[0]: the lowest held-out loss per kind and width.
@@ -187,7 +193,7 @@ def chosen_learning_rates(rows: Sequence[dict], kinds: Sequence[str], lr_grid: S
   not complete (some size lacks a rate of `lr_grid`) gets no entry.
   """
   out = {}
-  check_sizes = sizes_for_budget(BUDGETS[0], sizes_per_budget, seq_len)
+  check_sizes = lr_check_sizes(sizes_for_budget(BUDGETS[0], sizes_per_budget, seq_len))
   for kind in kinds:
     best = {}
     for size in check_sizes:
@@ -244,10 +250,11 @@ def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = 
   for budget in budgets:
     sizes = sizes_for_budget(budget, sizes_per_budget, seq_len)
     for kind in kinds:
+      checked = []
       if math.isclose(budget, BUDGETS[0]):
-        points += [Point(kind, s, budget, lr, 0, "lr") for s in sizes for lr in lr_grid]
-        continue
-      for s in sizes:
+        checked = lr_check_sizes(sizes)
+        points += [Point(kind, s, budget, lr, 0, "lr") for s in checked for lr in lr_grid]
+      for s in (s for s in sizes if s not in checked):
         lr = lrs.get((kind, s))
         if lr is None:
           lr = BASE_LR
