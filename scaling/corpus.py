@@ -25,7 +25,7 @@ Held out by source: a package is held out iff hash(name) < `heldout_fraction`, s
 package is in train.  Deduplication is global, so no content is in both splits either.
 
 Output, read by mx01's data pipeline as a folder of text files (`--config.data.source=DIR/docs`):
-  DIR/docs/<package>/<path-in-package>-<salt>.py   one document per file
+  DIR/docs/<package>/<path-in-package>-<sha256 prefix>-<salt>.py   one document per file
   DIR/manifest.json                                 counts, bytes, packages per split, skips, interpreter
 The salt makes the pipeline's own deterministic split (`mx01.data.sources.split_indices`, a hash of each
 file's path under DIR/docs, held out below `data.eval_fraction`) hold out exactly the held-out packages at
@@ -185,7 +185,8 @@ def build(out, *, min_mb: float = 250.0, heldout_fraction: float = 0.1, eval_fra
         skipped[reason] += 1
         continue
       stem = re.sub(r"[^A-Za-z0-9_.-]", "_", "__".join(parts[1:] if len(parts) > 1 else parts))[:-3][:120]
-      rel = _salted_name(stem, split == "heldout", eval_fraction, name)
+      # The content hash keeps names unique where paths collide once sanitised or truncated.
+      rel = _salted_name(f"{stem}-{digest[:8]}", split == "heldout", eval_fraction, name)
       dest = out / DOCS_DIR / rel
       dest.parent.mkdir(parents=True, exist_ok=True)
       dest.write_bytes(data)

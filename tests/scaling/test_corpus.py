@@ -31,6 +31,9 @@ def _site(tmp_path):
   (root / "pkg8" / "mini.py").write_text("x = [" + "1, " * 600 + "]\n")
   (root / "pkg9" / "data.txt").write_text("not python\n")
   (root / "top.py").write_text("TOP = 1\n")
+  (root / "pkg10" / "a").mkdir()
+  (root / "pkg10" / "a" / "b.py").write_text("B = 1\n")
+  (root / "pkg10" / "a__b.py").write_text("B = 2\n")  # the same name once paths are flattened
   return root
 
 
