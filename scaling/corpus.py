@@ -1,6 +1,6 @@
 """A text corpus for the scaling study, built from the Python sources installed with the running interpreter.
 
-    python -m scaling.corpus --out data/pycorpus --min_mb 250
+    python -m scaling.corpus --out /tmp/pycorpus --min_mb 250
 
 Why Python source: the study runs on a device machine with no network, and its image ships torch, jax,
 transformers, scipy, scikit-learn and more, far over 250 MB of `.py` files: real text written by many

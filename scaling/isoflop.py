@@ -1,7 +1,7 @@
 """The IsoFLOP study: softmax vs lightning vs hybrid (7:1) at fixed training compute, resumable and partitionable.
 
-    python -m recipes.sweep --plan isoflop --corpus data/pycorpus --dry_run            # the table and its cost
-    python -m recipes.sweep --plan isoflop --corpus data/pycorpus --budgets 1e15,3e15 \
+    python -m recipes.sweep --plan isoflop --corpus /tmp/pycorpus --dry_run            # the table and its cost
+    python -m recipes.sweep --plan isoflop --corpus /tmp/pycorpus --budgets 1e15,3e15 \
         --time_budget_s 1400 --out results/isoflop.csv                                  # one device call
 
 The plan, in a fixed order:
