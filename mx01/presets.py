@@ -7,6 +7,8 @@
   (`RESEARCH_SIZES`: 20m, 100m, 400m, 1b).
 * `sweep_{kind}_{size}`, `sweep_{kind}_moe_{size}`: the scaling sweep's small
   models (`SWEEP_SIZES`: s1 ... s7; recipes/sweep.py).
+* `isoflop_{kind}_{size}`: the IsoFLOP study's models (`ISOFLOP_SIZES`: i64 ... i768, every one 8
+  layers deep, context 2048; scaling/isoflop.py).
 * `retrieval_{kind}_{size}`: the associative-recall study's models
   (`RETRIEVAL_SIZES`: xs, s; recipes/retrieval.py).
 * `hybrid_456b`: MiniMax-Text-01 as released.
@@ -42,6 +44,22 @@ SWEEP_SIZES = {
     "s5": (128, 6, 8, 2, 16, 352),
     "s6": (192, 8, 12, 4, 16, 512),
     "s7": (256, 8, 16, 4, 16, 704),
+}
+
+# name -> (hidden, layers, heads, head_dim) of the IsoFLOP study (scaling/isoflop.py): 8 layers each, so the
+# hybrid has exactly one 7:1 period; width alone sets the size.  Multi-head attention (kv heads = heads) and a
+# SwiGLU of 8/3 * hidden (rounded to 32) keep N close to the paper's 12 l d^2 (Table 1).
+ISOFLOP_SIZES = {
+    "i64": (64, 8, 2, 32),
+    "i96": (96, 8, 3, 32),
+    "i128": (128, 8, 2, 64),
+    "i192": (192, 8, 3, 64),
+    "i256": (256, 8, 4, 64),
+    "i320": (320, 8, 5, 64),
+    "i384": (384, 8, 6, 64),
+    "i512": (512, 8, 8, 64),
+    "i640": (640, 8, 10, 64),
+    "i768": (768, 8, 12, 64),
 }
 
 # name -> (hidden, layers, heads, kv_heads, head_dim) of the associative-recall study (recipes/retrieval.py);
@@ -102,6 +120,20 @@ def _sweep(kind: str, size: str, moe: bool) -> Config:
                                   run_dir=f"runs/sweep/{kind}_{size}_{'moe' if moe else 'dense'}"))
 
 
+def _isoflop(kind: str, size: str) -> Config:
+  # Byte vocabulary, context 2048, lightning blocks of 256 (the paper's), DeepNorm residual scaling.  The
+  # IsoFLOP plan sets steps, batch, learning rate, seed and data per point (scaling/isoflop.py).
+  hidden, layers, heads, hd = ISOFLOP_SIZES[size]
+  alpha = _deepnorm_alpha(layers)
+  model = ModelConfig(
+      vocab_size=256, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hd,
+      layer_types=layer_types(kind, layers), ffn_type="dense", intermediate_size=32 * round(hidden * 8 / 3 / 32),
+      num_experts=1, num_experts_per_tok=1, block_size=256, rotary_dim=hd // 2,
+      lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha, compute_dtype="bfloat16", param_dtype="float32")
+  return Config(model=model, data=DataConfig(seq_len=2048),
+                train=TrainConfig(batch_size=16, learning_rate=3e-3, run_dir=f"runs/isoflop/{kind}_{size}"))
+
+
 def _retrieval(kind: str, size: str) -> Config:
   # Initial std 1/sqrt(hidden): the presets' usual 0.02 leaves models this small stuck without recall
   # for thousands of steps (measurements in recipes/retrieval.py, `default_init_std`).
@@ -149,6 +181,8 @@ def _build() -> dict:
     for size in SWEEP_SIZES:
       presets[sweep_name(kind, size, "dense")] = (lambda k=kind, s=size: _sweep(k, s, moe=False))
       presets[sweep_name(kind, size, "moe")] = (lambda k=kind, s=size: _sweep(k, s, moe=True))
+    for size in ISOFLOP_SIZES:
+      presets[isoflop_name(kind, size)] = (lambda k=kind, s=size: _isoflop(k, s))
     for size in RETRIEVAL_SIZES:
       presets[retrieval_name(kind, size)] = (lambda k=kind, s=size: _retrieval(k, s))
   return presets
@@ -157,6 +191,11 @@ def _build() -> dict:
 def sweep_name(kind: str, size: str, ffn: str = "dense") -> str:
   """The preset of one sweep model, e.g. sweep_hybrid_s3 or sweep_hybrid_moe_s3."""
   return f"sweep_{kind}_{'moe_' if ffn == 'moe' else ''}{size}"
+
+
+def isoflop_name(kind: str, size: str) -> str:
+  """The preset of one IsoFLOP model, e.g. isoflop_hybrid_i256."""
+  return f"isoflop_{kind}_{size}"
 
 
 def retrieval_name(kind: str, size: str) -> str:
@@ -184,4 +223,4 @@ def describe_presets() -> str:
   """Every preset, by family, in one line (for help texts and errors)."""
   kinds, sizes = "{" + ",".join(KINDS) + "}", lambda table: "{" + ",".join(table) + "}"
   return (f"tiny, hybrid_456b, {kinds}[_moe]_{sizes(RESEARCH_SIZES)}, sweep_{kinds}[_moe]_{sizes(SWEEP_SIZES)}, "
-          f"retrieval_{kinds}_{sizes(RETRIEVAL_SIZES)}")
+          f"isoflop_{kinds}_{sizes(ISOFLOP_SIZES)}, retrieval_{kinds}_{sizes(RETRIEVAL_SIZES)}")

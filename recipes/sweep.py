@@ -3,6 +3,7 @@
     python -m recipes.sweep --out results/sweep.csv --archs softmax,lightning,hybrid --sizes s1,s2,s3 \
         --tokens 2e5,5e5,1e6
     python -m recipes.sweep --out results/sweep.csv --dry_run      # print the grid: parameters, tokens, FLOPs
+    python -m recipes.sweep --plan isoflop --dry_run            # the IsoFLOP study (scaling/isoflop.py)
     python -m recipes.sweep --sizes s3 --config.train.batch_size=32 --config.data.seq_len=256 \
         --config.model.block_size=64                               # overrides apply to every grid point
 
@@ -210,6 +211,10 @@ SWEEP_KEYS = ("train.batch_size", "data.seq_len", "train.learning_rate", "train.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a == "--plan" or a.startswith("--plan=") for a in argv):  # the IsoFLOP study: scaling/isoflop.py
+    from scaling import isoflop
+    return isoflop.main(argv)
   p = argparse.ArgumentParser(description="Scaling sweep over attention architectures (see module docstring).",
                               epilog=f"--config.model.KEY=VALUE applies to every grid point; also: "
                                      f"{', '.join('--config.' + k for k in SWEEP_KEYS)}")
@@ -221,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--run_root", default="runs/sweep", help="checkpoints of each grid point go under here")
   p.add_argument("--dry_run", action="store_true", help="print the grid (N, D, C) without training")
   try:
-    args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, p)
+    args = flags_lib.parse_args(argv, p)
     archs, sizes = _csv_list(args.archs), _csv_list(args.sizes)
     for a in archs:
       layer_types(a, 1)

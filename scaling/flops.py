@@ -43,6 +43,15 @@ Conventions (all counts are per token, in FLOP/token, unless a name says otherwi
 * 6ND: 6 FLOPs per parameter per token, with N the parameters a token
   touches through matmuls (active non-embedding parameters + LM head).  The
   exact count differs from 6N by the attention terms only.
+* The MiniMax-01 paper's convention (section 2.2, Table 1),
+  `paper_training_flops`: N = 12 l d^2 and, for b sequences of n tokens,
+  softmax 72 b n l d^2 (1 + n/(6d) + 5/(18d)), lightning
+  72 b n l d^2 (1 + 1/(2n) + 5/(18d)), hybrid 7:1
+  72 b n l d^2 (1 + n/(48d) + 7/(16n) + 5/(18d)).  The hybrid row is the 1:7
+  mix of the other two, which `paper_training_flops_per_token` generalises to
+  any share of softmax layers.  It counts full (non-causal) softmax attention
+  and no LM head, so at our small sizes and 2048-token context it puts softmax
+  runs at more compute than our causal count does (tests/scaling/test_flops.py).
 """
 
 from __future__ import annotations
@@ -207,6 +216,32 @@ def prefill_flops(config: ModelConfig, prompt_len: int, mode: AttentionMode = "c
 def six_nd_flops_per_token(config: ModelConfig) -> float:
   """The 6N approximation per token, N = `param_count(config).matmul_active` (LM head included)."""
   return 6.0 * param_count(config).matmul_active
+
+
+def paper_training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token in the MiniMax-01 paper's convention (Table 1), for any layer mix.
+
+  72 l d^2 (1 + s n/(6d) + (1 - s)/(2n) + 5/(18d)) with l layers, d = hidden size, n = seq_len and s the
+  share of softmax layers (1: softmax, 0: lightning, 1/8: the 7:1 hybrid).  Head layout, FFN width, vocabulary
+  and MoE are not in the formula: it assumes N = 12 l d^2.
+  """
+  _check_args(seq_len, "causal")
+  types = config.resolved_layer_types
+  share = sum(kind == SOFTMAX for kind in types) / len(types)
+  l, d, n = config.num_layers, config.hidden_size, seq_len
+  return 72.0 * l * d * d * (1.0 + share * n / (6.0 * d) + (1.0 - share) / (2.0 * n) + 5.0 / (18.0 * d))
+
+
+def paper_training_flops(config: ModelConfig, seq_len: int, tokens: float) -> float:
+  """Total training compute (FLOPs) of `tokens` tokens in the paper's Table-1 convention."""
+  if not tokens > 0:
+    raise ValueError(f"tokens must be positive, got {tokens!r}")
+  return paper_training_flops_per_token(config, seq_len) * float(tokens)
+
+
+def paper_param_count(config: ModelConfig) -> int:
+  """The paper's N = 12 l d^2 (Table 1)."""
+  return 12 * config.num_layers * config.hidden_size ** 2
 
 
 # ---- MFU -------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""Tests of the IsoFLOP plan (scaling/isoflop.py) and the paper's FLOP convention (scaling/flops.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mx01.config import SOFTMAX
+from recipes import sweep
+from scaling import flops, isoflop
+
+
+def test_paper_flops_formulas():
+  soft, light, hyb = (isoflop.model_config(k, "i256") for k in ("softmax", "lightning", "hybrid"))
+  l, d, n = 8, 256, 2048
+  base = 72 * l * d * d
+  assert flops.paper_training_flops_per_token(soft, n) == pytest.approx(base * (1 + n / (6 * d) + 5 / (18 * d)))
+  assert flops.paper_training_flops_per_token(light, n) == pytest.approx(base * (1 + 1 / (2 * n) + 5 / (18 * d)))
+  assert flops.paper_training_flops_per_token(hyb, n) == pytest.approx(
+      base * (1 + n / (48 * d) + 7 / (16 * n) + 5 / (18 * d)))
+  assert flops.paper_training_flops(hyb, n, 10) == pytest.approx(10 * flops.paper_training_flops_per_token(hyb, n))
+  # N = 12 l d^2 is within 1% of the preset's softmax non-embedding count (the presets are built for it).
+  assert flops.param_count(soft).non_embedding == pytest.approx(flops.paper_param_count(soft), rel=0.01)
+
+
+@pytest.mark.parametrize("budget", isoflop.BUDGETS)
+def test_plan_points_meet_the_study_design(budget):
+  points = isoflop.plan([budget], ["softmax", "lightning", "hybrid"])
+  for kind in ("softmax", "lightning", "hybrid"):
+    assert len({p.size for p in points if p.kind == kind}) >= 5
+  for p in points:
+    cfg = isoflop.run_config(p)
+    assert cfg.model.num_layers >= 8 and cfg.data.seq_len >= 2048
+    if p.kind == "hybrid":
+      assert cfg.model.resolved_layer_types.count(SOFTMAX) * 8 == cfg.model.num_layers
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
+    assert flops.training_flops(cfg.model, 2048, tokens) == pytest.approx(budget, rel=0.05)
+    assert cfg.train.eval_batches * cfg.train.batch_size * 2048 >= 1_000_000
+  if budget == isoflop.BUDGETS[0]:
+    assert {p.learning_rate for p in points} == set(isoflop.LR_GRID)
+
+
+def test_point_key_tracks_result_changing_values_only(tmp_path):
+  p = isoflop.Point("hybrid", "i128", 1e15, 3e-3)
+  key = isoflop.point_key(isoflop.run_config(p), isoflop.Corpus())
+  assert key == isoflop.point_key(isoflop.run_config(p, run_root=tmp_path), isoflop.Corpus())
+  for other in (isoflop.Point("hybrid", "i128", 1e15, 6e-3), isoflop.Point("hybrid", "i128", 1e15, 3e-3, seed=1),
+                isoflop.Point("softmax", "i128", 1e15, 3e-3), isoflop.Point("hybrid", "i128", 3e15, 3e-3)):
+    assert isoflop.point_key(isoflop.run_config(other), isoflop.Corpus()) != key
+  assert isoflop.point_key(isoflop.run_config(p), isoflop.Corpus(fingerprint="abc")) != key
+
+
+def _fake_loss(cfg):
+  # A bowl in log N around 2M parameters, best at learning rate 6e-3, seed-dependent by 1e-3.
+  n = flops.param_count(cfg.model).non_embedding
+  return 2.0 + 0.1 * math.log(n / 2e6) ** 2 + abs(math.log(cfg.train.learning_rate / 6e-3)) * 0.05 + 1e-3 * cfg.train.seed
+
+
+def _fake_train(calls):
+  def train(cfg, resume, log):
+    assert resume
+    calls.append(cfg)
+    return {"final_train_loss": _fake_loss(cfg), "eval_loss": _fake_loss(cfg), "tokens_per_sec": 1.0, "mfu": None}
+  return train
+
+
+def test_run_plan_resumes_checks_lr_adds_seeds_and_stops_on_time(tmp_path):
+  out, calls, logs = tmp_path / "iso.csv", [], []
+  kw = dict(kinds=["hybrid"], out=out, run_root=tmp_path / "runs", train_fn=_fake_train(calls), log=logs.append)
+  # A clock that advances 100 s per call: the time budget stops the first call after a few points.
+  t = [0.0]
+
+  def clock():
+    t[0] += 100.0
+    return t[0]
+
+  first = isoflop.run_plan([1e15, 3e15], time_budget_s=1000, clock=clock, **kw)
+  assert 0 < len(first) < 11 and any(line.startswith("stopping") for line in logs)
+  rows = isoflop.run_plan([1e15, 3e15], **kw)
+  all_rows = isoflop.read_rows(out)
+  assert len(all_rows) == len(first) + len(rows) == len(calls)
+  assert len({r["key"] for r in all_rows}) == len(all_rows)
+  # 3 checked sizes x 3 rates and 2 more sizes at 1e15, 5 sizes at 3e15 at the checked rate, one second seed
+  # per budget.
+  assert len(all_rows) == 9 + 2 + 5 + 2
+  grid = [r for r in all_rows if r["phase"] == "grid"]
+  assert len(grid) == 7 and {float(r["learning_rate"]) for r in grid} == {6e-3}
+  seeds = [r for r in all_rows if r["phase"] == "seed"]
+  assert {r["seed"] for r in seeds} == {"1"} and len(seeds) == 2
+  for s in seeds:  # at the budget's lowest-loss size
+    same = [r for r in all_rows if r["budget"] == s["budget"] and r["seed"] == "0"]
+    assert s["size"] == min(same, key=lambda r: float(r["eval_loss"]))["size"]
+  assert isoflop.run_plan([1e15, 3e15], **kw) == [] and len(calls) == len(all_rows)
+
+
+def test_dry_run_prints_table_and_total(capsys, tmp_path):
+  assert sweep.main(["--plan", "isoflop", "--dry_run", "--budgets", "1e15,3e16", "--out", str(tmp_path / "x.csv")]) == 0
+  text = capsys.readouterr().out
+  assert "C paper" in text and "GPU-min in all" in text and "i768" not in text.split("\n")[1]
+  assert not (tmp_path / "x.csv").exists()
+  assert sweep.main(["--plan", "isoflop", "--budgets", "-1", "--dry_run"]) == 2
+  assert sweep.main(["--plan", "isoflop", "--kinds", "mamba", "--dry_run"]) == 2
+  assert sweep.main(["--plan", "isoflop", "--corpus", str(tmp_path / "none"), "--dry_run"]) == 2
+
+
+@pytest.mark.slow
+def test_end_to_end_two_points_three_steps(tmp_path):
+  """Real training (recipes.pretrain.train) of 2 points (3 and 1 steps), then a call that adds nothing.
+
+  Minutes on 2 busy CPU cores: most of it is compiling the 8-layer models.
+  """
+  budget = 3 * 2 * 64 * flops.training_flops_per_token(isoflop.model_config("hybrid", "i64"), 64)
+  kw = dict(kinds=["hybrid"], out=tmp_path / "iso.csv", run_root=tmp_path / "runs", lr_grid=(3e-3,),
+            sizes_per_budget=2, second_seeds=False, seq_len=64, batch_size=2, eval_tokens=256, log=lambda s: None)
+  rows = isoflop.run_plan([budget], **kw)
+  assert [r["size"] for r in rows] == ["i64", "i96"] and rows[0]["steps"] == 3
+  assert all(math.isfinite(float(r["eval_loss"])) for r in rows)
+  assert isoflop.run_plan([budget], **kw) == []
