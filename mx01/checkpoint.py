@@ -11,7 +11,8 @@ Layout: one directory per step with three items,
   meta/   JSON (written by process 0): step, the run's config, and a checksum (BLAKE2b) of
           every array of `state` (None when the arrays span several processes)
   data/   the data iterator state of each process (grain's checkpoint handler:
-          process_<i>-of-<n>.json), so each host resumes its own shard of the data
+          process_<i>-of-<n>.json); restore merges them, so each host resumes its own rows
+          of the data even when the number of processes changed
 
 Saving is asynchronous: orbax copies the arrays to host memory inside
 `save` and writes them in a background thread into a temporary directory
@@ -126,19 +127,13 @@ def _json_safe(x):
 
 
 class _DataState:
-  """A data-iterator state (JSON-serialisable) in the shape grain's checkpoint handler saves and restores."""
+  """A data-iterator state (JSON-serialisable) in the shape grain's checkpoint handler saves."""
 
-  def __init__(self, state=None):
+  def __init__(self, state):
     self.state = state
 
   def get_state(self) -> bytes:
     return json.dumps(_json_safe(self.state)).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self.state = json.loads(state)
-
-  def start_prefetch(self) -> None:
-    pass
 
 
 class Checkpointer:
@@ -172,6 +167,19 @@ class Checkpointer:
   def _read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def _read_data_state(self, step: int):
+    """The data-iterator states of every process that saved `step`, merged: {"rows": {row: state}}.
+
+    A process restores its own rows from it, whatever the number of processes of the run that saved.
+    """
+    files = sorted((self.directory / str(step) / "data").glob("process_*.json"))
+    states = [json.loads(f.read_text()) for f in files]
+    if not states:
+      raise ValueError(f"no data-iterator state in {self.directory / str(step) / 'data'}")
+    if not all(isinstance(st, dict) and "rows" in st for st in states):
+      return states[0]
+    return {"rows": {r: v for st in states for r, v in st["rows"].items()}}
+
   def restore(self, abstract_state, *, step: Optional[int] = None) -> Optional[RestoredCheckpoint]:
     """The latest valid checkpoint (or `step`), restored into the structure of `abstract_state`.
 
@@ -199,9 +207,8 @@ class Checkpointer:
             + "\nResume with the same config, or start a new run in another train.run_dir.")
       try:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(_DataState())))
-        state, data_state = restored["state"], restored["data"].state
+        state = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        data_state = self._read_data_state(s)
         expected = meta.get("checksum")
         if expected is not None:
           actual = tree_checksum(state)

@@ -196,6 +196,7 @@ def test_hybrid_456b_plan(capsys):
   assert pretrain.main(["--config=hybrid_456b"]) == 0
   out = capsys.readouterr().out
   assert "GPUs needed" in out and "Not started" in out and "optimizer" in out
+  assert "456.09B total, 45.94B activated per token (non-embedding" in out  # as the paper counts
 
 
 def test_hybrid_456b_dry_run_at_reduced_depth():
