@@ -67,7 +67,7 @@ def _run_cli(run_dir, *extra, env=None, wait=True):
   full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
   proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if wait:
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
   return proc
 

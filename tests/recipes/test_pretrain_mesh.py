@@ -124,9 +124,9 @@ def test_kill_and_resume_on_a_mesh_is_bit_exact(dte_run, tmp_path):
   cmd = [sys.executable, "-m", "recipes.pretrain", *SMALL, *LAYOUTS["dte_fsdp"], f"--config.train.run_dir={tmp_path}"]
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
   killed = subprocess.run(cmd, cwd=REPO, env=dict(env, **{ckpt_lib.KILL_DURING_SAVE_ENV: "2"}), capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=600)
   assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
-  done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   assert _losses(tmp_path) == _losses(ref_dir)  # bit for bit
 
