@@ -95,7 +95,8 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, chunk_size: int):
     nll, cnt = chunk_loss(*xs)
     return (carry[0] + nll, carry[1] + cnt), None
 
-  zero = jnp.zeros((), jnp.float32)
+  # 0.0 typed like the loop's outputs: inside shard_map it varies over the mesh axes its inputs vary over.
+  zero = sum(jnp.sum(x[:0].astype(jnp.float32)) for x in (hidden, w, targets, mask))
   (nll_sum, count), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(targets), split(mask)))
   return nll_sum, count
 
