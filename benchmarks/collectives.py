@@ -45,11 +45,11 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from mx01 import lightning  # noqa: E402
 from mx01 import model as model_lib  # noqa: E402
+from mx01 import training  # noqa: E402
 from mx01.config import LIGHTNING, SOFTMAX, Config, DataConfig, ModelConfig, ParallelConfig  # noqa: E402
 from mx01.layers import moe as moe_lib  # noqa: E402
 from mx01.parallel import comm, rules  # noqa: E402
 from mx01.parallel import mesh as mesh_lib  # noqa: E402
-from mx01.parallel import step as step_lib  # noqa: E402
 from mx01.parallel.lasp import lasp_lightning  # noqa: E402
 from mx01.parallel.layout import SequenceLayout  # noqa: E402
 from mx01.parallel.moe_ep import moe_expert_parallel  # noqa: E402
@@ -204,7 +204,7 @@ def step_case(parallel: ParallelConfig):
   opt_state = jax.eval_shape(optimizer.init, params)
   batch = {"tokens": jax.ShapeDtypeStruct((B, L + 1), jnp.int32),
            "segment_ids": jax.ShapeDtypeStruct((B, L + 1), jnp.int32)}
-  step = step_lib.make_sharded_train_step(config, pm, optimizer, jit=False)
+  step = training.make_train_step(config.model, pm, optimizer)
   text = jax.jit(step).lower(params, opt_state, batch).compile().as_text()
   return collective_bytes(text), None
 

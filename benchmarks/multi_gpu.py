@@ -61,7 +61,7 @@ def _compare(cfg, par: ParallelConfig, name: str, params, batch, ref) -> dict:
   (loss_ref, m_ref), g_ref = ref
   try:
     pm = mesh_lib.build_mesh(par)
-    loss_fn = step_lib.make_sharded_loss(cfg, pm)
+    loss_fn = training.make_loss(cfg, pm)
     (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
     row = dict(layout=name, loss_abs_err=abs(float(loss) - float(loss_ref)),
                aux_abs_err=abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])),
@@ -120,14 +120,14 @@ def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int, 
     opt = optax.adamw(1e-4)
     batch = synthetic_batch(np.random.default_rng(0), per_gpu_batch * devices, seq, cfg.model.vocab_size)
     if devices == 1:
-      step = jax.jit(training.make_train_step(cfg.model, opt), donate_argnums=(0, 1))
+      step = jax.jit(training.make_train_step(cfg.model, None, opt), donate_argnums=(0, 1))
       opt_state = opt.init(params)
       text = ""
     else:
       pm = mesh_lib.build_mesh(par, jax.devices()[:devices])
       params = step_lib.shard_params(params, pm)
       opt_state = jax.jit(opt.init)(params)
-      step = step_lib.make_sharded_train_step(cfg, pm, opt)
+      step = jax.jit(training.make_train_step(cfg.model, pm, opt), donate_argnums=(0, 1))
       text = step.lower(params, opt_state, batch).compile().as_text()
     dt, compile_s, loss = time_step(step, params, opt_state, batch, steps, 2)
     tps_gpu = per_gpu_batch * seq / dt
@@ -153,7 +153,7 @@ def long_context(n: int, preset: str, seqs: list, budget_s: float, overrides=())
       params = step_lib.shard_params(model_lib.init(cfg.model, jax.random.key(0)), pm)
       opt = optax.adamw(1e-4)
       opt_state = jax.jit(opt.init)(params)
-      step = step_lib.make_sharded_train_step(cfg, pm, opt)
+      step = jax.jit(training.make_train_step(cfg.model, pm, opt), donate_argnums=(0, 1))
       batch = synthetic_batch(np.random.default_rng(0), 1, seq, cfg.model.vocab_size)
       dt, compile_s, loss = time_step(step, params, opt_state, batch, 2, 1)
       mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n]) / 2**30

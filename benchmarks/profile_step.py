@@ -135,7 +135,7 @@ def main(argv=None):
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)
   opt_state = opt.init(params)
-  step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
+  step = jax.jit(make_train_step(mcfg, None, opt), donate_argnums=(0, 1))
   batch = synthetic_batch(np.random.default_rng(0), args.batch, args.seq, mcfg.vocab_size)
   hlo_text = step.lower(params, opt_state, batch).compile().as_text()
   for _ in range(2):  # compile and warm up outside the trace

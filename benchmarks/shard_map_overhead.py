@@ -56,7 +56,7 @@ def main():
              "batch": args.batch}
 
   params = model_lib.init(mcfg, jax.random.key(0))
-  plain = jax.jit(make_train_step(mcfg, optimizer), donate_argnums=(0, 1))
+  plain = jax.jit(make_train_step(mcfg, None, optimizer), donate_argnums=(0, 1))
   dt, compile_s, loss = time_step(plain, params, optimizer.init(params), batch, args.steps, args.warmup)
   results["plain"] = {"step_ms": dt * 1e3, "compile_s": compile_s, "loss": loss}
 
@@ -65,13 +65,13 @@ def main():
   if attention_impl(mcfg) != "xla":
     xcfg = dataclasses.replace(mcfg, attention_impl="xla")
     params = model_lib.init(xcfg, jax.random.key(0))
-    plain_x = jax.jit(make_train_step(xcfg, optimizer), donate_argnums=(0, 1))
+    plain_x = jax.jit(make_train_step(xcfg, None, optimizer), donate_argnums=(0, 1))
     dt_x, compile_x, loss_x = time_step(plain_x, params, optimizer.init(params), batch, args.steps, args.warmup)
     results["plain_xla_attention"] = {"step_ms": dt_x * 1e3, "compile_s": compile_x, "loss": loss_x}
 
   pmesh = mesh_lib.build_mesh(cfg.parallel, devices=[device])
   params = step_lib.shard_params(model_lib.init(mcfg, jax.random.key(0)), pmesh)
-  sharded = step_lib.make_sharded_train_step(cfg, pmesh, optimizer)
+  sharded = jax.jit(make_train_step(mcfg, pmesh, optimizer), donate_argnums=(0, 1))
   dt_s, compile_s, loss_s = time_step(sharded, params, jax.jit(optimizer.init)(params), batch, args.steps,
                                       args.warmup)
   results["shard_map"] = {"step_ms": dt_s * 1e3, "compile_s": compile_s, "loss": loss_s}

@@ -37,7 +37,7 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)
   opt_state = opt.init(params)
-  step = jax.jit(make_train_step(mcfg, opt), donate_argnums=(0, 1))
+  step = jax.jit(make_train_step(mcfg, None, opt), donate_argnums=(0, 1))
   data = synthetic_batch(np.random.default_rng(0), batch, seq, mcfg.vocab_size, docs_per_row)
   if docs_per_row == 1:  # one document per row: no segment ids, so attention needs no document mask
     data = {"tokens": data["tokens"]}

@@ -6,10 +6,13 @@
     restored = ckpt.restore(abstract_state)        # latest valid checkpoint, or None if there is none
     ckpt.close()
 
-Layout: one directory per step with two items,
-  state/  the array pytree (orbax StandardSave)
-  meta/   JSON: step, the run's config, the data iterator state, and a
-          checksum (BLAKE2b) of every array of `state`
+Layout: one directory per step with three items,
+  state/  the array pytree (orbax StandardSave): every process writes the shards it holds
+  meta/   JSON (written by process 0): step, the run's config, and a checksum (BLAKE2b) of
+          every array of `state` (None when the arrays span several processes)
+  data/   the data iterator state of each process (grain's checkpoint handler:
+          process_<i>-of-<n>.json); restore merges them, so each host resumes its own rows
+          of the data even when the number of processes changed
 
 Saving is asynchronous: orbax copies the arrays to host memory inside
 `save` and writes them in a background thread into a temporary directory
@@ -17,6 +20,9 @@ that is renamed into place only once complete, so a process killed mid-save
 leaves the previous checkpoints intact and no half-written step visible.
 
 Restoring:
+* the arrays are read straight into the shardings of `abstract_state`: a run may
+  resume onto another parallel layout (other data / tensor / expert sizes, fewer
+  or more devices), as long as the model and optimizer config match;
 * a checkpoint whose config differs from the run's in a field that changes the
   computation (anything but RESUMABLE_CHANGES) is refused with
   `CheckpointMismatchError`, listing the mismatched fields;
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
 import os
 import pathlib
 import signal
@@ -36,6 +43,7 @@ import sys
 from typing import Any, Callable, Optional
 
 import dataclasses
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -50,6 +58,9 @@ RESUMABLE_CHANGES = (
     "train.tensorboard", "data.prefetch",
     # Changes nothing silently: with it off, a malformed record stops the run when it starts.
     "data.skip_bad_records",
+    # The layout: orbax reshards the arrays on restore.
+    "parallel.data", "parallel.fsdp", "parallel.tensor", "parallel.sequence", "parallel.expert",
+    "parallel.expert_tensor",
 )
 
 # Fault injection for tests: SIGKILL this process right after the save of this step has started.
@@ -169,6 +180,16 @@ def dropped_reads_silenced():
     sys.unraisablehook = previous
 
 
+class _DataState:
+  """A data-iterator state (JSON-serialisable) in the shape grain's checkpoint handler saves."""
+
+  def __init__(self, state):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(_json_safe(self.state)).encode()
+
+
 class Checkpointer:
   """Periodic, asynchronous, keep-last-k checkpoints of one run (see module docstring)."""
 
@@ -178,7 +199,7 @@ class Checkpointer:
     self.config = config
     self.log = log
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta", "data"), options=options)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -188,16 +209,30 @@ class Checkpointer:
 
   def save(self, step: int, state, *, data_state, extra: Optional[dict] = None, force: bool = False) -> bool:
     """Starts saving `state` (a pytree of arrays) as step `step`; returns whether a save was started."""
-    meta = {"step": int(step), "config": config_lib.to_dict(self.config), "data_state": _json_safe(data_state),
+    meta = {"step": int(step), "config": config_lib.to_dict(self.config),
             "checksum": tree_checksum(state), "extra": _json_safe(extra or {})}
     started = self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+        data=grain.checkpoint.CheckpointSave(_DataState(data_state))), force=force)
     if started and os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
       os.kill(os.getpid(), signal.SIGKILL)
     return started
 
   def _read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _read_data_state(self, step: int):
+    """The data-iterator states of every process that saved `step`, merged: {"rows": {row: state}}.
+
+    A process restores its own rows from it, whatever the number of processes of the run that saved.
+    """
+    files = sorted((self.directory / str(step) / "data").glob("process_*.json"))
+    states = [json.loads(f.read_text()) for f in files]
+    if not states:
+      raise ValueError(f"no data-iterator state in {self.directory / str(step) / 'data'}")
+    if not all(isinstance(st, dict) and "rows" in st for st in states):
+      return states[0]
+    return {"rows": {r: v for st in states for r, v in st["rows"].items()}}
 
   def restore(self, abstract_state, *, step: Optional[int] = None) -> Optional[RestoredCheckpoint]:
     """The latest valid checkpoint (or `step`), restored into the structure of `abstract_state`.
@@ -227,6 +262,7 @@ class Checkpointer:
       try:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         state = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        data_state = self._read_data_state(s)
         expected = meta.get("checksum")
         if expected is not None:
           actual = tree_checksum(state)
@@ -238,7 +274,7 @@ class Checkpointer:
         failures.append(f"step {s}: arrays unreadable or corrupt ({type(e).__name__}: {str(e)[:300]})")
         self.log(f"checkpoint at step {s} is corrupt ({failures[-1]}); trying the previous one")
         continue
-      return RestoredCheckpoint(step=int(meta["step"]), state=state, data_state=meta.get("data_state"),
+      return RestoredCheckpoint(step=int(meta["step"]), state=state, data_state=data_state,
                                 extra=meta.get("extra", {}))
     raise NoValidCheckpointError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures))
 

@@ -71,6 +71,22 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """A MetricsWriter that writes nothing: the other processes of a multi-host run."""
+
+  def write(self, step: int, scalars: Mapping[str, float], *, tensorboard: bool = True) -> None:
+    pass
+
+  def truncate_after(self, step: int) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """All records of a metrics.jsonl file."""
   out = []

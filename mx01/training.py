@@ -1,15 +1,29 @@
-"""Loss, optimizer and a pure train step over an explicit parameter pytree.
+"""Loss, optimizer and the one train step: the model inside the shard_map of a mesh.
 
 Batches are packed rows: {"tokens": [batch, L + 1] int32, "segment_ids":
 [batch, L + 1] int32}.  The model reads tokens[:, :-1] and predicts
 tokens[:, 1:]; a target counts only when it continues the same segment, and
 segment id 0 marks padding (never a target).  A batch without "segment_ids"
-holds one document per row: every target counts, and attention runs without
-document masks (which lets `attention_impl="cudnn"` take it).
+holds one document per row: every target counts (or those of an explicit
+"loss_mask" [batch, L]).
 
+    pmesh = mesh.build_mesh(config.parallel)              # or trivial_mesh(): one device
     optimizer, schedule = make_optimizer(config.train)
-    step = jax.jit(make_train_step(config.model, optimizer, grad_accum=2, skip_nonfinite=True))
+    step = jax.jit(make_train_step(config.model, pmesh, optimizer, grad_accum=2, skip_nonfinite=True))
     params, opt_state, metrics = step(params, opt_state, batch)
+
+The same step serves one device (the trivial mesh) and a cluster.  Data flow:
+  1. `split_batch` and per-segment positions on the global batch; with
+     sequence > 1 the sequence is permuted to the zig-zag layout (layout.py).
+  2. shard_map: batch over (data, sequence); parameters by parallel/rules.py.
+     Each device runs `parallel.step._local_forward` (FSDP gather, tensor-local
+     config, sharded ops) and psums its summed token loss and count over
+     (data, sequence); MoE statistics are already global.
+  3. `jax.value_and_grad` around the shard_map: JAX transposes every
+     collective, so gradients come out with the parameters' shardings.
+  4. The optax update runs on the sharded arrays (GSPMD partitions it).
+
+`loss_fn` below is the plain single-device reference the sharded loss is tested against.
 """
 
 from __future__ import annotations
@@ -19,21 +33,28 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mx01 import model as model_lib
-from mx01.config import ModelConfig, TrainConfig
+from mx01.config import ModelConfig, ParallelConfig, TrainConfig
 from mx01.ops import ModelOps
+from mx01.parallel import comm, rules
+from mx01.parallel import step as step_lib
+from mx01.parallel.layout import SequenceLayout
+from mx01.parallel.mesh import ParallelMesh, build_mesh, validate_layout
 
 
 def split_batch(batch):
   """Packed rows -> (inputs, targets, segment_ids, loss_mask), each [batch, L].
 
-  Without "segment_ids" in the batch: segment_ids is None and every target counts.
+  Without "segment_ids" in the batch: segment_ids is None and every target counts, or those of
+  batch["loss_mask"] [batch, L] when given.
   """
   tokens = batch["tokens"]
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   if "segment_ids" not in batch:
-    return inputs, targets, None, jnp.ones(targets.shape, bool)
+    mask = batch["loss_mask"].astype(bool) if "loss_mask" in batch else jnp.ones(targets.shape, bool)
+    return inputs, targets, None, mask
   seg = batch["segment_ids"]
   in_seg = seg[:, :-1]
   loss_mask = (seg[:, 1:] == in_seg) & (in_seg != 0)
@@ -74,7 +95,8 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, chunk_size: int):
     nll, cnt = chunk_loss(*xs)
     return (carry[0] + nll, carry[1] + cnt), None
 
-  zero = jnp.zeros((), jnp.float32)
+  # 0.0 typed like the loop's outputs: inside shard_map it varies over the mesh axes its inputs vary over.
+  zero = sum(jnp.sum(x[:0].astype(jnp.float32)) for x in (hidden, w, targets, mask))
   (nll_sum, count), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(targets), split(mask)))
   return nll_sum, count
 
@@ -87,6 +109,8 @@ def expert_load_imbalance(tokens_per_expert):
 
 def loss_fn(params, batch, *, config: ModelConfig, ops: Optional[ModelOps] = None):
   """Mean next-token loss + router_aux_loss_coef * aux loss.  Returns (loss, metrics).
+
+  The plain single-device reference (no mesh) that `make_loss` is tested against.
 
   metrics: "loss" (cross-entropy), "aux_loss", "tokens" (targets counted) and,
   for MoE, "expert_load" [E] (assignments summed over layers) and
@@ -159,40 +183,142 @@ def make_optimizer(train: TrainConfig) -> tuple[optax.GradientTransformation, op
   return optax.chain(*parts), schedule
 
 
-# ---- train / eval steps ------------------------------------------------------------
+# ---- the train / eval step, on a mesh ------------------------------------------------
+
+def trivial_mesh(device=None) -> ParallelMesh:
+  """The one-device mesh (every parallel size 1) on `device` (default: the first device)."""
+  return build_mesh(ParallelConfig(), [device if device is not None else jax.devices()[0]])
+
+
+def state_shardings(abstract_state, optimizer: optax.GradientTransformation, pmesh: ParallelMesh):
+  """Shardings of a train state {"params", "opt_state", ...}: parameters by the rules table, every copy of
+  the parameter tree inside the optimizer state (Adam's mu, nu) like the parameters, the rest replicated."""
+  replicated = NamedSharding(pmesh.mesh, PartitionSpec())
+  params = rules.param_shardings(abstract_state["params"], pmesh)
+  out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+  out["params"] = params
+  if "opt_state" in abstract_state:
+    out["opt_state"] = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"], params,
+                                             transform_non_params=lambda _: replicated)
+  return out
+
+
+# A loss function for `make_train_step(..., loss_fn=)`: per device, on its shard of the rows,
+# (logits [b, t, V] f32, targets [b, t], mask [b, t] bool) -> (summed nll [], token count [], extra sums {name: []}).
+# The step sums every value over the mesh; the loss is nll / count and each extra metric is sum / count.
+TokenLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple]
+
+
+def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[TokenLoss]):
+  """(params, batch) -> sums over the whole batch, computed inside the mesh's shard_map.
+
+  Returns {"nll_sum", "tokens", "aux_loss", extra sums of `token_loss`, and for MoE "expert_load" [E]
+  (assignments summed over layers) and "expert_load_max_over_mean"}, all replicated.
+  """
+
+  def sums_fn(params, batch):
+    inputs, targets, seg, mask = split_batch(batch)
+    if seg is None:  # one document per row: the sharded layers take it as one segment
+      seg = jnp.ones(inputs.shape, jnp.int32)
+    b, l = inputs.shape
+    validate_layout(pmesh.parallel, config, seq_len=l, batch_size=b)
+    layout = SequenceLayout(l, pmesh.parallel.sequence)
+    positions = model_lib.positions_from_segments(seg)
+    arrays = tuple(layout.to_layout(a) for a in (inputs, targets, seg, mask, positions))
+    token_axes = pmesh.axes("data", "sequence")
+    bspec = rules.batch_spec(pmesh)
+    chunked = token_loss is None and config.loss_chunk_size is not None
+
+    def local(params, inputs, targets, seg, mask, positions):
+      out, aux = step_lib._local_forward(params, inputs, seg, positions, config=config, pmesh=pmesh, layout=layout,
+                                         global_batch=b, return_hidden=chunked)
+      extra = {}
+      if chunked:
+        head = model_lib.lm_head_matrix(rules.gather_fsdp(params, pmesh), config)
+        nll_sum, count = chunked_cross_entropy(out, head, targets, mask, chunk_size=config.loss_chunk_size)
+      elif token_loss is None:
+        nll_sum, count = cross_entropy(out, targets, mask)
+      else:
+        nll_sum, count, extra = token_loss(out, targets, mask)
+      sums = {"nll_sum": nll_sum, "tokens": count, **extra}
+      sums = {k: comm.psum(v, token_axes) for k, v in sums.items()}
+      sums["aux_loss"] = aux["aux_loss"]  # the routing statistics are already global
+      if "routing_stats" in aux:
+        per_layer = aux["routing_stats"]["tokens_per_expert"]
+        sums["expert_load"] = jnp.sum(per_layer, axis=0)
+        sums["expert_load_max_over_mean"] = expert_load_imbalance(per_layer)
+      return sums
+
+    return comm.shard_map(local, mesh=pmesh.mesh, in_specs=(rules.param_specs(params, pmesh),) + (bspec,) * 5,
+                          out_specs=PartitionSpec())(params, *arrays)
+
+  return sums_fn
+
+
+def make_loss(config: ModelConfig, pmesh: ParallelMesh, *, loss_fn: Optional[TokenLoss] = None) -> Callable:
+  """(params, batch) -> (loss, metrics) on the mesh; the same values as the reference `loss_fn` above.
+
+  loss = nll / tokens + router_aux_loss_coef * aux_loss.  metrics: "loss" (the cross-entropy), "aux_loss",
+  "tokens", each extra sum of `loss_fn` divided by tokens, and for MoE "expert_load", "expert_load_max_over_mean".
+  """
+  sums_fn = _global_sums(config, pmesh, loss_fn)
+
+  def loss(params, batch):
+    sums = sums_fn(params, batch)
+    count = jnp.maximum(sums["tokens"], 1.0)
+    ce = sums["nll_sum"] / count
+    metrics = {k: (v if k in ("tokens", "aux_loss", "expert_load", "expert_load_max_over_mean") else v / count)
+               for k, v in sums.items() if k != "nll_sum"}
+    metrics["loss"] = ce
+    return ce + config.router_aux_loss_coef * sums["aux_loss"], metrics
+
+  return loss
+
 
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, ops: Optional[ModelOps] = None,
-                    *, grad_accum: int = 1, skip_nonfinite: bool = False) -> Callable:
+def _micro_batches(batch, grad_accum: int, pmesh: ParallelMesh):
+  """[B, ...] -> [grad_accum, B / grad_accum, ...]: micro-batch i holds rows i, i + k, i + 2k, ... so that
+  each stays spread over the data axis like the full batch (a device's rows split among the micro-batches)."""
+  b = batch["tokens"].shape[0]
+  if b % grad_accum:
+    raise ValueError(f"batch of {b} rows is not divisible by grad_accum={grad_accum}")
+  spec = pmesh.sharding(None, "data")
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      jnp.swapaxes(x.reshape(b // grad_accum, grad_accum, *x.shape[1:]), 0, 1), spec), batch)
+
+
+def make_train_step(config: ModelConfig, pmesh: Optional[ParallelMesh], optimizer: optax.GradientTransformation,
+                    *, grad_accum: int = 1, skip_nonfinite: bool = False,
+                    loss_fn: Optional[TokenLoss] = None) -> Callable:
   """(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit.
 
-  grad_accum > 1 splits the batch [b, L+1] into grad_accum micro-batches of
-  b / grad_accum rows (scanned, so one micro-batch of activations is live) and
-  averages their gradients and metrics.  skip_nonfinite=True leaves params and
-  optimizer state unchanged when the loss or any gradient is NaN/inf, and
-  reports metrics["nonfinite"] = 1.
-  """
+  The one train step, for every layout: the model runs inside the shard_map of `pmesh` (None = the
+  one-device `trivial_mesh`).  params / opt_state are expected placed by `state_shardings` (the step
+  keeps them so); the batch {"tokens", "segment_ids" (optional), "loss_mask" (optional)} [B, L + 1 or L]
+  may be anywhere (best: rows split over data).
 
-  def grads_of(params, batch):
-    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, config=config, ops=ops)
+  grad_accum > 1 splits the batch into grad_accum micro-batches of B / grad_accum rows (scanned, so one
+  micro-batch of activations is live) and averages their gradients and metrics.  skip_nonfinite=True
+  leaves params and optimizer state unchanged when the loss or any gradient is NaN/inf, and reports
+  metrics["nonfinite"] = 1.  loss_fn replaces the cross-entropy (see `TokenLoss`); with loss_fn None and
+  config.loss_chunk_size set, the loss is `chunked_cross_entropy`.  Remat follows config.remat.
+  """
+  pmesh = trivial_mesh() if pmesh is None else pmesh
+  loss = make_loss(config, pmesh, loss_fn=loss_fn)
+  grads_of = jax.value_and_grad(loss, has_aux=True)
 
   def accumulated(params, batch):
-    b = batch["tokens"].shape[0]
-    if b % grad_accum:
-      raise ValueError(f"batch of {b} rows is not divisible by grad_accum={grad_accum}")
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
+    micro = _micro_batches(batch, grad_accum, pmesh)
     zeros = jax.tree.map(jnp.zeros_like, params)
 
     def body(carry, mb):
       (loss, metrics), grads = grads_of(params, mb)
       acc_grads, acc_loss, acc_metrics = carry
-      acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-      acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
-      return (acc_grads, acc_loss + loss, acc_metrics), None
+      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss, jax.tree.map(jnp.add, acc_metrics, metrics)), None
 
     (_, metrics_shape), _ = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro))
     metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
@@ -208,13 +334,13 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
       (loss, metrics), grads = accumulated(params, batch)
     else:
       (loss, metrics), grads = grads_of(params, batch)
-    grad_norm = optax.global_norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, total_loss=loss, grad_norm=grad_norm)
+    new_params = jax.lax.with_sharding_constraint(new_params, rules.param_shardings(new_params, pmesh))
+    metrics = dict(metrics, total_loss=loss, grad_norm=optax.global_norm(grads))
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & _all_finite(grads)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
       new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
       metrics["nonfinite"] = (~finite).astype(jnp.int32)
     return new_params, new_opt_state, metrics
@@ -222,13 +348,12 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
   return train_step
 
 
-def make_eval_step(config: ModelConfig, ops: Optional[ModelOps] = None) -> Callable:
-  """(params, batch) -> {"nll_sum": [], "tokens": []}: summed cross-entropy over a batch's targets."""
+def make_eval_step(config: ModelConfig, pmesh: Optional[ParallelMesh] = None) -> Callable:
+  """(params, batch) -> {"nll_sum": [], "tokens": []}: summed cross-entropy over a batch's targets, on the mesh."""
+  sums_fn = _global_sums(config, trivial_mesh() if pmesh is None else pmesh, None)
 
   def eval_step(params, batch):
-    inputs, targets, seg, mask = split_batch(batch)
-    logits, _ = model_lib.apply(params, inputs, seg, config=config, ops=ops)
-    nll_sum, count = cross_entropy(logits, targets, mask)
-    return {"nll_sum": nll_sum, "tokens": count}
+    sums = sums_fn(params, batch)
+    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
 
   return eval_step

@@ -79,9 +79,12 @@ class Plan:
 
 
 def _param_groups(model: ModelConfig) -> dict:
-  """{"vocab", "dense", "experts", "total", "activated", "non_embedding", "layer_dense", "layer_experts"}."""
+  """{"vocab", "dense", "experts", "total", "activated", "non_embedding", "layer_dense", "layer_experts"}.
+
+  "activated" is per token and non-embedding, as the MiniMax-01 paper counts it (45.9B of 456B).
+  """
   c = count_params(model)
-  total, activated, non_emb, vocab = c["total"], c["activated"], c["non_embedding"], c["embedding"]
+  total, activated, non_emb, vocab = c["total"], c["non_embedding_activated"], c["non_embedding"], c["embedding"]
   experts = c["ffn"] if model.is_moe else 0
   dense = total - vocab - experts
   return {"vocab": vocab, "dense": dense, "experts": experts, "total": total, "activated": activated,
@@ -203,7 +206,7 @@ def format_plan(plan: Plan) -> str:
       f"{c.model.num_experts if c.model.is_moe else 0} experts (top-{c.model.num_experts_per_tok}), "
       f"context {c.data.seq_len}, batch {c.train.batch_size} x {c.data.seq_len} = {plan.tokens_per_step:,} tokens",
       f"parameters: {plan.params_total / 1e9:.2f}B total, {plan.params_activated / 1e9:.2f}B activated per token "
-      f"(embedding and LM head included), {plan.params_non_embedding / 1e9:.2f}B non-embedding",
+      f"(non-embedding, as the paper counts), {plan.params_non_embedding / 1e9:.2f}B non-embedding",
       f"layout (config): {plan.layout}",
       f"micro-batch: {plan.micro_batch_rows} sequence(s) per data replica (grad_accum={c.train.grad_accum}), "
       f"{plan.tokens_per_device:,} tokens per device; remat={c.model.remat}, "
@@ -261,50 +264,6 @@ def reduced_config(config: Config, num_layers: int, *, batch_rows: int = 1, seq_
   return dataclasses.replace(config, model=model, data=data, train=train, parallel=ParallelConfig())
 
 
-def dry_run(config: Config, *, num_layers: int = 2, batch_rows: int = 1, seq_len: Optional[int] = None,
-            include_grad_only: bool = True) -> DryRun:
-  """Lowers and compiles the train step of `reduced_config(...)` from abstract inputs; returns its memory analysis."""
-  import time
-
-  import jax
-  import jax.numpy as jnp
-
-  from mx01 import model as model_lib
-  from mx01 import training
-
-  small = reduced_config(config, num_layers, batch_rows=batch_rows, seq_len=seq_len)
-  optimizer, _ = training.make_optimizer(small.train)
-  step = training.make_train_step(small.model, optimizer, skip_nonfinite=True)
-  params = model_lib.abstract_params(small.model)
-  opt_state = jax.eval_shape(optimizer.init, params)
-  row = small.data.seq_len + 1
-  batch = {"tokens": jax.ShapeDtypeStruct((batch_rows, row), jnp.int32),
-           "segment_ids": jax.ShapeDtypeStruct((batch_rows, row), jnp.int32)}
-  t0 = time.time()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-  compile_s = time.time() - t0
-  ma = compiled.memory_analysis()
-  grad_only_temp = None
-  if include_grad_only:  # forward + backward without the optimizer: temporaries = gradients + activations
-    grad_fn = jax.grad(lambda p, b: training.loss_fn(p, b, config=small.model)[0])
-    grad_only_temp = int(getattr(jax.jit(grad_fn).lower(params, batch).compile().memory_analysis(),
-                                 "temp_size_in_bytes", 0))
-  groups = _param_groups(small.model)
-  mem = _plan_memory(small, small.parallel, groups)
-  return DryRun(
-      num_layers=num_layers, layer_types=small.model.resolved_layer_types, seq_len=small.data.seq_len,
-      batch_rows=batch_rows, compile_s=compile_s,
-      argument_bytes=int(getattr(ma, "argument_size_in_bytes", 0)),
-      output_bytes=int(getattr(ma, "output_size_in_bytes", 0)),
-      temp_bytes=int(getattr(ma, "temp_size_in_bytes", 0)),
-      alias_bytes=int(getattr(ma, "alias_size_in_bytes", 0)), grad_only_temp_bytes=grad_only_temp,
-      plan_param_bytes=mem["param_bytes"], plan_grad_bytes=mem["grad_bytes"],
-      plan_optimizer_bytes=mem["optimizer_bytes"],
-      plan_activation_bytes=mem["activation_bytes"],
-      notes=(f"unsharded single-device step on {jax.devices()[0].platform} (mx01/parallel has no sharded "
-             "train step yet); XLA reference attention paths"))
-
-
 def format_dry_run(d: DryRun) -> str:
   kinds = ", ".join(d.layer_types)
   return "\n".join([
@@ -325,41 +284,37 @@ def format_dry_run(d: DryRun) -> str:
   ])
 
 
-def sharded_dry_run(config: Config, *, num_layers: int = 2, seq_len: Optional[int] = None) -> DryRun:
-  """Compiles `mx01.parallel.step.make_sharded_train_step` at reduced depth on the config's full mesh.
+def dry_run(config: Config, *, num_layers: Optional[int] = None, seq_len: Optional[int] = None) -> DryRun:
+  """Compiles the real train step (`mx01.training.make_train_step`) on the config's mesh; nothing is allocated.
 
-  Needs config.parallel.num_devices devices: on a CPU host, start Python with
-  XLA_FLAGS=--xla_force_host_platform_device_count=N (the CLI's
-  --dry_run_sharded does).  Inputs are ShapeDtypeStructs carrying the rules'
-  shardings, so nothing is allocated; memory_analysis() is per device.  Slow:
-  about 6 minutes for hybrid_456b at 2 layers on 64 emulated CPU devices.
+  num_layers None = full depth.  Needs config.parallel.num_devices devices: on a CPU host, start Python
+  with XLA_FLAGS=--xla_force_host_platform_device_count=N (the CLI's --dry_run does).  Inputs are
+  ShapeDtypeStructs carrying the rules' shardings; memory_analysis() is per device.
   """
   import time
 
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding
 
-  from mx01 import model as model_lib
   from mx01 import training
   from mx01.parallel import mesh as mesh_lib
-  from mx01.parallel import rules
-  from mx01.parallel import step as step_lib
 
   n = config.parallel.num_devices
+  num_layers = config.model.num_layers if num_layers is None else num_layers
   rows = max(1, config.train.batch_size // max(config.train.grad_accum, 1))
   small = reduced_config(config, num_layers, batch_rows=rows, seq_len=seq_len)
   small = dataclasses.replace(small, parallel=config.parallel)
+  mesh_lib.validate_layout(small.parallel, small.model, seq_len=small.data.seq_len, batch_size=rows)
   pmesh = mesh_lib.build_mesh(small.parallel, jax.devices()[:n])
   optimizer, _ = training.make_optimizer(small.train)
-  params = model_lib.abstract_params(small.model)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
-                        rules.param_shardings(params, pmesh))
-  opt_state = jax.eval_shape(jax.jit(optimizer.init), params)
-  batch_sharding = NamedSharding(pmesh.mesh, rules.batch_spec(pmesh))
+  abstract = jax.eval_shape(lambda k: training.init_train_state(small.model, optimizer, k, k), jax.random.key(0))
+  shardings = training.state_shardings(abstract, optimizer, pmesh)
+  params, opt_state = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract[k], shardings[k]) for k in ("params", "opt_state"))
+  batch_sharding = pmesh.sharding("data", None)
   batch = {k: jax.ShapeDtypeStruct((rows, small.data.seq_len + 1), jnp.int32, sharding=batch_sharding)
            for k in ("tokens", "segment_ids")}
-  step = step_lib.make_sharded_train_step(small, pmesh, optimizer)
+  step = jax.jit(training.make_train_step(small.model, pmesh, optimizer, skip_nonfinite=True), donate_argnums=(0, 1))
   t0 = time.time()
   ma = step.lower(params, opt_state, batch).compile().memory_analysis()
   compile_s = time.time() - t0
@@ -371,5 +326,5 @@ def sharded_dry_run(config: Config, *, num_layers: int = 2, seq_len: Optional[in
       alias_bytes=int(ma.alias_size_in_bytes), grad_only_temp_bytes=None,
       plan_param_bytes=plan["param_bytes"], plan_grad_bytes=plan["grad_bytes"],
       plan_optimizer_bytes=plan["optimizer_bytes"], plan_activation_bytes=plan["activation_bytes"],
-      notes=(f"sharded step (mx01/parallel/step.py) on {n} {jax.devices()[0].platform} devices, "
+      notes=(f"the train step (mx01/training.py) on {n} {jax.devices()[0].platform} devices, "
              f"per-device figures; {_layout(small.parallel)}"))

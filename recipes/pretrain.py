@@ -4,7 +4,7 @@
     python -m recipes.pretrain --config=hybrid_moe_100m --config.train.steps=500 --config.data.source=texts/
     python -m recipes.pretrain --config=tiny --resume            # continue from the latest checkpoint
     python -m recipes.pretrain --config=hybrid_456b              # prints the memory / layout plan
-    python -m recipes.pretrain --config=hybrid_456b --dry_run    # ... and compiles the step at reduced depth
+    python -m recipes.pretrain --config=hybrid_456b --dry_run    # ... and compiles the sharded step, 80 layers
     python -m recipes.pretrain --help                            # flags and presets
 
 Writes to config.train.run_dir:
@@ -69,8 +69,28 @@ def _mfu(tokens_per_sec_per_device: float, config: Config, peak: Optional[float]
   return flops_lib.mfu(tokens_per_sec_per_device, config.model, config.data.seq_len, peak)
 
 
-def _prepare_run_dir(config: Config, *, resume: bool, overwrite: bool) -> pathlib.Path:
+def state_bytes_per_device(state) -> int:
+  """The largest, over this process's devices, bytes of parameter + optimizer-state shards held on one device."""
+  import jax
+  per_device: dict = {}
+  for leaf in jax.tree.leaves((state["params"], state["opt_state"])):
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return max(per_device.values()) if per_device else 0
+
+
+def _sync(name: str) -> None:
+  """Barrier across processes (no-op with one)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _prepare_run_dir(config: Config, *, resume: bool, overwrite: bool, write: bool = True) -> pathlib.Path:
   run_dir = pathlib.Path(config.train.run_dir)
+  if not write:  # another process prepares the (shared) directory
+    return run_dir
   ckpt_dir = run_dir / "checkpoints"
   has_checkpoints = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   if has_checkpoints and not resume:
@@ -93,7 +113,13 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
 
   Returns {"final_train_loss", "eval_loss", "n_params" (non-embedding), "n_params_total",
   "tokens_seen", "wall_time_s", "tokens_per_sec", "mfu" (None on CPU), "steps",
-  "nonfinite_steps", "run_dir"}.  tokens are input positions (batch_size * seq_len per step).
+  "nonfinite_steps", "run_dir"}.  tokens are input positions (batch_size * seq_len per step).  Also "mesh" (logical axis -> size) and
+  "state_bytes_per_device" (the largest, over local devices, bytes of parameter + optimizer-state shards).
+
+  The model runs on the mesh of config.parallel over the first data*sequence*tensor devices, parameters
+  and optimizer state placed by the rules table (mx01/parallel/rules.py), each device fed its rows.
+  Under several processes (jax.distributed) every process calls `train`; only process 0 prints and
+  writes metrics, TensorBoard and summary.json.
 
   resume=True continues from the latest valid checkpoint in train.run_dir
   (bit-for-bit: same parameters, same data order) or starts fresh if there is
@@ -114,17 +140,31 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   from mx01.params import count_params
 
   tc, dc = config.train, config.data
+  from mx01.parallel import mesh as mesh_lib
   devices = list(devices) if devices is not None else jax.devices()
-  if config.parallel.num_devices > len(devices):
+  n_needed = config.parallel.num_devices
+  if n_needed > len(devices):
     raise InsufficientDevicesError(
-        f"parallel mesh data*tensor*sequence = {config.parallel.num_devices} devices, but {len(devices)} "
+        f"parallel mesh data*tensor*sequence = {n_needed} devices, but {len(devices)} "
         "are attached; see `python -m recipes.pretrain --config=... --plan`")
-  run_dir = _prepare_run_dir(config, resume=resume, overwrite=overwrite)
+  if jax.process_count() > 1 and n_needed != len(devices):
+    raise ConfigError(f"parallel: data*tensor*sequence = {n_needed} but the {jax.process_count()} processes hold "
+                      f"{len(devices)} devices; a multi-host mesh spans every device")
+  if jax.process_count() > 1 and config.parallel.data % jax.process_count():
+    raise ConfigError(f"parallel.data={config.parallel.data} must be a multiple of the {jax.process_count()} "
+                      "processes (each host feeds its own rows of the batch)")
+  # The layout must divide the model and the batch before anything is allocated.
+  mesh_lib.validate_layout(config.parallel, config.model, seq_len=dc.seq_len,
+                           batch_size=tc.batch_size // max(tc.grad_accum, 1))
+  pmesh = mesh_lib.build_mesh(config.parallel, devices[:n_needed])
+  is_main = jax.process_index() == 0
+  if not is_main:
+    log = lambda _: None  # noqa: E731  (only process 0 prints, writes metrics and TensorBoard)
+  run_dir = _prepare_run_dir(config, resume=resume, overwrite=overwrite, write=is_main)
+  _sync("run_dir")
 
-  # Data parallelism over the attached devices (parameters replicated, batch split) when the batch divides.
-  n_dp = len(devices) if tc.batch_size % len(devices) == 0 else 1
-  mesh = Mesh(np.asarray(devices[:n_dp]), ("data",))
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(pmesh.mesh, P())
+  batch_sharding = pmesh.sharding("data", None)  # rows over data; each process feeds its own rows
 
   data = DataPipeline(config)
   optimizer, schedule = training.make_optimizer(tc)
@@ -135,12 +175,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
     return training.init_train_state(config.model, optimizer, k, run_key)
 
   abstract = jax.eval_shape(make_state, init_key)
-  state_shardings = jax.tree.map(lambda _: replicated, abstract)
+  state_shardings = training.state_shardings(abstract, optimizer, pmesh)
   init_state = jax.jit(make_state, out_shardings=state_shardings)
 
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config, keep=tc.keep_checkpoints,
                                async_save=tc.async_checkpointing, log=log)
-  writer = metrics_lib.MetricsWriter(run_dir, tensorboard=tc.tensorboard)
+  writer = (metrics_lib.MetricsWriter(run_dir, tensorboard=tc.tensorboard) if is_main else metrics_lib.NullWriter())
   start_step, data_state, state = 0, None, None
   if resume:
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -155,16 +195,28 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   if state is None:
     state = init_state(init_key)
 
+  mesh_sizes = dict(pmesh.mesh.shape) if pmesh.all_axes else {}
+  mesh_report = {name: getattr(config.parallel, name) for name in
+                 ("data", "sequence", "tensor", "expert", "expert_tensor")}
+  mesh_report["expert_data"] = config.parallel.expert_data
+  bytes_per_device = state_bytes_per_device(state)
   counts = count_params(config.model)
   n_params, n_params_total = counts["non_embedding"], counts["total"]
   tokens_per_step = tc.batch_size * dc.seq_len
   peak = _peak_flops_per_device()
+  log(f"mesh {mesh_report} (fsdp={config.parallel.fsdp}; physical axes {mesh_sizes or 'none'}) over "
+      f"{n_needed} {devices[0].platform} device(s) in {jax.process_count()} process(es); "
+      f"state {bytes_per_device / 2**20:.2f} MiB per device")
+  if n_needed < len(devices):
+    log(f"note: the mesh uses {n_needed} of the {len(devices)} attached devices; set parallel.data (or another "
+        "axis) to use them all")
   log(f"{config.model.num_layers} layers, {n_params:,} non-embedding parameters ({n_params_total:,} total), "
-      f"{tc.batch_size} x {dc.seq_len} tokens per step, {n_dp} device(s) [{devices[0].platform}], "
+      f"{tc.batch_size} x {dc.seq_len} tokens per step, "
       f"{data.num_train_documents} train / {data.num_eval_documents} held-out documents, run_dir={run_dir}")
 
-  train_step = training.make_train_step(config.model, optimizer, grad_accum=tc.grad_accum, skip_nonfinite=True)
-  eval_step = jax.jit(training.make_eval_step(config.model))
+  train_step = training.make_train_step(config.model, pmesh, optimizer, grad_accum=tc.grad_accum,
+                                        skip_nonfinite=True)
+  eval_step = jax.jit(training.make_eval_step(config.model, pmesh))
 
   def step_fn(state, batch):
     params, opt_state, metrics = train_step(state["params"], state["opt_state"], batch)
@@ -236,7 +288,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
         now = time.time()
         if step > window_start_step:
           tokens_per_sec = (step - window_start_step) * tokens_per_step / (now - window_start_time)
-          mfu = _mfu(tokens_per_sec / n_dp, config, peak)
+          mfu = _mfu(tokens_per_sec / n_needed, config, peak)
         eta = (tc.steps - step) * tokens_per_step / tokens_per_sec if tokens_per_sec else None
         window = {"tokens_per_sec": tokens_per_sec, "mfu": mfu, "packing_efficiency": packing,
                   "tokens_seen": step * tokens_per_step, "elapsed_s": now - t_start}
@@ -277,9 +329,47 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
       "start_step": start_step,
       "nonfinite_steps": nonfinite_total,
       "run_dir": str(run_dir),
+      "mesh": mesh_report,
+      "state_bytes_per_device": bytes_per_device,
+      "processes": jax.process_count(),
   }
-  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if is_main:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+# Environment variables by which jax's cluster detection (jax.distributed.initialize() without arguments)
+# recognises a multi-process launch.
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _init_distributed(args) -> None:
+  """jax's multi-controller runtime: from the flags, else from what jax detects (SLURM, Open MPI, ...).
+
+  One process (no flags, no cluster environment, or a one-task SLURM job) starts nothing.
+  """
+  import os
+  given = [args.coordinator_address, args.num_processes, args.process_id]
+  if any(v is not None for v in given) and not all(v is not None for v in given):
+    raise ConfigError("--coordinator_address, --num_processes and --process_id go together: give all three "
+                      "(or none, to let jax detect SLURM / Open MPI / JAX_COORDINATOR_ADDRESS)")
+  detected = any(os.environ.get(k) for k in _CLUSTER_ENV)
+  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1 \
+      and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    detected = False  # a single-task SLURM job (e.g. an interactive shell) is one process
+  if given[0] is None and not detected:
+    return
+  import jax
+  # CPU collectives across processes go through gloo (GPUs use NCCL regardless).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if given[0] is not None:
+    if not 0 <= args.process_id < args.num_processes:
+      raise ConfigError(f"--process_id={args.process_id} must be in 0 .. --num_processes-1 = {args.num_processes - 1}")
+    jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -290,12 +380,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--plan", action="store_true",
                       help="print the memory / parallel-layout plan for the config and exit")
   parser.add_argument("--dry_run", action="store_true",
-                      help="print the plan, then lower and compile the train step at reduced depth and "
-                           "report the compiler's memory estimate; trains nothing")
-  parser.add_argument("--dry_run_sharded", action="store_true",
-                      help="with --dry_run: compile the sharded step of mx01/parallel on the config's full mesh "
-                           "(emulated CPU devices when no accelerators; slow, minutes)")
-  parser.add_argument("--dry_run_layers", type=int, default=2, help="decoder layers compiled by --dry_run")
+                      help="print the plan, then lower and compile the real sharded train step on the config's "
+                           "mesh (emulated CPU devices when no accelerators) and print XLA's per-device memory "
+                           "beside the plan's; trains nothing")
+  parser.add_argument("--dry_run_layers", type=int, default=None,
+                      help="decoder layers compiled by --dry_run (default: the model's full depth)")
+  parser.add_argument("--coordinator_address", metavar="HOST:PORT",
+                      help="multi-host: address of process 0's coordinator (with --num_processes, --process_id); "
+                           "without these flags jax detects SLURM, Open MPI or JAX_COORDINATOR_ADDRESS by itself")
+  parser.add_argument("--num_processes", type=int, help="multi-host: the number of processes")
+  parser.add_argument("--process_id", type=int, help="multi-host: this process's index, 0 .. num_processes - 1")
   parser.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU for the plan")
   parser.add_argument("--assumed_mfu", type=float, default=0.4, help="MFU the plan's step time assumes")
   try:
@@ -304,10 +398,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
 
-  if args.dry_run and args.dry_run_sharded and "jax" not in sys.modules:
+  if args.dry_run and "jax" not in sys.modules:
     import os
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                                f"{config.parallel.num_devices}")
+  try:
+    _init_distributed(args)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
   import jax
   from recipes import plan as plan_lib
   n_devices = jax.device_count()
@@ -316,8 +415,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(plan_lib.format_plan(plan))
     if args.dry_run:
       print(plan_lib.format_dry_run(plan_lib.dry_run(config, num_layers=args.dry_run_layers)))
-      if args.dry_run_sharded:
-        print(plan_lib.format_dry_run(plan_lib.sharded_dry_run(config, num_layers=args.dry_run_layers)))
     if config.parallel.num_devices > n_devices and not (args.plan or args.dry_run):
       print(f"\nNot started: this config's mesh needs {config.parallel.num_devices} devices "
             f"(parallel.data*tensor*sequence) and the plan above needs {plan.devices_needed} GPUs of "
@@ -328,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   from mx01 import checkpoint as ckpt_lib
   try:
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
-  except (RunExistsError, InsufficientDevicesError) as e:
+  except (RunExistsError, InsufficientDevicesError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
   except NonFiniteError as e:

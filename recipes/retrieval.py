@@ -141,16 +141,11 @@ def default_init_std(hidden: int) -> float:
   return float(hidden) ** -0.5
 
 
-def masked_loss(params, batch, *, config: ModelConfig):
-  """Cross-entropy and accuracy on answer tokens only: (loss, accuracy)."""
-  tokens = batch["tokens"]
-  logits, _ = model_lib.apply(params, tokens[:, :-1], config=config)
-  targets = tokens[:, 1:]
-  m = batch["loss_mask"].astype(jnp.float32)
-  nll_sum, count = training.cross_entropy(logits, targets, m)
-  count = jnp.maximum(count, 1.0)
-  acc = jnp.sum((jnp.argmax(logits, -1) == targets) * m) / count
-  return nll_sum / count, acc
+def answer_loss(logits, targets, mask):
+  """The train step's token loss (`training.TokenLoss`): cross-entropy on answer tokens (batch["loss_mask"]),
+  with the count of correct answers so that metrics["accuracy"] is the answer accuracy."""
+  nll_sum, count = training.cross_entropy(logits, targets, mask)
+  return nll_sum, count, {"accuracy": jnp.sum((jnp.argmax(logits, -1) == targets) & mask).astype(jnp.float32)}
 
 
 def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int, lr: float, vocab_size: int,
@@ -170,11 +165,11 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   opt_state = optimizer.init(params)
 
+  train_step = training.make_train_step(cfg, None, optimizer, loss_fn=answer_loss)
+
   def one_step(carry, batch):
-    params, opt_state = carry
-    (loss, acc), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, batch, config=cfg)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+    params, opt_state, metrics = train_step(*carry, batch)
+    return (params, opt_state), (metrics["loss"], metrics["accuracy"])
 
   # `steps_per_call` steps per jitted call (a scan over stacked batches): a tiny model's step is
   # shorter than the launch overhead of a call, so one call per step leaves the GPU mostly idle.
@@ -183,7 +178,8 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
     (params, opt_state), (losses, accs) = jax.lax.scan(one_step, (params, opt_state), batches)
     return params, opt_state, losses[-1], accs[-1]
 
-  eval_fn = jax.jit(lambda p, b: masked_loss(p, b, config=cfg))
+  loss_of = training.make_loss(cfg, training.trivial_mesh(), loss_fn=answer_loss)
+  eval_fn = jax.jit(lambda p, b: loss_of(p, b)[1]["accuracy"])
   train_rng = np.random.default_rng(seed)
   t0 = time.perf_counter()
   loss = acc = float("nan")
@@ -206,7 +202,7 @@ def train_one(kind: str, size: str, seq_len: int, *, steps: int, batch_size: int
   train_s = time.perf_counter() - t0
   eval_rng = np.random.default_rng(10_000 + seed)
   accs = [float(eval_fn(params, {k: jnp.asarray(v) for k, v in mqar_batch(eval_rng, batch_size, seq_len, pairs,
-                                                                            vocab_size).items()})[1])
+                                                                            vocab_size).items()}))
           for _ in range(eval_batches)]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return {"kind": kind, "size": size, "params": n_params, "seq_len": seq_len, "num_pairs": pairs, "steps": steps,

@@ -6,17 +6,20 @@
     state = it.get_state()                  # JSON-serialisable; it.set_state(state) resumes exactly
     eval_batches = data.eval_batches()      # a fixed list of held-out batches
 
-Train pipeline (grain):
+Train pipeline (grain): row r of every global batch (r < train.batch_size) comes from its own stream
 
-    MapDataset.source(train documents of this host)   # documents process_index::process_count
-      .shuffle(seed).repeat()                          # reshuffled every epoch
+    MapDataset.source(train documents r::batch_size)  # row r's documents
+      .shuffle(seed_r).repeat()                        # reshuffled every epoch
       .map(tokenize)
       .to_iter_dataset()
     PackedRowsIterDataset(row_len = seq_len + 1)       # concatenation, no padding
-      .batch(per-host batch)
-    ThreadPrefetchIterDataset(prefetch)                # background thread
 
-b is the per-host batch, train.batch_size / jax.process_count().
+and a host reads only the streams of its rows, process_index * b .. (process_index + 1) * b - 1, stacked
+into its batch (then ThreadPrefetchIterDataset(prefetch), a background thread).  b is the per-host batch,
+train.batch_size / jax.process_count().  The global batch is thus the same whatever the number of hosts
+and the parallel layout: a run on 2 hosts sees the data of a run on 1, and resumes onto another layout
+continue the same stream.  The iterator state is {"rows": {r: row r's state}}; a host restores its rows
+from the merged states of every host (see mx01/checkpoint.py).
 
 Unusable data raises `DataError` (a ConfigError) on construction, before any
 training: a missing path, no documents, only empty documents in the train or the
@@ -52,6 +55,41 @@ def _process_index_count() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+class _RowStreamsIterator(grain.DatasetIterator):
+  """Stacks one row from each row stream into a batch; state {"rows": {str(global row): stream state}}."""
+
+  def __init__(self, streams: dict[int, grain.DatasetIterator]):
+    super().__init__(list(streams.values()))
+    self._streams = streams
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return stack_rows([next(it) for it in self._streams.values()])
+
+  def get_state(self) -> dict:
+    return {"rows": {str(r): it.get_state() for r, it in self._streams.items()}}
+
+  def set_state(self, state: dict) -> None:
+    rows = state.get("rows", {}) if isinstance(state, dict) else {}
+    missing = [r for r in self._streams if str(r) not in rows]
+    if missing:
+      raise ValueError(f"data iterator state has no state for rows {missing[:4]}... (a checkpoint of another "
+                       "train.batch_size or data pipeline); resume with the same data and batch configuration")
+    for r, it in self._streams.items():
+      it.set_state(rows[str(r)])
+
+
+class _RowStreams(grain.IterDataset):
+  def __init__(self, streams: dict[int, grain.IterDataset]):
+    super().__init__(list(streams.values()))
+    self._row_streams = streams
+
+  def __iter__(self) -> _RowStreamsIterator:
+    return _RowStreamsIterator({r: ds.__iter__() for r, ds in self._row_streams.items()})
+
+  def __str__(self) -> str:
+    return f"_RowStreams(rows={list(self._row_streams)[:1]}..{list(self._row_streams)[-1:]})"
+
+
 class DataPipeline:
   """Source, split, tokenizer and the train / eval pipelines of a Config."""
 
@@ -75,13 +113,16 @@ class DataPipeline:
     self.skipped_records: tuple[str, ...] = getattr(self.source, "skipped", ())  # "file:line" of each
     train_idx, eval_idx = sources_lib.split_indices(self.source, dc.eval_fraction)
     self.num_train_documents, self.num_eval_documents = len(train_idx), len(eval_idx)
-    host_train = train_idx[process_index::process_count]
-    if len(host_train) == 0:
-      raise sources_lib.DataError(f"data.source: host {process_index} of {process_count} has no training documents")
-    self.train_source = sources_lib.SubsetSource(self.source, host_train)
+    batch = config.train.batch_size
+    if len(train_idx) < batch:
+      raise sources_lib.DataError(f"data.source: {len(train_idx)} training documents for train.batch_size={batch} rows; "
+                        "every row streams its own documents: use a larger corpus or a smaller batch")
+    self.host_rows = range(process_index * self.host_batch_size, (process_index + 1) * self.host_batch_size)
+    self.row_sources = {r: sources_lib.SubsetSource(self.source, train_idx[r::batch]) for r in self.host_rows}
     self.eval_source = (sources_lib.SubsetSource(self.source, eval_idx[process_index::process_count])
                         if len(eval_idx) >= process_count else None)
-    self._require_tokens(self.train_source, "training")
+    for r in self.host_rows:  # a row whose documents are all empty could never be packed
+      self._require_tokens(self.row_sources[r], "training")
     if self.eval_source is not None:
       self._require_tokens(self.eval_source, "held-out")
     self.row_len = dc.seq_len + 1
@@ -99,22 +140,22 @@ class DataPipeline:
 
   # ---- pipelines -------------------------------------------------------------
 
-  def _rows(self, source, *, shuffle_seed: Optional[int], repeat: bool) -> grain.IterDataset:
+  def _rows(self, source, *, shuffle_seed: Optional[int], repeat: bool, threads: int = 2) -> grain.IterDataset:
     ds = grain.MapDataset.source(source)
     if shuffle_seed is not None:
       ds = ds.shuffle(seed=shuffle_seed)
     if repeat:
       ds = ds.repeat()
     ds = ds.map(_Tokenize(self.tokenizer))
-    # A few threads read and tokenize ahead; the result is deterministic.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=32))
+    # Threads read and tokenize ahead; the result is deterministic.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads))
     return PackedRowsIterDataset(it, self.row_len)
 
   def train_dataset(self) -> grain.IterDataset:
     """Infinite stream of per-host batches {"tokens": [b, L+1], "segment_ids": [b, L+1]} int32."""
-    seed = self.config.data.shuffle_seed + 1_000_003 * self.process_index
-    ds = self._rows(self.train_source, shuffle_seed=seed, repeat=True)
-    ds = ds.batch(self.host_batch_size, drop_remainder=True, batch_fn=stack_rows)
+    seed = self.config.data.shuffle_seed
+    ds = _RowStreams({r: self._rows(src, shuffle_seed=seed + 1_000_003 * r, repeat=True, threads=1)
+                      for r, src in self.row_sources.items()})
     if self.config.data.prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.config.data.prefetch)
     return ds

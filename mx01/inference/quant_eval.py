@@ -63,7 +63,7 @@ def train(config, corpus: np.ndarray, *, steps: int, batch_size: int, seq_len: i
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr * 0.1)
   optimizer = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1)
   opt_state = optimizer.init(params)
-  step_fn = jax.jit(training.make_train_step(config, optimizer))
+  step_fn = jax.jit(training.make_train_step(config, None, optimizer))
   rng = np.random.default_rng(seed)
   t0 = time.perf_counter()
   for step in range(steps):

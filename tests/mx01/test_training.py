@@ -1,4 +1,4 @@
-"""Optimizer, weight-decay mask, gradient accumulation and non-finite skipping of mx01.training."""
+"""Optimizer, weight-decay mask, gradient accumulation and non-finite skipping of mx01.training (one device)."""
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,8 @@ def test_grad_accumulation_matches_full_batch():
   params = model_lib.init(cfg.model, jax.random.key(0))
   opt, _ = training.make_optimizer(cfg.train)
   batch = _batch(cfg)
-  full = jax.jit(training.make_train_step(cfg.model, opt))(params, opt.init(params), batch)
-  acc = jax.jit(training.make_train_step(cfg.model, opt, grad_accum=2))(params, opt.init(params), batch)
+  full = jax.jit(training.make_train_step(cfg.model, None, opt))(params, opt.init(params), batch)
+  acc = jax.jit(training.make_train_step(cfg.model, None, opt, grad_accum=2))(params, opt.init(params), batch)
   # Equal token counts per micro-batch: the mean of means is the full-batch mean.
   np.testing.assert_allclose(full[2]["loss"], acc[2]["loss"], rtol=1e-5)
   np.testing.assert_allclose(full[2]["grad_norm"], acc[2]["grad_norm"], rtol=1e-4)
@@ -69,7 +69,7 @@ def test_nonfinite_update_is_skipped():
   cfg = _small()
   params = model_lib.init(cfg.model, jax.random.key(0))
   opt, _ = training.make_optimizer(cfg.train)
-  step = jax.jit(training.make_train_step(cfg.model, opt, skip_nonfinite=True))
+  step = jax.jit(training.make_train_step(cfg.model, None, opt, skip_nonfinite=True))
   state = opt.init(params)
   bad = jax.tree.map(lambda x: x, params)
   bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
@@ -82,11 +82,11 @@ def test_nonfinite_update_is_skipped():
   assert float(metrics["expert_load_max_over_mean"]) >= 1.0
 
 
-def test_legacy_signature_still_works():
+def test_train_step_with_a_plain_optax_optimizer():
   cfg = _small()
   params = model_lib.init(cfg.model, jax.random.key(0))
   opt = optax.adamw(1e-3)
-  p, s, m = jax.jit(training.make_train_step(cfg.model, opt))(params, opt.init(params), _batch(cfg))
+  p, s, m = jax.jit(training.make_train_step(cfg.model, None, opt))(params, opt.init(params), _batch(cfg))
   assert set(m) >= {"loss", "aux_loss", "tokens", "total_loss", "grad_norm"}
 
 

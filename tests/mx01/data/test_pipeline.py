@@ -126,13 +126,22 @@ def test_pipeline_batches_hosts_and_resume(tmp_path):
   for a in after:
     np.testing.assert_array_equal(a["tokens"], next(it2)["tokens"])
   it.close(), it2.close()
-  # Two hosts see disjoint documents, half the batch each.
+  # Two hosts read disjoint documents, half the batch each, and together the one-host batches.
   h0 = DataPipeline(cfg, process_index=0, process_count=2)
   h1 = DataPipeline(cfg, process_index=1, process_count=2)
   assert h0.host_batch_size == 2
-  k0 = {h0.train_source.key(i) for i in range(len(h0.train_source))}
-  k1 = {h1.train_source.key(i) for i in range(len(h1.train_source))}
+  keys = lambda h: {s.key(i) for s in h.row_sources.values() for i in range(len(s))}  # noqa: E731
+  k0, k1 = keys(h0), keys(h1)
   assert not k0 & k1 and len(k0 | k1) == data.num_train_documents
+  one, i0, i1 = data.train_iterator(), h0.train_iterator(), h1.train_iterator()
+  for _ in range(3):
+    whole, a, b = next(one), next(i0), next(i1)
+    for k in ("tokens", "segment_ids"):
+      np.testing.assert_array_equal(whole[k], np.concatenate([a[k], b[k]]))
+  # A host resumes from the merged states of the hosts of another run (here: one host's state).
+  i1b = h1.train_iterator(one.get_state())
+  np.testing.assert_array_equal(next(i1b)["tokens"], next(one)["tokens"][2:])
+  one.close(), i0.close(), i1.close(), i1b.close()
   held = {data.eval_source.key(i) for i in range(len(data.eval_source))}
   assert not held & (k0 | k1)
   ev = data.eval_batches(2)

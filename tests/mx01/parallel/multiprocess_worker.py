@@ -18,10 +18,9 @@ import optax  # noqa: E402
 
 from mx01 import model as model_lib  # noqa: E402
 from mx01 import training  # noqa: E402
-from mx01.config import Config, DataConfig, ParallelConfig  # noqa: E402
+from mx01.config import ParallelConfig  # noqa: E402
 from mx01.parallel import mesh as mesh_lib  # noqa: E402
 from mx01.parallel import rules  # noqa: E402
-from mx01.parallel import step as step_lib  # noqa: E402
 from tests.mx01.parallel.util import packed_batch, tiny_config  # noqa: E402
 
 
@@ -36,7 +35,6 @@ def main():
   assert jax.device_count() == 8 and jax.local_device_count() == 4, (jax.device_count(), jax.local_device_count())
   cfg = tiny_config()
   parallel = ParallelConfig(data=2, sequence=2, tensor=2, expert=2, expert_tensor=2)
-  config = Config(model=cfg, parallel=parallel, data=DataConfig(seq_len=16))
   optimizer = optax.sgd(0.1)
   params = jax.device_get(model_lib.init(cfg, jax.random.key(0)))
   batch = jax.device_get(packed_batch(jax.random.key(1), cfg, 4, 16))
@@ -50,7 +48,7 @@ def main():
   replicated = jax.sharding.NamedSharding(pm.mesh, jax.sharding.PartitionSpec())
   global_batch = jax.tree.map(lambda x: global_array(x, replicated), batch)
   opt_state = jax.jit(optimizer.init)(sharded)
-  step = step_lib.make_sharded_train_step(config, pm, optimizer)
+  step = jax.jit(training.make_train_step(cfg, pm, optimizer))
   _, _, metrics = step(sharded, opt_state, global_batch)
   loss = float(np.asarray(metrics["total_loss"].addressable_data(0)))
   print(f"RESULT {loss:.7f} {float(ref_loss):.7f}", flush=True)

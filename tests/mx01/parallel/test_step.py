@@ -1,4 +1,5 @@
-"""The whole model on the mesh == the single-device model: forward, loss, aux loss, gradients, optimizer step."""
+"""The whole model on the mesh == the single-device model: forward, loss, aux loss, gradients, the train step
+(with gradient accumulation, non-finite skipping and the chunked loss)."""
 
 import re
 
@@ -37,7 +38,7 @@ def test_sharded_loss_and_grads_equal_single_device(parallel, capacity_factor):
   (loss_ref, m_ref), g_ref = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg)
 
   pm = mesh_lib.build_mesh(parallel)
-  loss_fn = step_lib.make_sharded_loss(cfg, pm)
+  loss_fn = training.make_loss(cfg, pm)
   (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])) < 1e-5
@@ -69,13 +70,13 @@ def test_sharded_train_step_equals_single_device():
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5, momentum=0.9))
   params = model_lib.init(cfg, jax.random.key(0))
   batch = packed_batch(jax.random.key(3), cfg, B, L)
-  ref_step = jax.jit(training.make_train_step(cfg, optimizer))
+  ref_step = jax.jit(training.make_train_step(cfg, None, optimizer))
   p_ref, _, m_ref = ref_step(params, optimizer.init(params), batch)
 
   pm = mesh_lib.build_mesh(parallel)
   sharded_params = step_lib.shard_params(params, pm)
   opt_state = jax.jit(optimizer.init)(sharded_params)
-  step = step_lib.make_sharded_train_step(config, pm, optimizer)
+  step = jax.jit(training.make_train_step(config.model, pm, optimizer), donate_argnums=(0, 1))
   p_new, opt_state, m = step(sharded_params, opt_state, batch)
   assert abs(float(m["total_loss"]) - float(m_ref["total_loss"])) < 1e-5
   assert abs(float(m["grad_norm"]) - float(m_ref["grad_norm"])) < 1e-5
@@ -103,7 +104,7 @@ def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
   pm = mesh_lib.build_mesh(parallel, devices=jax.devices()[:parallel.num_devices])  # 1 device: every axis size 1
   params = jax.eval_shape(lambda: step_lib.shard_params(model_lib.init(cfg, jax.random.key(0)), pm))
   batch = jax.eval_shape(lambda: packed_batch(jax.random.key(1), cfg, 8, 64))
-  loss_fn = step_lib.make_sharded_loss(cfg, pm)
+  loss_fn = training.make_loss(cfg, pm)
   grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
   try:
     text = grad_fn.trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
@@ -124,7 +125,7 @@ def test_one_device_mesh_equals_single_device(capacity_factor):
   batch = packed_batch(jax.random.key(3), cfg, B, L)
   (loss_ref, m_ref), g_ref = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(), devices=jax.devices()[:1])
-  loss_fn = step_lib.make_sharded_loss(cfg, pm)
+  loss_fn = training.make_loss(cfg, pm)
   (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert max_abs_diff(m["expert_load"], m_ref["expert_load"]) == 0.0
@@ -137,7 +138,7 @@ def test_sharded_loss_takes_rows_without_segment_ids():
   tokens = {"tokens": packed_batch(jax.random.key(3), cfg, B, L)["tokens"]}  # one document per row
   loss_ref, m_ref = training.loss_fn(params, tokens, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(data=4, sequence=2, expert=2))
-  loss, m = jax.jit(step_lib.make_sharded_loss(cfg, pm))(step_lib.shard_params(params, pm), tokens)
+  loss, m = jax.jit(training.make_loss(cfg, pm))(step_lib.shard_params(params, pm), tokens)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert float(m["tokens"]) == float(m_ref["tokens"]) == B * L
 
@@ -155,3 +156,33 @@ def test_sharded_forward_with_scanned_layers_equals_single_device():
   logits, aux = jax.jit(step_lib.make_sharded_apply(cfg, pm))(step_lib.shard_params(params, pm), inputs, seg)
   assert max_abs_diff(logits, logits_ref) < 1e-5 * float(jnp.abs(logits_ref).max())
   assert max_abs_diff(aux["routing_stats"], aux_ref["routing_stats"]) < 1e-4
+
+
+def test_train_step_options_on_a_layout_equal_one_device():
+  # grad_accum, skip_nonfinite and the chunked loss (a chunk that does not divide L) under
+  # data x tensor x expert with FSDP: the same metrics and parameters as on the trivial mesh.
+  import dataclasses
+  cfg = dataclasses.replace(tiny_config(), loss_chunk_size=5)
+  parallel = ParallelConfig(data=2, tensor=2, expert=2, fsdp=True, sequence=2)
+  optimizer = optax.sgd(0.5, momentum=0.9)
+  params = model_lib.init(cfg, jax.random.key(0))
+  batch = packed_batch(jax.random.key(4), cfg, 8, L)
+  results = []
+  for pm in (training.trivial_mesh(), mesh_lib.build_mesh(parallel)):
+    step = jax.jit(training.make_train_step(cfg, pm, optimizer, grad_accum=2, skip_nonfinite=True))
+    p = step_lib.shard_params(params, pm)
+    results.append(step(p, optimizer.init(p), batch))
+  (p_ref, _, m_ref), (p_new, _, m) = results
+  for k in ("loss", "aux_loss", "total_loss", "grad_norm", "expert_load_max_over_mean"):
+    assert abs(float(m[k]) - float(m_ref[k])) < 1e-5 * max(1.0, abs(float(m_ref[k]))), k
+  assert float(m["tokens"]) == float(m_ref["tokens"]) and int(m["nonfinite"]) == 0
+  assert max_abs_diff(p_new, p_ref) < 1e-5
+  # A NaN weight: the update is skipped on the mesh too.
+  pm = mesh_lib.build_mesh(parallel)
+  bad = jax.tree.map(lambda x: x, params)
+  bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
+  bad = step_lib.shard_params(bad, pm)
+  step = jax.jit(training.make_train_step(cfg, pm, optimizer, grad_accum=2, skip_nonfinite=True))
+  new, _, m = step(bad, optimizer.init(bad), batch)
+  assert int(m["nonfinite"]) == 1
+  assert max_abs_diff(jax.tree.map(jnp.nan_to_num, new), jax.tree.map(jnp.nan_to_num, bad)) == 0.0
