@@ -95,14 +95,16 @@ def _evict(files: list[str]) -> None:
 
 
 def _shardings(cfg, expert_parallel: bool):
+  """Experts split over the local devices by the mesh rules (the training layout), or None: one device."""
   if not expert_parallel:
     return None
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from mx01.config import ParallelConfig
+  from mx01.parallel import mesh as mesh_lib, rules
   devices = jax.local_devices()
   if cfg.num_experts % len(devices):
     raise SystemExit(f"--expert-parallel: {cfg.num_experts} experts do not split over {len(devices)} devices")
-  mesh = Mesh(np.array(devices), ("expert",))
-  return jax.tree.map(lambda s: NamedSharding(mesh, P("expert") if s.ndim == 3 else P()), model.abstract_params(cfg))
+  pmesh = mesh_lib.build_mesh(ParallelConfig(data=len(devices), expert=len(devices)), devices)
+  return rules.param_shardings(model.abstract_params(cfg), pmesh)
 
 
 def _check(loaded: dict, cfg) -> None:
@@ -113,8 +115,9 @@ def _check(loaded: dict, cfg) -> None:
       (("layers_0", "moe", "wi_gate"), "model.layers.0.block_sparse_moe.experts.0.w1.weight", True),
       ((f"layers_{last}", "moe", "wo"), f"model.layers.{last}.block_sparse_moe.experts.0.w2.weight", True),
       ((f"layers_{last}", "input_norm", "scale"), f"model.layers.{last}.input_layernorm.weight", False)):
-    got = loaded
-    for k in path:
+    layer = int(path[0].split("_")[1]) if path[0].startswith("layers_") else None
+    got = loaded if layer is None else model.layer_params(loaded, cfg)[layer]
+    for k in path[1:] if layer is not None else path:
       got = got[k]
     got = np.asarray(got[0] if got.ndim == 3 else got)
     shape = got.shape[::-1] if transposed else got.shape

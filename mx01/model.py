@@ -81,6 +81,13 @@ def scan_plan(config: ModelConfig) -> tuple[int, int]:
   return best
 
 
+def _unstack(x, i: int):
+  """Entry i of a stacked leaf (an array or, for abstract params, a ShapeDtypeStruct)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
+
+
 def _stack(*xs):
   return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
@@ -95,7 +102,7 @@ def layer_params(params: dict, config: ModelConfig) -> list:
   for i in range(config.num_layers):
     if i < p * r:
       rep, j = divmod(i, p)
-      out.append(jax.tree.map(lambda x: x[rep], params[SCAN_NAME][f"layer_{j}"]))
+      out.append(jax.tree.map(lambda x: _unstack(x, rep), params[SCAN_NAME][f"layer_{j}"]))
     else:
       out.append(params[f"layers_{i}"])
   return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 
 from mx01.config import LIGHTNING, SOFTMAX, Config, ConfigError, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from pallas_kernels.lightning.config import LightningConfig
 
 # MiniMax-Text-01's layer pattern: 7 lightning layers, then 1 softmax layer, repeated.
 HYBRID_PATTERN = (LIGHTNING,) * 7 + (SOFTMAX,)
@@ -104,6 +105,11 @@ def _research(kind: str, size: str, moe: bool) -> Config:
                                   run_dir=f"runs/{kind}{'_moe' if moe else ''}_{size}"))
 
 
+def _small_block_tiles(block: int) -> LightningConfig:
+  """Kernel tiles of a preset whose lightning block is small: the block itself forward, at most 64 backward."""
+  return LightningConfig(block_size=min(block, 128), bwd_block_size=min(block, 64))
+
+
 def _sweep(kind: str, size: str, moe: bool) -> Config:
   # Byte vocabulary, DeepNorm residual scaling; MoE: 4 experts of half the dense width, top-2 (the same
   # activated FFN size as dense).  The sweep sets the training budget of each grid point (recipes/sweep.py).
@@ -113,8 +119,8 @@ def _sweep(kind: str, size: str, moe: bool) -> Config:
       vocab_size=256, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
       layer_types=layer_types(kind, layers), ffn_type="moe" if moe else "dense",
       intermediate_size=inter // 2 if moe else inter, num_experts=4 if moe else 1,
-      num_experts_per_tok=2 if moe else 1, block_size=32, rotary_dim=hd // 2,
-      lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha)
+      num_experts_per_tok=2 if moe else 1, block_size=32, lightning_kernel=_small_block_tiles(32),
+      rotary_dim=hd // 2, lightning_alpha=alpha, softmax_alpha=alpha, mlp_alpha=alpha)
   return Config(model=model, data=DataConfig(seq_len=128),
                 train=TrainConfig(batch_size=8, learning_rate=3e-3,
                                   run_dir=f"runs/sweep/{kind}_{size}_{'moe' if moe else 'dense'}"))
@@ -141,7 +147,8 @@ def _retrieval(kind: str, size: str) -> Config:
   model = ModelConfig(
       vocab_size=64, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
       layer_types=layer_types(kind, layers), ffn_type="dense", intermediate_size=4 * hidden, num_experts=1,
-      num_experts_per_tok=1, block_size=64, rotary_dim=hd, initializer_range=float(hidden) ** -0.5)
+      num_experts_per_tok=1, block_size=64, lightning_kernel=_small_block_tiles(64), rotary_dim=hd,
+      initializer_range=float(hidden) ** -0.5)
   return Config(model=model, data=DataConfig(seq_len=1024),
                 train=TrainConfig(steps=15000, batch_size=64, learning_rate=1e-3, warmup_steps=750,
                                   run_dir=f"runs/retrieval/{kind}_{size}"))
