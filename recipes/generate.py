@@ -1,6 +1,6 @@
 """Generate text with an mx01 model, in float or W8A16.
 
-    python -m recipes.generate --checkpoint path/to/MiniMax-Text-01 --chat --prompt "Hello" "Sum 2+2?" \
+    python -m recipes.generate --checkpoint path/to/MiniMax-Text-01 --chat --prompt "Hello" "Sum 2+2?" \\
         --config.parallel.tensor=8 --config.parallel.expert=8 --w8a16
     python -m recipes.generate --run-dir runs/tiny --prompt "def main(" --max-new-tokens 64
     python -m recipes.generate --run-dir runs/tiny --prompt "hello" "a second prompt" --temperature 0.8 --top-p 0.95 --w8a16

@@ -107,8 +107,8 @@ def test_greedy_batch_matches_transformers_token_for_token(checkpoint, capsys):
   assert got["completions"] == [ref_tok.decode(w) for w in want]
 
   # transformers' batched generate, given the left-padded batch and its attention_mask: its prefill honours
-  # the mask (first tokens agree with the unpadded runs); its decode steps of the padded row drift from its
-  # own unpadded run (transformers 5.24), so the unpadded runs are the reference above.
+  # the mask (first tokens agree with the unpadded runs), but later tokens of the padded row drift from its
+  # own unpadded run (seen with transformers 5.24), so the unpadded runs are the reference above.
   width = max(map(len, ids))
   batch = torch.tensor([[0] * (width - len(i)) + i for i in ids])
   mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
@@ -157,7 +157,10 @@ def test_prompt_at_the_maximum_length_gets_one_token(checkpoint, capsys):
   prompt = "7" * MAX_LEN  # digits are not in the tokenizer's corpus: one byte token each
   got = _run(capsys, folder, prompts=[prompt], new=1)
   assert len(got["prompt_token_ids"][0]) == MAX_LEN
-  assert got["token_ids"] == [_hf_greedy(hf, got["prompt_token_ids"][0], new=1)]
+  want = [_hf_greedy(hf, got["prompt_token_ids"][0], new=1)]
+  assert got["token_ids"] == want
+  # Prefilled in chunks that do not divide it: the chunk padding takes no cache positions.
+  assert _run(capsys, folder, "--prefill-chunk", "48", prompts=[prompt], new=1)["token_ids"] == want
   rc = generate.main(["--checkpoint", str(folder), "--prompt", prompt, "--max-new-tokens", "2"])
   out, err = capsys.readouterr()
   assert rc == 2 and len(err.strip().splitlines()) == 1 and "max_seq_len=64" in err
