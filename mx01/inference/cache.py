@@ -10,6 +10,9 @@ Layout (what `mx01.model.apply` expects):
              stacked over the repeats of a scanned period)}
   lightning layer: {"state": [batch, heads, head_dim, head_dim] float32}
   softmax layer:   {"k", "v": [batch, max_len, kv_heads, head_dim]} (post-RoPE keys; slot j = position j)
+
+On a mesh (`cache_shardings`) the cache is split over heads as the attention params are (tensor
+parallel), so each device keeps the keys, values and lightning states of its own heads.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, *, kv_dtype=N
                      "v": jnp.zeros((batch_size, max_len, kvh, d), kv_dtype)})
   return {"lengths": jnp.zeros((batch_size,), jnp.int32),
           "layers": model_lib.params_from_layers({}, layers, config)}
+
+
+def cache_shardings(cache: dict, pmesh) -> dict:
+  """NamedShardings for `cache` on a ParallelMesh: the heads dimension over `tensor`, the rest replicated.
+
+  Stacked (scanned) layers have a leading repeats dimension; the heads dimension is found from the end.
+  """
+
+  def spec(path, x):
+    name = getattr(path[-1], "key", None)
+    if name in ("k", "v"):  # [..., batch, max_len, kv_heads, head_dim]
+      return pmesh.sharding(*([None] * (x.ndim - 2)), "tensor", None)
+    if name == "state":  # [..., batch, heads, head_dim, head_dim]
+      return pmesh.sharding(*([None] * (x.ndim - 3)), "tensor", None, None)
+    return pmesh.sharding()
+
+  return jax.tree_util.tree_map_with_path(spec, cache)
 
 
 def max_len(config: ModelConfig, cache: dict) -> Optional[int]:

@@ -16,6 +16,12 @@ KV cache is filled as it goes.
 Each decode step is one call of a jitted pure function
 (params, cache, tokens, done, key) -> (next tokens, done, cache, logits).
 Compilation happens before the timers start and is reported separately.
+
+Sharded generation (`mesh=`, a `mx01.parallel.mesh.ParallelMesh`): the params are already placed on
+the mesh (by the rules table, `rules.param_shardings`); the cache is split over heads like them
+(`cache.cache_shardings`) and tokens, logits and keys are replicated.  The prefill and decode functions
+are jitted with these shardings pinned and jax's SPMD partitioner (GSPMD) splits the computation, so
+a model larger than one device serves with the same `model.apply` as on one device.
 """
 
 from __future__ import annotations
@@ -116,12 +122,13 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], *, config: ModelCon
              sampling: SamplingConfig = SamplingConfig(), rng: Optional[jax.Array] = None,
              stop_tokens: Sequence[int] = (), prefill_chunk: int = 2048, max_cache_len: Optional[int] = None,
              pad_id: int = 0, ops: Optional[ModelOps] = None, kv_block: int = 4096, return_logits: bool = False,
-             sync_every: int = 8) -> GenerationResult:
+             sync_every: int = 8, mesh=None) -> GenerationResult:
   """Generates up to `max_new_tokens` tokens after each prompt (see the module docstring).
 
   params: float params or W8A16 params from `quantize.quantize_params`.
   rng: a PRNG key (required unless sampling is greedy); step i uses fold_in(rng, i).
   sync_every: decode steps between checks whether every row has stopped.
+  mesh: a ParallelMesh the params are placed on (see the module docstring); None: one device.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
@@ -138,10 +145,20 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], *, config: ModelCon
   mask = np.arange(padded)[None, :] >= np.asarray([padded - n for n in lengths])[:, None]  # [b, padded]
   cache = cache_lib.init_cache(config, b, cache_len)
 
-  prefill_fn = jax.jit(functools.partial(forward, config=config, ops=ops, kv_block=kv_block), donate_argnums=(2,))
+  prefill_pin = step_pin = first_pin = {}  # one device: jax places everything
+  if mesh is not None:
+    rep = mesh.sharding()
+    cache_sh = cache_lib.cache_shardings(cache, mesh)
+    cache = jax.device_put(cache, cache_sh)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    prefill_pin = dict(in_shardings=(param_sh, rep, cache_sh, rep), out_shardings=(rep, cache_sh))
+    step_pin = dict(in_shardings=(param_sh, cache_sh, rep, rep, rep), out_shardings=(rep, rep, cache_sh, rep))
+    first_pin = dict(in_shardings=(rep, rep), out_shardings=rep)
+  prefill_fn = jax.jit(functools.partial(forward, config=config, ops=ops, kv_block=kv_block), donate_argnums=(2,),
+                       **prefill_pin)
   step_fn = jax.jit(make_decode_step(config, sampling, stop_tokens=stop_tokens, pad_id=pad_id, ops=ops,
-                                     kv_block=kv_block), donate_argnums=(1,))
-  first_fn = jax.jit(lambda logits, key: sample_tokens(logits, key, sampling))
+                                     kv_block=kv_block), donate_argnums=(1,), **step_pin)
+  first_fn = jax.jit(lambda logits, key: sample_tokens(logits, key, sampling), **first_pin)
   stop = np.asarray(list(stop_tokens), np.int32)
 
   # Compile ahead of time so the timers measure execution only.
