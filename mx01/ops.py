@@ -103,13 +103,16 @@ ATTENTION: Dict[str, Callable] = {
     "pallas": lambda config, interpret: functools.partial(_pallas_attention, interpret=interpret),
     "cudnn": lambda config, interpret: _cudnn_attention,
 }
+# The dropless experts of each moe_impl (tokens grouped by expert), shared with the expert-parallel MoE.
+DROPLESS_EXPERTS: Dict[str, Callable] = {
+    "ragged": moe_lib.experts_grouped,
+    "ragged_mosaic": moe_lib.experts_grouped_mosaic,
+    "dense": moe_lib.experts_dense_reference,
+}
 MOE: Dict[str, Callable] = {
     "capacity": lambda config, interpret: functools.partial(moe_lib.moe_forward, capacity_buffers=True),
-    "ragged": lambda config, interpret: functools.partial(moe_lib.moe_forward, experts_fn=moe_lib.experts_grouped),
-    "ragged_mosaic": lambda config, interpret: functools.partial(moe_lib.moe_forward,
-                                                                 experts_fn=moe_lib.experts_grouped_mosaic),
-    "dense": lambda config, interpret: functools.partial(moe_lib.moe_forward,
-                                                         experts_fn=moe_lib.experts_dense_reference),
+    **{name: (lambda fn: lambda config, interpret: functools.partial(moe_lib.moe_forward, experts_fn=fn))(fn)
+       for name, fn in DROPLESS_EXPERTS.items()},
 }
 
 
@@ -135,6 +138,11 @@ def moe_impl(config: ModelConfig) -> str:
       return "capacity"
     return "dense" if jax.default_backend() == "cpu" else "ragged"
   return config.moe_impl
+
+
+def dropless_experts(config: ModelConfig) -> Callable:
+  """The config's dropless experts function (ragged when its moe_impl is the capacity one)."""
+  return DROPLESS_EXPERTS.get(moe_impl(config), moe_lib.experts_grouped)
 
 
 def lightning_op(config: ModelConfig, *, interpret: bool = False) -> Callable:

@@ -99,7 +99,10 @@ def _research(kind: str, size: str, moe: bool) -> Config:
       # MoE: 8 experts of a quarter of the dense width, top-2 (activated FFN ~ half the dense one).
       intermediate_size=inter // 4 if moe else inter, num_experts=8 if moe else 1, num_experts_per_tok=2 if moe else 1,
       block_size=256, rotary_dim=hd // 2, rope_theta=10_000.0,
-      compute_dtype="bfloat16", param_dtype="float32")
+      compute_dtype="bfloat16", param_dtype="float32",
+      # Unrolled: at 16 layers the compile is short, and on an H200 the scanned hybrid_1b step at 8k
+      # ran 20% slower with more memory than the unrolled one (BENCHMARKS.md, "One training path").
+      scan_layers=False)
   return Config(model=model, data=DataConfig(seq_len=2048),
                 train=TrainConfig(steps=2000, batch_size=16, learning_rate=1e-3, warmup_steps=100,
                                   run_dir=f"runs/{kind}{'_moe' if moe else ''}_{size}"))

@@ -26,8 +26,9 @@ Per device (dense view: tokens [b_local, t_local, hidden], replicated over
    back to the owning rank; a second `all_to_all` returns them.
 6. Combine with the routing weights, then all-gather over `tensor` to restore
    the dense view.
-Without expert parallelism (expert = expert_tensor = 1) steps 5-6 are the
-grouped matmuls of the single-device MoE on the device's own tokens.
+Without expert parallelism (expert = expert_tensor = 1) and without a capacity,
+steps 5-6 are the config's dropless experts (model.moe_impl) on the device's own
+tokens; with a capacity they are the capacity buffers and one batched matmul.
 
 Expert weights: wi_gate/wi_up [E/expert, hidden, I/expert_tensor],
 wo [E/expert, I/expert_tensor, hidden] (replicated over expert_data).
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mx01 import ops as ops_lib
 from mx01.config import ModelConfig
 from mx01.layers import moe as moe_lib
 from mx01.parallel import comm
@@ -163,10 +165,13 @@ def moe_expert_parallel(x, params, *, config: ModelConfig, pmesh: ParallelMesh, 
     slots = min(capacity, n_tok)
   weights = weights * keep
 
-  if p.expert == 1 and p.expert_tensor == 1:
-    # No expert parallelism: every device holds every expert; grouped matmuls over its own tokens.
-    y = moe_lib.experts_grouped(xf, expert_idx, weights, params["wi_gate"], params["wi_up"], params["wo"])
+  if p.expert == 1 and p.expert_tensor == 1 and capacity is None:
+    # Dropless without expert parallelism: every device holds every expert; the config's dropless
+    # experts (model.moe_impl) over its own tokens.
+    y = ops_lib.dropless_experts(config)(xf, expert_idx, weights, params["wi_gate"], params["wi_up"], params["wo"])
   else:
+    # Per-expert capacity buffers and one batched matmul (all-to-all over `expert` when it is > 1): with a
+    # capacity this is the single-device "capacity" path, which the GPU runs 2.5x faster than ragged_dot.
     y = _dispatch_compute_combine(xf, expert_idx, weights, keep, params, slots=slots, e_total=e_total,
                                   e_local=e_local, ep=p.expert, expert_axes=expert_axes, etp_axes=etp_axes)
   y = y.reshape(b, n_chunks, block, d)
