@@ -171,6 +171,7 @@ def test_fresh_start_truncates_metrics_and_nonfinite_summary_is_valid_json(tmp_p
   assert summary["nonfinite_steps"] >= summary["final_nonfinite_steps"]
 
 
+@pytest.mark.slow
 def test_failed_async_save_stops_at_once_on_a_sharded_mesh(tmp_path, capsys, caplog, monkeypatch):
   import jax
   if jax.device_count() < 4:
