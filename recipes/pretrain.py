@@ -127,10 +127,13 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
           devices=None) -> dict:
   """Trains `config` and returns a summary.
 
-  Returns {"final_train_loss", "eval_loss", "n_params" (non-embedding), "n_params_total",
-  "tokens_seen", "wall_time_s", "tokens_per_sec", "mfu" (None on CPU), "steps",
-  "nonfinite_steps", "run_dir"}.  tokens are input positions (batch_size * seq_len per step).  Also "mesh" (logical axis -> size) and
-  "state_bytes_per_device" (the largest, over local devices, bytes of parameter + optimizer-state shards).
+  Returns {"final_train_loss" (mean over the last finite steps; None when the run ended on non-finite
+  steps), "eval_loss", "n_params" (non-embedding), "n_params_total", "tokens_seen", "wall_time_s",
+  "tokens_per_sec", "mfu" (None on CPU), "steps" (the last step run), "start_step", "nonfinite_steps",
+  "final_nonfinite_steps" (in a row at the end), "last_checkpoint", "error" (a failed save, else None),
+  "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
+  Also "mesh" (logical axis -> size) and "state_bytes_per_device" (the largest, over local devices, bytes
+  of parameter + optimizer-state shards).
 
   The model runs on the mesh of config.parallel over the first data*sequence*tensor devices, parameters
   and optimizer state placed by the rules table (mx01/parallel/rules.py), each device fed its rows.
