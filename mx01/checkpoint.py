@@ -268,7 +268,7 @@ class Checkpointer:
     return started
 
   def _failure(self, e: BaseException) -> str:
-    return (f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+    return (f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {_first_line(e)}); "
             f"the last good checkpoint is step {self.latest_step()}")
 
   def check(self) -> None:
