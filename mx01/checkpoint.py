@@ -27,7 +27,13 @@ Restoring:
   computation (anything but RESUMABLE_CHANGES) is refused with
   `CheckpointMismatchError`, listing the mismatched fields;
 * a checkpoint that cannot be read or whose arrays do not match their
-  checksum is reported and skipped: the previous step is tried.
+  checksum is reported (one line) and skipped: the previous step is tried.  With
+  `quarantine=True` (a resuming run) the skipped steps are moved aside to
+  `corrupt-<step>-<unix time>/` (nothing is deleted) so the run's next saves land;
+* a key absent from a saved config (a field added since) counts as that field's default.
+
+A save that fails in the background is raised by `check()` (cheap: it waits on nothing) as
+`CheckpointSaveError`; a save that orbax declines (a step not above the latest) raises at once.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import dataclasses
@@ -56,6 +63,10 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_nonfinite_steps", "train.run_dir", "train.async_checkpointing",
     "train.tensorboard", "data.prefetch",
+    # Optimizer hyperparameters: they change the schedule and the update, not the state's shapes, so a
+    # diverged run can resume from its last good checkpoint with a lower learning rate or a longer schedule.
+    "train.learning_rate", "train.min_lr_ratio", "train.warmup_steps", "train.lr_schedule", "train.weight_decay",
+    "train.b1", "train.b2", "train.grad_clip",
     # Changes nothing silently: with it off, a malformed record stops the run when it starts.
     "data.skip_bad_records",
     # The layout: orbax reshards the arrays on restore.
@@ -65,14 +76,29 @@ RESUMABLE_CHANGES = (
 
 # Fault injection for tests: SIGKILL this process right after the save of this step has started.
 KILL_DURING_SAVE_ENV = "MX01_FAULT_KILL_DURING_SAVE"
+# Fault injection for tests: the save of this step fails in orbax's background thread (as a full or
+# read-only disk would; chmod does not stop root).
+FAIL_SAVE_ENV = "MX01_FAULT_FAIL_SAVE"
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint was written by a run with a different configuration."""
+  """A checkpoint was written by a run with a different configuration; `mismatches` lists the fields."""
+
+  def __init__(self, message: str, mismatches: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.mismatches = tuple(mismatches)
 
 
 class NoValidCheckpointError(RuntimeError):
   """Checkpoints exist but none of them can be restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (in the background) or was declined; the checkpoints before it are intact."""
+
+
+class _Unwritable:
+  """Stands in the metadata of a save made to fail by FAIL_SAVE_ENV: JSON cannot encode it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,16 +133,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_mismatches(saved: dict, current: Config) -> list[str]:
-  """Fields (outside RESUMABLE_CHANGES) whose values differ: ["model.num_layers: 4 (checkpoint) != 2 (run)", ...]."""
+  """Fields (outside RESUMABLE_CHANGES) whose values differ: ["model.num_layers: 4 (checkpoint) != 2 (run)", ...].
+
+  A field absent from `saved` (added to the code after the checkpoint was written) counts as its default.
+  """
   a, b = _flatten(saved), _flatten(config_lib.to_dict(current))
+  defaults = _flatten(config_lib.to_dict(Config()))
   out = []
   for key in sorted(set(a) | set(b)):
     if key in RESUMABLE_CHANGES:
       continue
-    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
     if va != vb:
       out.append(f"{key}: {va!r} (checkpoint) != {vb!r} (run)")
+  # Clipping on or off changes the optimizer state's structure (optax.chain's parts); its value does not.
+  clip_a, clip_b = a.get("train.grad_clip", defaults["train.grad_clip"]), b["train.grad_clip"]
+  if (clip_a > 0) != (clip_b > 0):
+    out.append(f"train.grad_clip: {clip_a!r} (checkpoint) != {clip_b!r} (run) (clipping on/off changes the "
+               "optimizer state; any other positive value resumes)")
   return out
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:limit] if text else ""
 
 
 def _json_safe(x):
@@ -211,12 +251,31 @@ class Checkpointer:
     """Starts saving `state` (a pytree of arrays) as step `step`; returns whether a save was started."""
     meta = {"step": int(step), "config": config_lib.to_dict(self.config),
             "checksum": tree_checksum(state), "extra": _json_safe(extra or {})}
-    started = self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-        data=grain.checkpoint.CheckpointSave(_DataState(data_state))), force=force)
-    if started and os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+    if os.environ.get(FAIL_SAVE_ENV) == str(step):
+      meta["fault"] = _Unwritable()
+    try:
+      started = self._manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+          data=grain.checkpoint.CheckpointSave(_DataState(data_state))), force=force)
+    except Exception as e:  # the previous save's background error, raised by orbax on this one
+      raise CheckpointSaveError(self._failure(e)) from e
+    if not started:
+      raise CheckpointSaveError(
+          f"orbax declined to save step {step} in {self.directory} (latest step {self.latest_step()}): "
+          "a step at or below the newest checkpoint; move that checkpoint aside or start a new run_dir")
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
       os.kill(os.getpid(), signal.SIGKILL)
     return started
+
+  def _failure(self, e: BaseException) -> str:
+    return (f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {_first_line(e)}); "
+            f"the last good checkpoint is step {self.latest_step()}")
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed; never waits for one in progress."""
+    if self._manager.is_saving_in_progress():
+      return
+    self.wait()  # returns at once, raising a finished save's error
 
   def _read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -234,10 +293,13 @@ class Checkpointer:
       return states[0]
     return {"rows": {r: v for st in states for r, v in st["rows"].items()}}
 
-  def restore(self, abstract_state, *, step: Optional[int] = None) -> Optional[RestoredCheckpoint]:
+  def restore(self, abstract_state, *, step: Optional[int] = None,
+              quarantine: bool = False) -> Optional[RestoredCheckpoint]:
     """The latest valid checkpoint (or `step`), restored into the structure of `abstract_state`.
 
     abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) or arrays.
+    quarantine: move the corrupt steps newer than the one restored to `corrupt-<step>-<time>/`, so that
+      saves of those steps land (orbax saves only steps above the newest).
     Returns None when there is no checkpoint.  Raises CheckpointMismatchError
     for a checkpoint of another config and NoValidCheckpointError when every
     checkpoint is unreadable.
@@ -245,43 +307,70 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       return None
-    failures = []
+    failures, corrupt = [], []
     for s in steps:
-      try:
-        meta = self._read_meta(s)
-      except Exception as e:  # unreadable metadata: a corrupt checkpoint
-        failures.append(f"step {s}: metadata unreadable ({type(e).__name__}: {e})")
-        self.log(f"checkpoint at step {s} is corrupt ({failures[-1]}); trying the previous one")
-        continue
-      mismatches = config_mismatches(meta.get("config", {}), self.config)
-      if mismatches:
-        raise CheckpointMismatchError(
-            f"checkpoint {self.directory / str(s)} was written with a different config; mismatched fields:\n  "
-            + "\n  ".join(mismatches)
-            + "\nResume with the same config, or start a new run in another train.run_dir.")
-      try:
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        state = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        data_state = self._read_data_state(s)
-        expected = meta.get("checksum")
-        if expected is not None:
-          actual = tree_checksum(state)
-          if actual is not None and actual != expected:
-            raise ValueError(f"array checksum {actual} != saved {expected}")
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:
-        failures.append(f"step {s}: arrays unreadable or corrupt ({type(e).__name__}: {str(e)[:300]})")
-        self.log(f"checkpoint at step {s} is corrupt ({failures[-1]}); trying the previous one")
-        continue
-      return RestoredCheckpoint(step=int(meta["step"]), state=state, data_state=data_state,
-                                extra=meta.get("extra", {}))
-    raise NoValidCheckpointError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures))
+      with dropped_reads_silenced():
+        restored, failure = self._try_restore(s, abstract_state)
+      if restored is not None:
+        if quarantine and corrupt:
+          self._move_aside(corrupt)
+        return restored
+      failures.append(failure)
+      corrupt.append(s)
+      self.log(f"checkpoint at step {s} is corrupt ({failure}); trying the previous one")
+    raise NoValidCheckpointError(f"no checkpoint in {self.directory} could be restored: " + "; ".join(failures)
+                                 + ". Start over with --overwrite or choose another train.run_dir")
+
+  def _try_restore(self, s: int, abstract_state) -> tuple[Optional[RestoredCheckpoint], Optional[str]]:
+    """(the checkpoint of step `s`, None) or (None, why it is corrupt); raises CheckpointMismatchError."""
+    try:
+      meta = self._read_meta(s)
+    except Exception as e:  # unreadable metadata: a corrupt checkpoint
+      return None, f"step {s}: metadata unreadable ({type(e).__name__}: {_first_line(e)})"
+    mismatches = config_mismatches(meta.get("config", {}), self.config)
+    if mismatches:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory / str(s)} was written with a different config; mismatched fields: "
+          + "; ".join(mismatches)
+          + ". Resume with the same config (optimizer hyperparameters may differ), or start a new run in "
+          "another train.run_dir.", mismatches)
+    try:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+      state = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      data_state = self._read_data_state(s)
+      expected = meta.get("checksum")
+      if expected is not None:
+        actual = tree_checksum(state)
+        if actual is not None and actual != expected:
+          raise ValueError(f"array checksum {actual} != saved {expected}")
+    except Exception as e:
+      return None, f"step {s}: arrays unreadable or corrupt ({type(e).__name__}: {_first_line(e)})"
+    return RestoredCheckpoint(step=int(meta["step"]), state=state, data_state=data_state,
+                              extra=meta.get("extra", {})), None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames each step's directory to corrupt-<step>-<unix time>/ (process 0), then re-reads the steps."""
+    if jax.process_index() == 0:
+      stamp = int(time.time())
+      for s in steps:
+        target = self.directory / f"corrupt-{s}-{stamp}"
+        os.replace(self.directory / str(s), target)
+        self.log(f"moved the corrupt checkpoint of step {s} to {target}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoint_move_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are written; raises CheckpointSaveError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise CheckpointSaveError(self._failure(e)) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and closes; raises CheckpointSaveError (after closing) if one failed."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

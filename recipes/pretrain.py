@@ -16,7 +16,12 @@ Writes to config.train.run_dir:
 
 Exit codes: 0 done (or plan printed: not enough devices for the config, nothing started),
 2 config / usage error, 3 stopped on repeated non-finite steps, 4 no usable checkpoint or
-a checkpoint of another config.
+a checkpoint of another config, 5 a checkpoint save failed (the run stopped; summary.json
+written, the checkpoints before the failed one kept).  Errors are one line on stderr.
+
+Nothing in run_dir is deleted (--overwrite) or written before the run is known to start: the
+layout, data and tokenizer are built and a resumed checkpoint is checked first.  A resume may
+change the optimizer hyperparameters (see mx01/checkpoint.py RESUMABLE_CHANGES).
 
 `train(config, resume=False)` is the programmatic entry point (used by the sweep).
 """
@@ -40,6 +45,7 @@ EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT_ERROR = 4
+EXIT_SAVE_ERROR = 5
 
 
 class NonFiniteError(RuntimeError):
@@ -87,34 +93,47 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _prepare_run_dir(config: Config, *, resume: bool, overwrite: bool, write: bool = True) -> pathlib.Path:
+def _check_run_dir(config: Config, *, resume: bool, overwrite: bool) -> pathlib.Path:
+  """Raises (writing nothing) when run_dir cannot take this run: a file, or a run that needs --resume/--overwrite."""
   run_dir = pathlib.Path(config.train.run_dir)
-  if not write:  # another process prepares the (shared) directory
-    return run_dir
+  for p in (run_dir, *run_dir.parents):
+    if p.exists() and not p.is_dir():
+      raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} is a file, not a directory; choose another "
+                        "--config.train.run_dir")
   ckpt_dir = run_dir / "checkpoints"
-  has_checkpoints = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-  if has_checkpoints and not resume:
-    if not overwrite:
-      raise RunExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                           "--overwrite to start over, or choose another --config.train.run_dir")
-    shutil.rmtree(ckpt_dir)
-  if overwrite and not resume:
-    for name in ("metrics.jsonl", "summary.json"):
-      (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(config_lib.to_json(config) + "\n")
+  has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+  if has_checkpoints and not resume and not overwrite:
+    raise RunExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "--overwrite to start over, or choose another --config.train.run_dir")
   return run_dir
+
+
+def _clear_run_dir(run_dir: pathlib.Path) -> None:
+  """--overwrite: deletes the old run's checkpoints, metrics, summary and TensorBoard (once the new one is built)."""
+  shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+  for name in ("metrics.jsonl", "summary.json"):
+    (run_dir / name).unlink(missing_ok=True)
+  shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
+def _finite_or_none(x):
+  """x, or None for a non-finite float (summary.json stays valid JSON: no bare NaN)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
 
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = print,
           devices=None) -> dict:
   """Trains `config` and returns a summary.
 
-  Returns {"final_train_loss", "eval_loss", "n_params" (non-embedding), "n_params_total",
-  "tokens_seen", "wall_time_s", "tokens_per_sec", "mfu" (None on CPU), "steps",
-  "nonfinite_steps", "run_dir"}.  tokens are input positions (batch_size * seq_len per step).  Also "mesh" (logical axis -> size) and
-  "state_bytes_per_device" (the largest, over local devices, bytes of parameter + optimizer-state shards).
+  Returns {"final_train_loss" (mean over the last finite steps; None when the run ended on non-finite
+  steps), "eval_loss", "n_params" (non-embedding), "n_params_total", "tokens_seen", "wall_time_s",
+  "tokens_per_sec", "mfu" (None on CPU), "steps" (the last step run), "start_step", "nonfinite_steps",
+  "final_nonfinite_steps" (in a row at the end), "last_checkpoint", "error" (a failed save, else None),
+  "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
+  Also "mesh" (logical axis -> size) and "state_bytes_per_device" (the largest, over local devices, bytes
+  of parameter + optimizer-state shards).
 
   The model runs on the mesh of config.parallel over the first data*sequence*tensor devices, parameters
   and optimizer state placed by the rules table (mx01/parallel/rules.py), each device fed its rows.
@@ -126,7 +145,11 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   none.  Raises RunExistsError if run_dir has checkpoints and neither resume
   nor overwrite is set, CheckpointMismatchError for a checkpoint of another
   config, NonFiniteError after train.max_nonfinite_steps consecutive
-  non-finite steps, InsufficientDevicesError if the mesh does not fit.
+  non-finite steps (0: never halts; such steps skip their update and are
+  counted), InsufficientDevicesError if the mesh does not fit, ConfigError
+  (DataError, MeshError) for a config that cannot run, all before anything in
+  run_dir is deleted or written.  A failed checkpoint save stops the run: the
+  summary (with "error") is written, then CheckpointSaveError is raised.
   """
   t_start = time.time()
   import jax
@@ -160,8 +183,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   is_main = jax.process_index() == 0
   if not is_main:
     log = lambda _: None  # noqa: E731  (only process 0 prints, writes metrics and TensorBoard)
-  run_dir = _prepare_run_dir(config, resume=resume, overwrite=overwrite, write=is_main)
-  _sync("run_dir")
+  # Everything that can refuse the run (run_dir, layout, data, tokenizer) runs before anything in run_dir
+  # is deleted or written.
+  run_dir = _check_run_dir(config, resume=resume, overwrite=overwrite)
 
   replicated = NamedSharding(pmesh.mesh, P())
   batch_sharding = pmesh.sharding("data", None)  # rows over data; each process feeds its own rows
@@ -178,20 +202,31 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   state_shardings = training.state_shardings(abstract, optimizer, pmesh)
   init_state = jax.jit(make_state, out_shardings=state_shardings)
 
+  if overwrite and not resume and is_main:
+    _clear_run_dir(run_dir)
+  _sync("run_dir")
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config, keep=tc.keep_checkpoints,
                                async_save=tc.async_checkpointing, log=log)
-  writer = (metrics_lib.MetricsWriter(run_dir, tensorboard=tc.tensorboard) if is_main else metrics_lib.NullWriter())
   start_step, data_state, state = 0, None, None
   if resume:
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, state_shardings)
-    restored = ckpt.restore(abstract_sharded)
+    try:
+      restored = ckpt.restore(abstract_sharded, quarantine=True)
+    except BaseException:
+      ckpt.close()
+      raise
     if restored is None:
       log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     else:
       state, start_step, data_state = restored.state, restored.step, restored.data_state
       log(f"resumed from {run_dir / 'checkpoints' / str(start_step)} (step {start_step})")
-    writer.truncate_after(start_step)
+  # The run starts: only now is its config recorded, and the metrics of steps not in the restored
+  # checkpoint (all of them on a fresh start) dropped.
+  if is_main:
+    (run_dir / "config.json").write_text(config_lib.to_json(config) + "\n")
+  writer = (metrics_lib.MetricsWriter(run_dir, tensorboard=tc.tensorboard) if is_main else metrics_lib.NullWriter())
+  writer.truncate_after(start_step)
   if state is None:
     state = init_state(init_key)
 
@@ -266,12 +301,15 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
         raise NonFiniteError(
             f"{consecutive_nonfinite} consecutive steps (up to step {s}) had a non-finite loss or gradient; "
             f"stopping (train.max_nonfinite_steps={tc.max_nonfinite_steps}). Last checkpoint: "
-            f"{ckpt.latest_step()}. Try a lower train.learning_rate or train.grad_clip.")
+            f"{ckpt.latest_step()}. Resume from it with --resume and a lower --config.train.learning_rate "
+            "(or train.grad_clip).")
     pending.clear()
 
   step = start_step
+  save_error: Optional[ckpt_lib.CheckpointSaveError] = None
   try:
     for step in range(start_step + 1, tc.steps + 1):
+      ckpt.check()  # a failed asynchronous save stops the run here, not at the next save
       batch = next(it)
       packing = float(np.mean(batch["segment_ids"] != 0))
       state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, batch))
@@ -308,33 +346,48 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
         ckpt.save(step, state, data_state=it.get_state(), extra={"tokens_seen": step * tokens_per_step})
     if pending:
       flush_pending(step, None)
+    ckpt.wait()  # the last save, written: its failure is this run's failure
     if eval_loss is None:  # e.g. resumed a run that had already finished
       eval_loss = evaluate(state["params"])
+  except ckpt_lib.CheckpointSaveError as e:
+    save_error = e
+    log(f"error: {e}; stopping at step {step}")
   finally:
     it.close()
-    ckpt.close()
+    try:
+      ckpt.close()
+    except ckpt_lib.CheckpointSaveError as e:
+      save_error = save_error or e
     writer.close()
 
   wall = time.time() - t_start
   summary = {
-      "final_train_loss": float(np.mean(recent_losses)) if recent_losses else None,
+      # The mean loss of the last finite steps; None when the run ended on non-finite steps.
+      "final_train_loss": (float(np.mean(recent_losses)) if recent_losses and not consecutive_nonfinite
+                           else None),
       "eval_loss": eval_loss,
       "n_params": n_params,
       "n_params_total": n_params_total,
-      "tokens_seen": tc.steps * tokens_per_step,
+      "tokens_seen": step * tokens_per_step,
       "wall_time_s": wall,
       "tokens_per_sec": tokens_per_sec,
       "mfu": mfu,
-      "steps": tc.steps,
+      "steps": step,
       "start_step": start_step,
       "nonfinite_steps": nonfinite_total,
+      "final_nonfinite_steps": consecutive_nonfinite,  # the non-finite steps in a row the run ended on
+      "last_checkpoint": ckpt.latest_step(),
+      "error": str(save_error) if save_error else None,
       "run_dir": str(run_dir),
       "mesh": mesh_report,
       "state_bytes_per_device": bytes_per_device,
       "processes": jax.process_count(),
   }
+  summary = {k: _finite_or_none(v) for k, v in summary.items()}
   if is_main:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+  if save_error:
+    raise save_error
   return summary
 
 
@@ -422,18 +475,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"Nothing was allocated.")
     return EXIT_OK
 
+  import logging
   from mx01 import checkpoint as ckpt_lib
+  # orbax reports a failed save or restore through absl logging, tracebacks included, and raises it to
+  # `train`, which reports it in one line: keep the one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  codes = ((RunExistsError, EXIT_CONFIG_ERROR), (InsufficientDevicesError, EXIT_CONFIG_ERROR),
+           (ConfigError, EXIT_CONFIG_ERROR), (NonFiniteError, EXIT_NONFINITE),
+           (ckpt_lib.CheckpointMismatchError, EXIT_CHECKPOINT_ERROR),
+           (ckpt_lib.NoValidCheckpointError, EXIT_CHECKPOINT_ERROR), (ckpt_lib.CheckpointSaveError, EXIT_SAVE_ERROR))
   try:
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
-  except (RunExistsError, InsufficientDevicesError, ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_CONFIG_ERROR
-  except NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_NONFINITE
-  except (ckpt_lib.CheckpointMismatchError, ckpt_lib.NoValidCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_CHECKPOINT_ERROR
+  except tuple(cls for cls, _ in codes) as e:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+    return next(code for cls, code in codes if isinstance(e, cls))
   print(json.dumps(summary, indent=2))
   return EXIT_OK
 

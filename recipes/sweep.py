@@ -184,7 +184,7 @@ def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int
     try:
       summary = train_fn(cfg, resume=True, log=lambda s: None)
     except CheckpointMismatchError as e:  # e.g. a run_root written by an older version of this sweep
-      first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+      first = e.mismatches[0] if e.mismatches else ""
       raise SweepError(f"{cfg.train.run_dir} holds checkpoints of another config ({first}, ...); pass another "
                        "--run_root, or delete that folder to retrain") from None
     row = dict(arch=point.arch, size=point.size, ffn=point.ffn, n_params=summary.get("n_params", pc.non_embedding),
