@@ -451,10 +451,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
 
-  if args.dry_run and "jax" not in sys.modules:
-    import os
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                               f"{config.parallel.num_devices}")
+  if args.dry_run:
+    # Emulated CPU devices for the config's mesh (used when no accelerators are attached).  jax is
+    # imported by now (the config imports the kernels' config), but its backends start lazily.
+    import jax
+    try:
+      jax.config.update("jax_num_cpu_devices", config.parallel.num_devices)
+    except RuntimeError:  # backends already started (e.g. called in-process by a test): use what is there
+      pass
   try:
     _init_distributed(args)
   except (ConfigError, ValueError) as e:
