@@ -4,6 +4,8 @@ import dataclasses
 
 import pytest
 
+from pallas_kernels.lightning.config import LightningConfig
+
 from mx01 import config as C
 from mx01.presets import get_preset, list_presets
 
@@ -141,11 +143,14 @@ def test_sweep_and_retrieval_presets_keep_their_models(kind):
           layer_types=_old_types(kind, layers), ffn_type="moe" if moe else "dense",
           intermediate_size=inter // 2 if moe else inter, num_experts=4 if moe else 1,
           num_experts_per_tok=2 if moe else 1, block_size=32, rotary_dim=8, lightning_alpha=alpha,
-          softmax_alpha=alpha, mlp_alpha=alpha)
+          softmax_alpha=alpha, mlp_alpha=alpha,
+          # The kernel tiles these models ran with on GPUs (the kernels took the block, backward at most 64).
+          lightning_kernel=LightningConfig(block_size=32, bwd_block_size=32))
       assert get_preset(presets.sweep_name(kind, size, "moe" if moe else "dense")).model == old
   for size, (hidden, layers, heads, kv, hd) in _OLD_RETRIEVAL.items():
     old = C.ModelConfig(
         vocab_size=64, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
         layer_types=_old_types(kind, layers), ffn_type="dense", intermediate_size=4 * hidden, num_experts=1,
-        num_experts_per_tok=1, block_size=64, rotary_dim=hd, initializer_range=hidden ** -0.5)
+        num_experts_per_tok=1, block_size=64, rotary_dim=hd, initializer_range=hidden ** -0.5,
+        lightning_kernel=LightningConfig(block_size=64, bwd_block_size=64))
     assert get_preset(presets.retrieval_name(kind, size)).model == old

@@ -58,7 +58,7 @@ def test_empty_held_out_documents_are_an_error_not_a_hang(tmp_path):
   for i in range(8):
     (tmp_path / f"empty{i}.txt").write_text("")
   with pytest.raises(DataError) as e:
-    _pipeline(tmp_path, **{"data.eval_fraction": 0.6})
+    _pipeline(tmp_path, **{"data.eval_fraction": 0.6, "train.batch_size": 1})
   msg = _one_line(e)
   assert "held-out" in msg and "all empty" in msg and "data.eval_fraction" in msg
 
@@ -88,7 +88,7 @@ def test_skip_bad_records_skips_and_counts(tmp_path):
   data = _pipeline(tmp_path, **{"data.skip_bad_records": True, "data.eval_fraction": 0.0})
   assert data.skipped_records == (f"{tmp_path / 'bad.jsonl'}:2",)
   assert data.num_train_documents == 5
-  texts = {data.train_source[i] for i in range(len(data.train_source))}
+  texts = {src[i] for src in data.row_sources.values() for i in range(len(src))}
   assert texts == {f"document number {i} " * 4 for i in (0, 2, 3, 4, 5)}
   it = data.train_iterator()
   batch = next(it)
