@@ -49,6 +49,7 @@ from mx01 import config as config_lib
 from mx01 import presets
 from recipes import flags as flags_lib
 from mx01.config import Config, DataConfig, ModelConfig, TrainConfig
+from scaling import data as scaling_data
 from scaling import flops
 
 ARCHS = presets.KINDS
@@ -134,16 +135,6 @@ def _existing_keys(path: pathlib.Path) -> set:
     return {run_key(r) for r in csv.DictReader(f)}
 
 
-def _append_row(path: pathlib.Path, row: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  new = not path.exists() or path.stat().st_size == 0
-  with open(path, "a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    if new:
-      writer.writeheader()
-    writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
-
-
 def grid(archs: Iterable[str], sizes: Iterable[str], tokens: Iterable[float], ffn: str = "dense") -> List[GridPoint]:
   return [GridPoint(a, s, ffn, float(t)) for a in archs for s in sizes for t in tokens]
 
@@ -195,7 +186,7 @@ def run_sweep(points: Sequence[GridPoint], out: pathlib.Path, *, batch_size: int
                wall_time_s=round(time.time() - t0, 2), steps=cfg.train.steps, batch_size=batch_size,
                seq_len=seq_len, learning_rate=learning_rate, seed=seed, run_dir=cfg.train.run_dir,
                model_overrides=overrides_text(model_overrides))
-    _append_row(out, row)
+    scaling_data.append_csv_row(out, row, CSV_COLUMNS)
     done.add(key)
     rows.append(row)
     log(f"    loss {row['final_loss']:.4f} eval {row['eval_loss']:.4f} in {row['wall_time_s']:.1f}s")

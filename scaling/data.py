@@ -57,3 +57,15 @@ def read_csv_rows(path: Path) -> List[Dict[str, str]]:
     return []
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
+
+
+def append_csv_row(path: Path, row: dict, columns) -> None:
+  """Appends one row (the `columns`, in order) to a CSV, writing the header first when the file is new or empty."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  new = not path.exists() or path.stat().st_size == 0
+  with open(path, "a", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    if new:
+      writer.writeheader()
+    writer.writerow({k: row.get(k) for k in columns})

@@ -33,7 +33,6 @@ each run evaluates on at least `EVAL_TOKENS` held-out tokens.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -46,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from mx01 import config as config_lib
 from mx01 import presets
 from mx01.config import Config
+from scaling import data as scaling_data
 from scaling import flops
 
 BUDGETS = (1e15, 3e15, 1e16, 3e16)  # FLOPs (our causal count); the first is the learning-rate check's
@@ -304,21 +304,8 @@ class CostModel:
 
 
 def read_rows(path) -> List[dict]:
-  path = pathlib.Path(path)
-  if not path.exists() or path.stat().st_size == 0:
-    return []
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _append_row(path: pathlib.Path, row: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  new = not path.exists() or path.stat().st_size == 0
-  with open(path, "a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-    if new:
-      writer.writeheader()
-    writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
+  """The CSV's rows ([] when it does not exist yet)."""
+  return scaling_data.read_csv_rows(path)
 
 
 def describe(point: Point, cfg: Config) -> dict:
@@ -423,7 +410,7 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
                wall_time_s=round(clock() - t0, 2), tokens_per_sec=summary.get("tokens_per_sec"),
                mfu=summary.get("mfu"), corpus=corpus.fingerprint, run_dir=cfg.train.run_dir,
                epochs=round(entry["tokens"] / corpus.train_bytes, 3) if corpus.train_bytes else None)
-    _append_row(out, row)
+    scaling_data.append_csv_row(out, row, CSV_COLUMNS)
     rows.append({k: "" if row.get(k) is None else str(row.get(k)) for k in CSV_COLUMNS})
     added.append(row)
     log(f"    eval loss {row['eval_loss']} in {row['wall_time_s']:.0f} s")
