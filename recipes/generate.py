@@ -91,14 +91,19 @@ def _one_line(message) -> str:
   return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+def _unescape(s: str):
+  """A --stop string with its Python escapes ('\\n') applied, or None when they do not decode."""
+  try:
+    return s.encode("utf-8").decode("unicode_escape")
+  except UnicodeDecodeError:
+    return None
+
+
 def stop_tokens(stops) -> list[int]:
   """--stop strings (Python escapes such as '\\n' allowed) -> byte tokens; each must be a single byte."""
   tokens = []
   for s in stops:
-    try:
-      text = s.encode("utf-8").decode("unicode_escape")
-    except UnicodeDecodeError:
-      text = None
+    text = _unescape(s)
     if text is None or len(text) != 1 or ord(text) > 255:
       raise UsageError(f"--stop {s!r}: a stop string is one byte token, but this is "
                        f"{len(s.encode('utf-8'))} bytes in UTF-8; give single bytes such as '.' or '\\n'")
@@ -165,9 +170,8 @@ def tokenizer_stop_ids(stops, tokenizer) -> list[int]:
   """--stop strings -> ids of the tokenizer; each must be one token."""
   ids = []
   for s in stops:
-    try:
-      text = s.encode("utf-8").decode("unicode_escape")
-    except UnicodeDecodeError:
+    text = _unescape(s)
+    if text is None:
       text = s
     enc = tokenizer.encode(text).tolist()
     if len(enc) != 1:
