@@ -128,8 +128,18 @@ def _check(loaded: dict, cfg) -> None:
 def run(args) -> dict:
   cfg = slice_config(args.layers, args.experts, args.tiny)
   t0 = time.perf_counter()
-  files = write_checkpoint(cfg, args.dir, args.max_shard_size)
-  write_s = time.perf_counter() - t0
+  index = os.path.join(args.dir, "model.safetensors.index.json")
+  single = os.path.join(args.dir, "model.safetensors")
+  if args.reuse and (os.path.exists(index) or os.path.exists(single)):  # what a previous --keep run wrote
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted({os.path.join(args.dir, n) for n in json.load(f)["weight_map"].values()})
+    else:
+      files = [single]
+    write_s = None
+  else:
+    files = write_checkpoint(cfg, args.dir, args.max_shard_size)
+    write_s = time.perf_counter() - t0
   size = sum(os.path.getsize(f) for f in files)
   if args.cold:
     _evict(files)
@@ -167,6 +177,8 @@ def main(argv=None) -> dict:
   p.add_argument("--cold", action="store_true", help="evict the files from the page cache before loading")
   p.add_argument("--expert-parallel", action="store_true", help="split the experts over all local devices")
   p.add_argument("--keep", action="store_true", help="keep the checkpoint files afterwards")
+  p.add_argument("--reuse", action="store_true",
+                 help="load the checkpoint a previous --keep run left in --dir instead of writing it again")
   p.add_argument("--tiny", action="store_true", help="small widths: a CPU smoke run")
   p.add_argument("--out", default=None, help="append the result as a JSON line to this file")
   args = p.parse_args(argv)

@@ -32,7 +32,7 @@ from recipes import flags as flags_lib
 from scaling import flops
 
 
-def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: int = 4):
+def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: int = 4, name: str = ""):
   mcfg = cfg.model
   params = model_lib.init(mcfg, jax.random.key(0))
   opt = optax.adamw(1e-4, weight_decay=0.1)
@@ -43,6 +43,7 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
     data = {"tokens": data["tokens"]}
   # This configuration's own footprint from the compiled step (the allocator's peak counter is
   # process-wide and never resets, so it cannot tell one row from the previous ones).
+  print(f"  {name} @ {seq} x {batch}: compiling", flush=True)
   t0 = time.perf_counter()
   compiled = step.lower(params, opt_state, data).compile()  # timed below too: one compilation per row
   compile_s = time.perf_counter() - t0
@@ -51,6 +52,8 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
   if mem is not None:
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                   - getattr(mem, "alias_size_in_bytes", 0))
+  print(f"  compiled in {compile_s:.1f} s, step memory {step_bytes / 2**30:.1f} GiB; timing {warmup} + {steps} steps",
+        flush=True)
   dt, _, loss = time_step(compiled, params, opt_state, data, steps, warmup)
   return dt, compile_s, step_bytes, loss
 
@@ -91,10 +94,11 @@ def main(argv=None):
       batch = max(1, args.tokens_per_step // seq)
       while True:
         try:
-          dt, compile_s, peak_mem, loss = bench_one(cfg, seq, batch, args.steps, args.warmup, args.docs_per_row)
+          dt, compile_s, peak_mem, loss = bench_one(cfg, seq, batch, args.steps, args.warmup, args.docs_per_row, name)
           break
         except Exception as e:  # out of memory: halve the batch
           if "RESOURCE_EXHAUSTED" in str(e) and batch > 1:
+            print(f"  batch {batch} ran out of memory; retrying with {batch // 2}", flush=True)
             batch //= 2
             continue
           print(f"{name} @ {seq}: failed: {str(e).splitlines()[0][:200]}")

@@ -17,11 +17,13 @@ Linear weights are stored [out, in]; our kernels are [in, out]; our experts are 
 (w1 / w3) and wo [E, I, H] (w2).  `_layer_rows` / `_top_rows` are the one name table; how layers sit in the params tree
 (repeating layers stacked for the scan) is `mx01.model.scan_plan` / `layer_params`.
 
-Streaming: shards are opened lazily with safetensors' `safe_open` (a couple at a time) and every
-parameter is built by `jax.make_array_from_callback` in its target sharding; the callback reads only
-the slice that device needs (per-expert tensors are stacked inside it), so a host holds a few tensors
-beyond its own shards.  Weights go to the devices in their stored [out, in] order and are transposed
-there (a strided host copy runs at a fraction of a GB/s).  Names and shapes are all checked before any data is read.
+Streaming: every parameter is built by `jax.make_array_from_callback` in its target sharding; the
+callback reads only the slice that device needs, straight from the file into the array that is sent
+(per-expert tensors into their place in the stack; `_SafetensorsSource`), and the load waits for the
+transfers whenever its staging memory (an eighth of the checkpoint, at most a GiB, grown to the
+largest parameter) is full, so a host holds about that beyond its own shards.  Weights go to the devices in
+their stored [out, in] order and dtype and are transposed and cast there (strided and bfloat16 host
+copies run at a fraction of a GB/s).  Names and shapes are all checked before any data is read.
 
 The lightning layers' decay buffers (`slope_rate`, ...) are not weights: they follow from the config,
 are checked on import (a wrong depth shows there) and are written on export, as transformers writes them.
@@ -41,7 +43,7 @@ import os
 import re
 from typing import Callable, Iterable, Mapping
 
-import ml_dtypes  # also registers numpy's "bfloat16", which safetensors' numpy API needs
+import ml_dtypes
 import numpy as np
 
 from mx01.config import LIGHTNING, SOFTMAX, ConfigError, ModelConfig
@@ -60,6 +62,9 @@ _DEEPNORM = (("lightning_alpha", "linear_attn_alpha_factor", "layernorm_linear_a
              ("softmax_beta", "full_attn_beta_factor", "layernorm_full_attention_beta"),
              ("mlp_alpha", "mlp_alpha_factor", "layernorm_mlp_alpha"),
              ("mlp_beta", "mlp_beta_factor", "layernorm_mlp_beta"))
+
+
+_STAGING_BYTES = 1 << 30  # host staging memory of a load (`_Staging`): transfers run ahead this far
 
 
 class ConversionError(ValueError):
@@ -269,47 +274,127 @@ class _DictSource:
   def shapes(self) -> dict:
     return {k: tuple(v.shape) for k, v in self._sd.items()}
 
+  def shape(self, name: str) -> tuple:
+    return tuple(self._sd[name].shape)
+
+  def dtype(self, name: str) -> np.dtype:
+    x = self._sd[name]
+    return _to_numpy(x.reshape(-1)[:1]).dtype
+
+  def read_into(self, name: str, index: tuple, out: np.ndarray) -> None:
+    out[...] = _to_numpy(self._sd[name][index])
+
   def read(self, name: str, index: tuple) -> np.ndarray:
-    return _to_numpy(self._sd[name][index])
+    return _read_new(self, name, index)
+
+
+# safetensors dtype names -> numpy (ml_dtypes for bfloat16).
+_SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+                       "I8": np.int8, "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+                       "BOOL": np.bool_}
 
 
 class _SafetensorsSource:
-  """Tensors in safetensors files, opened lazily: at most `max_open` memory maps at once (a map's touched
-  pages count as this process's memory until it is closed)."""
+  """Tensors in safetensors files, read slice by slice straight into the arrays that go to the devices.
 
-  def __init__(self, files: list[str], max_open: int = 2):
-    from safetensors import safe_open
-    self._open_fn = lambda f: safe_open(f, framework="numpy")
-    self._file_of, self._shapes = {}, {}
+  The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+  data_offsets}} and the row-major data.  We read the header and the byte ranges ourselves instead of
+  going through safetensors' numpy API, which returns every slice as a fresh copy out of a memory map:
+  here the stored rows land by `readinto` directly in their destination (the experts of a stacked leaf
+  in their place in the stack), with no memory map whose touched pages stay resident, so a load holds
+  about one tensor per in-flight transfer on the host.
+  """
+
+  def __init__(self, files: list[str], max_open: int = 4):
+    self._entries = {}  # name -> (file, dtype, shape, first byte)
     for f in files:
-      handle = self._open_checked(f)
-      for name in handle.keys():
-        self._file_of[name] = f
-        self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-      del handle
+      for name, entry in self._header(f).items():
+        self._entries[name] = (f,) + entry
     self._handles = collections.OrderedDict()
     self._max_open = max_open
 
-  def _open_checked(self, f):
+  @staticmethod
+  def _header(f: str) -> dict:
+    """{name: (dtype, shape, first byte)} of one file, every entry checked against the file's size."""
     try:
-      return self._open_fn(f)
-    except Exception as e:  # safetensors raises its own error types for a bad header
+      with open(f, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or not 2 <= n <= size - 8:
+          raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+        header = json.loads(fh.read(n))
+      data_start, out = 8 + n, {}
+      for name, e in header.items():
+        if name == "__metadata__":
+          continue
+        dtype = np.dtype(_SAFETENSORS_DTYPES[e["dtype"]])
+        shape = tuple(int(d) for d in e["shape"])
+        begin, end = (int(o) for o in e["data_offsets"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or data_start + end > size:
+          raise ValueError(f"tensor {name}: offsets {begin}..{end} do not hold {e['dtype']}{list(shape)} "
+                           f"inside the file")
+        out[name] = (dtype, shape, data_start + begin)
+      return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
       raise ConversionError(f"{f}: not a readable safetensors file ({e})") from None
 
-  def shapes(self) -> dict:
-    return dict(self._shapes)
-
-  def read(self, name: str, index: tuple) -> np.ndarray:
-    f = self._file_of[name]
+  def _handle(self, f: str):
     if f not in self._handles:
       if len(self._handles) >= self._max_open:
-        self._handles.popitem(last=False)
-      self._handles[f] = self._open_checked(f)
+        self._handles.popitem(last=False)[1].close()
+      self._handles[f] = open(f, "rb", buffering=0)
     self._handles.move_to_end(f)
-    return self._handles[f].get_slice(name)[index]
+    return self._handles[f]
+
+  def shapes(self) -> dict:
+    return {name: e[2] for name, e in self._entries.items()}
+
+  def shape(self, name: str) -> tuple:
+    return self._entries[name][2]
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][1]
+
+  def read_into(self, name: str, index: tuple, out: np.ndarray) -> None:
+    """out[...] = stored[index]; index: one slice per dimension, explicit bounds.  Reads whole rows of the
+    first dimension's range (a contiguous byte range) and, when the other dimensions are cut, copies the
+    cut out of them."""
+    f, dtype, shape, first = self._entries[name]
+    if not shape:
+      rows, row_bytes, whole_rows = slice(0, 1), dtype.itemsize, True
+    else:
+      rows = index[0]
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+      whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(index[1:], shape[1:]))
+    direct = whole_rows and out.dtype == dtype and out.flags.c_contiguous
+    buf = out if direct else np.empty((rows.stop - rows.start,) + tuple(shape[1:]), dtype)
+    fh = self._handle(f)
+    fh.seek(first + rows.start * row_bytes)
+    want = (rows.stop - rows.start) * row_bytes
+    got = fh.readinto(memoryview(buf.reshape(-1).view(np.uint8))) if want else 0
+    if got != want:
+      raise ConversionError(f"{f}: tensor {name} is cut short ({got} of {want} bytes); the file is truncated")
+    if not direct:
+      out[...] = buf[(slice(None),) + tuple(index[1:])] if shape else buf.reshape(())
+
+  def read(self, name: str, index: tuple) -> np.ndarray:
+    return _read_new(self, name, index)
 
   def close(self):
-    self._handles.clear()
+    while self._handles:
+      self._handles.popitem()[1].close()
+
+
+def _extent(index: tuple) -> tuple:
+  return tuple(s.stop - s.start for s in index)
+
+
+def _read_new(source, name: str, index: tuple) -> np.ndarray:
+  """stored[index] of one tensor as a new array (index slices may be open)."""
+  index = _concrete(index, source.shape(name))
+  out = np.empty(_extent(index), source.dtype(name))
+  source.read_into(name, index, out)
+  return out
 
 
 def _block_of(in_memory: str):
@@ -331,17 +416,75 @@ def _stored(row: _Row, released: bool) -> dict:
   return {name: (e, 2 * b if block is not None else b, a)}
 
 
-def _reader(row: _Row, released: bool, source) -> Callable[[tuple], np.ndarray]:
-  """index -> that slice of the parameter as stored: [n] vectors, Linear weights [out, in], experts
-  [E, out, in] (the per-expert tensors stacked, or rows of transformers' fused tensor)."""
+def _reader(row: _Row, released: bool, source):
+  """(stored dtype, into): into(index, out) fills `out` with that slice of the parameter as stored: [n]
+  vectors, Linear weights [out, in], experts [E, out, in] (each expert's tensor read into its place in the
+  stack, or rows of transformers' fused tensor).  index: slices with explicit bounds."""
   if row.kind in ("vector", "linear"):
     name = row.released if released else row.in_memory
-    return lambda idx: source.read(name, idx)
+    return source.dtype(name), lambda idx, out: source.read_into(name, idx, out)
   if released:
-    return lambda idx: np.stack([source.read(row.released.format(e=i), idx[1:]) for i in range(row.shape[0])[idx[0]]])
+    names = [row.released.format(e=i) for i in range(row.shape[0])]
+
+    def into(idx, out):
+      for k, e in enumerate(range(row.shape[0])[idx[0]]):
+        source.read_into(names[e], idx[1:], out[k])
+    return source.dtype(names[0]), into
   name, block = _block_of(row.in_memory)
   offset = 0 if block is None else block * row.shape[2]
-  return lambda idx: source.read(name, (idx[0], slice(idx[1].start + offset, idx[1].stop + offset), idx[2]))
+  return source.dtype(name), lambda idx, out: source.read_into(
+      name, (idx[0], slice(idx[1].start + offset, idx[1].stop + offset), idx[2]), out)
+
+
+class _Staging:
+  """Host memory for the slices on their way to the devices, reused from parameter to parameter.
+
+  Fresh host memory costs a page fault per 4 KiB on first touch (seconds per GB on virtual machines),
+  more than reading the file; so the slices of a parameter are read into one arena, and before the next
+  parameter that does not fit in what is left, the load waits for the transfers (and the device-side
+  copies that end each parameter, see `_on_device`) and starts the arena over.  The arena is `nbytes`,
+  grown to the largest parameter; a parameter whose slices overflow it (replicated on several local
+  devices) takes fresh memory for the rest.  The arena is never reset while a parameter is being built:
+  its first slices wait in it for the transfer of the whole parameter.
+  """
+
+  def __init__(self, nbytes: int):
+    self._arena = np.empty(0, np.uint8)
+    self._nbytes, self._used, self._pending = nbytes, 0, []
+
+  def begin(self, nbytes: int) -> None:
+    """Before a parameter of `nbytes` (its stored size): make room, waiting for earlier transfers if needed."""
+    if self._used + nbytes > self._arena.size:
+      self.drain()
+      if nbytes > self._arena.size or self._arena.size < self._nbytes:
+        self._arena = np.empty(max(nbytes, self._nbytes, self._arena.size), np.uint8)
+
+  def alloc(self, shape: tuple, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    slot = -(-size // 64) * 64  # 64-byte aligned slots
+    if self._used + slot > self._arena.size:
+      return np.empty(shape, dtype)
+    out = self._arena[self._used:self._used + size]
+    self._used += slot
+    return out.view(dtype).reshape(shape)
+
+  def track(self, array) -> None:
+    """A parameter built from the arena: the arena is not reused before it is ready."""
+    self._pending.append(array)
+
+  def drain(self) -> None:
+    import jax
+    jax.block_until_ready(self._pending)
+    self._pending, self._used = [], 0
+
+
+def _read(reader, index: tuple, staging: _Staging) -> np.ndarray:
+  """A reader's slice, in staging memory."""
+  dtype, into = reader
+  out = staging.alloc(_extent(index), dtype)
+  into(index, out)
+  return out
 
 
 def _swap_last(x: tuple) -> tuple:
@@ -360,10 +503,19 @@ def _stored_sharding(sharding, ndim: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _transpose_into(sharding):
-  """A jitted swap of the last two axes whose result lands in `sharding` (the transpose runs on the devices)."""
+def _on_device(sharding, dtype: str, transpose: bool):
+  """A jitted cast to `dtype` (and swap of the last two axes) whose result lands in `sharding`: the
+  conversions run on the devices, not as slow strided or element-wise host copies."""
   import jax
-  return jax.jit(lambda x: x.swapaxes(-1, -2), out_shardings=sharding)
+
+  import jax.numpy as jnp
+
+  def f(x):
+    x = x.swapaxes(-1, -2) if transpose else x
+    # Always a new device buffer (jnp.copy when nothing changes): the input may alias host staging
+    # memory (a CPU device can take numpy memory without a copy), which the next slices overwrite.
+    return x.astype(dtype) if x.dtype != dtype else jnp.copy(x)
+  return jax.jit(f, out_shardings=sharding)
 
 
 def _concrete(index: tuple, shape: tuple) -> tuple:
@@ -435,25 +587,38 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
       raise ConversionError(f"shardings: no entry for {'/'.join(path)}; give one jax Sharding or a tree "
                             "shaped like the params (e.g. jax.tree.map over model.abstract_params)") from None
 
-  def place(shape, kind, read, sharding):
-    """One array of `shape` in `sharding`; read(index of the stored array) -> that slice as stored."""
-    if kind == "vector":
-      return jax.make_array_from_callback(
-          shape, sharding, lambda idx: np.ascontiguousarray(read(_concrete(idx, shape)), dtype=dtype))
-    # Weights are stored [.., out, in] and ours are [.., in, out]: host transposes are slow (strided
-    # copies), so the stored order goes to the devices and is transposed there, into the target sharding.
-    stored_shape, stored_sharding = _swap_last(shape), _stored_sharding(sharding, len(shape))
+  # An eighth of the checkpoint, at most _STAGING_BYTES (grown to the largest parameter).
+  total = sum(int(np.prod(shape, dtype=np.int64)) * source.dtype(name).itemsize for name, shape in shapes.items())
+  staging = _Staging(min(_STAGING_BYTES, total // 8))
+
+  def place(shape, kind, reader, sharding):
+    """One array of `shape` in `sharding`, from reader (see `_reader`) of the stored array."""
+    # Weights are stored [.., out, in] and ours are [.., in, out]: the stored order goes to the devices
+    # and is transposed there, into the target sharding.
+    transpose = kind != "vector"
+    staging.begin(int(np.prod(shape, dtype=np.int64)) * reader[0].itemsize)
+    stored_shape, stored_sharding = shape, sharding
+    if transpose:
+      stored_shape, stored_sharding = _swap_last(shape), _stored_sharding(sharding, len(shape))
     if stored_sharding is None:  # a sharding we cannot permute: transpose each slice on the host
-      return jax.make_array_from_callback(shape, sharding, lambda idx: np.ascontiguousarray(
-          read(_swap_last(_concrete(idx, shape))).swapaxes(-1, -2), dtype=dtype))
-    stored = jax.make_array_from_callback(stored_shape, stored_sharding, lambda idx: np.ascontiguousarray(
-        read(_concrete(idx, stored_shape)), dtype=dtype))
-    return _transpose_into(sharding)(stored)
+      stored = jax.make_array_from_callback(shape, sharding, lambda idx: np.ascontiguousarray(
+          _read(reader, _swap_last(_concrete(idx, shape)), staging).swapaxes(-1, -2)))
+      transpose = False
+    else:
+      stored = jax.make_array_from_callback(stored_shape, stored_sharding,
+                                            lambda idx: _read(reader, _concrete(idx, stored_shape), staging))
+    array = _on_device(sharding, dtype.name, transpose)(stored)
+    staging.track(array)
+    return array
 
   def stacked_reader(rows):
     """Reads a slice [layers, ...] of the same parameter of several layers (the scan's stacked leaf)."""
     readers = [_reader(row, released, source) for row in rows]
-    return lambda idx: np.stack([readers[k](idx[1:]) for k in range(len(rows))[idx[0]]])
+
+    def into(idx, out):
+      for k, r in enumerate(range(len(rows))[idx[0]]):
+        readers[r][1](idx[1:], out[k])
+    return readers[0][0], into
 
   from mx01 import model as model_lib
   period, repeats = model_lib.scan_plan(config)
@@ -467,12 +632,12 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
     per_rep = [_layer_rows(config, rep * period + j) for rep in range(repeats)]
     for rows in zip(*per_rep):
       path = slot + rows[0].path
-      _set(params, path, place((repeats,) + rows[0].shape, rows[0].kind, stacked_reader(rows),
-                               pick(shardings, path)))
+      _set(params, path, place((repeats,) + rows[0].shape, rows[0].kind, stacked_reader(rows), pick(shardings, path)))
   for i in range(period * repeats, config.num_layers):
     for row in _layer_rows(config, i):
       path = (f"layers_{i}",) + row.path
       _set(params, path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, path)))
+  staging.drain()
   return params
 
 

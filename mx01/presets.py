@@ -175,7 +175,10 @@ def _hybrid_456b() -> Config:
       layer_pattern=HYBRID_PATTERN, ffn_type="moe", intermediate_size=9216, num_experts=32, num_experts_per_tok=2,
       capacity_factor=None, router_aux_loss_coef=0.001, block_size=256, rotary_dim=64, rope_theta=10_000_000.0,
       lightning_alpha=a, softmax_alpha=a, mlp_alpha=a, rms_norm_eps=1e-5, max_seq_len=10_240_000,
-      compute_dtype="bfloat16", param_dtype="float32", remat="full")
+      compute_dtype="bfloat16", param_dtype="float32", remat="full",
+      # The LM head and loss in chunks of 2048 tokens: full float32 logits over the 200k vocabulary would be
+      # 49 GiB per device at this layout (8 rows x 8192 tokens), twice with their gradient.
+      loss_chunk_size=2048)
   return Config(model=model, data=DataConfig(seq_len=8192),
                 parallel=ParallelConfig(data=8, fsdp=True, tensor=8, expert=8, expert_tensor=1),
                 train=TrainConfig(steps=100_000, batch_size=64, learning_rate=2e-4, warmup_steps=500,

@@ -192,17 +192,16 @@ def test_loads_into_target_shardings_from_slices(tmp_path, hf_model):
 
   shardings = shardings_for(cfg, None)  # 5 experts do not split over 4 devices: experts by columns only
   reads = []
-  orig = convert._SafetensorsSource.read
+  orig = convert._SafetensorsSource.read_into
 
-  def spy(self, name, index):
-    out = orig(self, name, index)
+  def spy(self, name, index, out):
+    orig(self, name, index, out)
     reads.append((name, out.size))
-    return out
-  convert._SafetensorsSource.read = spy
+  convert._SafetensorsSource.read_into = spy
   try:
     params, _ = convert.load_safetensors(str(tmp_path), shardings=shardings)
   finally:
-    convert._SafetensorsSource.read = orig
+    convert._SafetensorsSource.read_into = orig
   wi = params["layers_0"]["moe"]["wi_gate"]
   assert wi.sharding == shardings["layers_0"]["moe"]["wi_gate"]
   assert {s.data.shape for s in wi.addressable_shards} == {(5, 44, 18)}
@@ -379,3 +378,68 @@ def test_tied_embeddings_round_trip_through_one_file(tmp_path):
   loaded, cfg2 = convert.load_safetensors(path)
   assert cfg2 == cfg and cfg2.tie_word_embeddings
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+# ---- the safetensors reader ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_safetensors_reader_slices_equal_the_library(tmp_path, dtype):
+  """Random slices (whole rows, cut columns, 1-d and 3-d tensors) equal safetensors' own reader."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+  tensors = {"a": rng.standard_normal((37, 23)), "b": rng.standard_normal((11,)), "c": rng.standard_normal((5, 9, 7))}
+  tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+  if dtype == "bfloat16":  # safetensors.numpy cannot write bfloat16; its torch API can
+    from safetensors.torch import save_file as save_torch
+    save_torch({k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) for k, v in tensors.items()},
+               str(tmp_path / "x.st"))
+  else:
+    save_file(tensors, str(tmp_path / "x.st"))
+  source = convert._SafetensorsSource([str(tmp_path / "x.st")])
+  try:
+    for name, ref in tensors.items():
+      assert source.dtype(name) == np_dtype and source.shape(name) == ref.shape
+      for _ in range(6):
+        index = []
+        for n in ref.shape:
+          lo = int(rng.integers(0, n))
+          index.append(slice(lo, int(rng.integers(lo + 1, n + 1))))
+        np.testing.assert_array_equal(source.read(name, tuple(index)), ref[tuple(index)])
+  finally:
+    source.close()
+
+
+def test_truncated_and_inconsistent_files_are_named(tmp_path):
+  from safetensors.numpy import save_file
+  save_file({"w": np.arange(64, dtype=np.float32).reshape(8, 8)}, str(tmp_path / "m.safetensors"))
+  raw = (tmp_path / "m.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(raw[:-40])  # the data cut short: offsets point past the end
+  with pytest.raises(convert.ConversionError, match="cut.safetensors: not a readable safetensors file .*inside the file"):
+    convert._SafetensorsSource([str(tmp_path / "cut.safetensors")])
+  (tmp_path / "big.safetensors").write_bytes((10**9).to_bytes(8, "little") + raw[8:])
+  with pytest.raises(convert.ConversionError, match="big.safetensors: not a readable safetensors file .*header length"):
+    convert._SafetensorsSource([str(tmp_path / "big.safetensors")])
+  # A file truncated after it was opened (a disk filling up, a copy in progress): the read names it.
+  source = convert._SafetensorsSource([str(tmp_path / "m.safetensors")])
+  (tmp_path / "m.safetensors").write_bytes(raw[:-40])
+  try:
+    with pytest.raises(convert.ConversionError, match="m.safetensors: tensor w is cut short"):
+      source.read("w", (slice(0, 8), slice(0, 8)))
+  finally:
+    source.close()
+
+
+def test_staging_memory_reused_between_transfers_keeps_every_value(tmp_path, hf_model, monkeypatch):
+  """With a staging arena far smaller than the checkpoint, the load waits and rewrites the arena many
+  times; every parameter must still hold its own values (no device array may alias the arena)."""
+  hf_model.save_pretrained(tmp_path, max_shard_size="30KB")
+  reference, _ = convert.load_safetensors(str(tmp_path))
+  drains = []
+  orig = convert._Staging.drain
+  monkeypatch.setattr(convert, "_STAGING_BYTES", 4096)
+  monkeypatch.setattr(convert._Staging, "drain", lambda self: (drains.append(1), orig(self)))
+  params, _ = convert.load_safetensors(str(tmp_path))
+  assert len(drains) > 10
+  jax.tree.map(np.testing.assert_array_equal, params, reference)
