@@ -230,7 +230,8 @@ class Decoder(nn.Module):
       positions = (positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape))
     ctx = (segment_ids, positions, token_mask)
-    x = Embed(cfg, ops, name="embed")(tokens)
+    embed = Embed(cfg, ops, name="embed")
+    x = embed(tokens)
 
     kinds = cfg.resolved_layer_types
     p, r = scan_plan(cfg)
@@ -256,8 +257,7 @@ class Decoder(nn.Module):
     if return_hidden:
       logits = x
     elif cfg.tie_word_embeddings:
-      emb = self.variables["params"]["embed"]["embedding"]
-      logits = jnp.dot(x, emb.astype(cd).T, preferred_element_type=jnp.float32)
+      logits = embed.attend(x)
     else:
       logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=cd, param_dtype=pd, shards=ops.shards,
                       kernel_init=nn.initializers.normal(cfg.initializer_range), name="lm_head")(x)

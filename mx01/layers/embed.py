@@ -1,4 +1,4 @@
-"""The token embedding table [vocab, hidden], declared with its logical axes."""
+"""The token embedding table [vocab, hidden], declared with its logical axes; `attend` is the tied LM head."""
 
 from typing import Any
 
@@ -13,10 +13,17 @@ class Embed(nn.Module):
   config: ModelConfig
   ops: Any  # mx01.ops.ModelOps (only its shards)
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.embedding = param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
+                           (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), jnp.dtype(cfg.param_dtype),
+                           self.ops.shards)
+
   def __call__(self, tokens):
     """tokens [batch, seq] int -> [batch, seq, hidden] in the compute dtype."""
-    cfg = self.config
-    table = param(self, "embedding", nn.initializers.normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
-                  ("vocab", "embed"), jnp.dtype(cfg.param_dtype), self.ops.shards)
-    return jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
+    return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.compute_dtype))
+
+  def attend(self, x):
+    """x [..., hidden] -> logits [..., vocab] float32 against the table (tied input and output embeddings)."""
+    return jnp.dot(x, self.embedding.astype(jnp.dtype(self.config.compute_dtype)).T,
+                   preferred_element_type=jnp.float32)
