@@ -11,10 +11,7 @@ ModelOps, whose `shards` give the layers their tensor / expert split and its col
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mx01 import model as model_lib
