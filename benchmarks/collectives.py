@@ -103,7 +103,8 @@ def moe_case(parallel: ParallelConfig):
   d, e, i = MODEL.hidden_size, MODEL.num_experts, MODEL.intermediate_size
   params = {"router": jnp.zeros((d, e)), "wi_gate": jnp.zeros((e, d, i)), "wi_up": jnp.zeros((e, d, i)),
             "wo": jnp.zeros((e, i, d))}
-  specs = rules.param_specs({"moe": params}, pm)["moe"]
+  moe_axes = model_lib.param_logical_axes(MODEL)["layers_0"]["moe"]  # two kinds of layer: nothing scanned
+  specs = rules.param_specs({"moe": params}, pm, {"moe": moe_axes})["moe"]
   act = pm.spec("data", "sequence", None)
   fn = functools.partial(moe_expert_parallel, config=MODEL, pmesh=pm, layout=layout, global_batch=B)
   mapped = comm.shard_map(fn, mesh=pm.mesh, in_specs=(act, specs), out_specs=(act, P()))
@@ -199,7 +200,7 @@ def step_case(parallel: ParallelConfig):
   config = Config(model=MODEL, parallel=parallel, data=DataConfig(seq_len=L))
   optimizer = optax.sgd(0.1)
   params = jax.eval_shape(lambda: model_lib.init(MODEL, jax.random.key(0)))
-  shardings = rules.param_shardings(params, pm)
+  shardings = rules.param_shardings(params, pm, model_lib.param_logical_axes(MODEL))
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params, shardings)
   opt_state = jax.eval_shape(optimizer.init, params)
   batch = {"tokens": jax.ShapeDtypeStruct((B, L + 1), jnp.int32),

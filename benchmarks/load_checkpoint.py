@@ -104,7 +104,7 @@ def _shardings(cfg, expert_parallel: bool):
   if cfg.num_experts % len(devices):
     raise SystemExit(f"--expert-parallel: {cfg.num_experts} experts do not split over {len(devices)} devices")
   pmesh = mesh_lib.build_mesh(ParallelConfig(data=len(devices), expert=len(devices)), devices)
-  return rules.param_shardings(model.abstract_params(cfg), pmesh)
+  return rules.param_shardings(model.abstract_params(cfg), pmesh, model.param_logical_axes(cfg))
 
 
 def _check(loaded: dict, cfg) -> None:

@@ -62,7 +62,7 @@ def _compare(cfg, par: ParallelConfig, name: str, params, batch, ref) -> dict:
   try:
     pm = mesh_lib.build_mesh(par)
     loss_fn = training.make_loss(cfg, pm)
-    (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+    (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm, cfg), batch)
     row = dict(layout=name, loss_abs_err=abs(float(loss) - float(loss_ref)),
                aux_abs_err=abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])),
                grad_max_rel_err=_max_rel(g, g_ref),
@@ -125,7 +125,7 @@ def weak_scaling(n: int, preset: str, seq: int, per_gpu_batch: int, steps: int, 
       text = ""
     else:
       pm = mesh_lib.build_mesh(par, jax.devices()[:devices])
-      params = step_lib.shard_params(params, pm)
+      params = step_lib.shard_params(params, pm, cfg.model)
       opt_state = jax.jit(opt.init)(params)
       step = jax.jit(training.make_train_step(cfg.model, pm, opt), donate_argnums=(0, 1))
       text = step.lower(params, opt_state, batch).compile().as_text()
@@ -150,7 +150,7 @@ def long_context(n: int, preset: str, seqs: list, budget_s: float, overrides=())
     cfg = Config(model=base.model, parallel=ParallelConfig(sequence=n), train=base.train, data=base.data)
     try:
       pm = mesh_lib.build_mesh(cfg.parallel, jax.devices()[:n])
-      params = step_lib.shard_params(model_lib.init(cfg.model, jax.random.key(0)), pm)
+      params = step_lib.shard_params(model_lib.init(cfg.model, jax.random.key(0)), pm, cfg.model)
       opt = optax.adamw(1e-4)
       opt_state = jax.jit(opt.init)(params)
       step = jax.jit(training.make_train_step(cfg.model, pm, opt), donate_argnums=(0, 1))

@@ -29,10 +29,18 @@ depth.  Parameter tree:
      "layers_{i}": ... (the unrolled remainder, by global index), "final_norm", "lm_head"}
 
 `layer_params` / `params_from_layers` convert to and from one dict per layer.
+
+Each layer declares its parameters' logical axes where it creates them
+(mx01/layers/param.py); `param_logical_axes(config)` reads them back as a tree
+like the params (PartitionSpecs of logical names; the scanned period's leaves
+start with "layers"), which mx01/parallel/rules.py maps to the mesh.  Under
+tensor / expert parallelism the same modules run on each device's pieces, with
+the split and its collectives in `ops.shards` (mx01/ops.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -41,8 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mx01.config import LIGHTNING, ModelConfig
+from mx01.layers.embed import Embed
 from mx01.layers.feedforward import DenseMLP, MoEBlock
 from mx01.layers.lightning_layer import LightningAttentionLayer
+from mx01.layers.linear import Linear
 from mx01.layers.moe import load_balancing_loss
 from mx01.layers.norms import RMSNorm
 from mx01.layers.softmax_attention import SoftmaxAttentionLayer
@@ -137,7 +147,7 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     segment_ids, positions, token_mask = ctx
     pd = jnp.dtype(cfg.param_dtype)
-    h = RMSNorm(cfg.rms_norm_eps, pd, name="input_norm")(x)
+    h = RMSNorm(cfg.rms_norm_eps, pd, shards=self.ops.shards, name="input_norm")(x)
     if self.kind == LIGHTNING:
       attn_out, cache = LightningAttentionLayer(cfg, self.ops, name="attn")(
           h, layer_idx=layer_idx, segment_ids=segment_ids, cache=cache, token_mask=token_mask)
@@ -147,11 +157,11 @@ class DecoderLayer(nn.Module):
           h, positions=positions, segment_ids=segment_ids, cache=cache, token_mask=token_mask)
       alpha, beta = cfg.softmax_alpha, cfg.softmax_beta
     x = h * alpha + attn_out.astype(h.dtype) * beta
-    h = RMSNorm(cfg.rms_norm_eps, pd, name="post_attn_norm")(x)
+    h = RMSNorm(cfg.rms_norm_eps, pd, shards=self.ops.shards, name="post_attn_norm")(x)
     if cfg.is_moe:
       ffn_out, stats = MoEBlock(cfg, self.ops, name="moe")(h, token_mask=token_mask)
     else:
-      ffn_out, stats = DenseMLP(cfg, name="mlp")(h)
+      ffn_out, stats = DenseMLP(cfg, self.ops, name="mlp")(h)
     x = h * cfg.mlp_alpha + ffn_out.astype(h.dtype) * cfg.mlp_beta
     return x, stats, cache
 
@@ -220,8 +230,8 @@ class Decoder(nn.Module):
       positions = (positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape))
     ctx = (segment_ids, positions, token_mask)
-    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.initializer_range),
-                 param_dtype=pd, name="embed")(tokens).astype(cd)
+    embed = Embed(cfg, ops, name="embed")
+    x = embed(tokens)
 
     kinds = cfg.resolved_layer_types
     p, r = scan_plan(cfg)
@@ -243,15 +253,14 @@ class Decoder(nn.Module):
         stats.append(jax.tree.map(lambda a: a[None], s))
     if last_only:
       x = x[:, -1:]
-    x = RMSNorm(cfg.rms_norm_eps, pd, name="final_norm")(x)
+    x = RMSNorm(cfg.rms_norm_eps, pd, shards=ops.shards, name="final_norm")(x)
     if return_hidden:
       logits = x
     elif cfg.tie_word_embeddings:
-      emb = self.variables["params"]["embed"]["embedding"]
-      logits = jnp.dot(x, emb.astype(cd).T, preferred_element_type=jnp.float32)
+      logits = embed.attend(x)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cd, param_dtype=pd, name="lm_head",
-                        kernel_init=nn.initializers.normal(cfg.initializer_range))(x)
+      logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=cd, param_dtype=pd, shards=ops.shards,
+                      kernel_init=nn.initializers.normal(cfg.initializer_range), name="lm_head")(x)
     aux = {"aux_loss": jnp.zeros((), jnp.float32)}
     if stats:
       stacked = jax.tree.map(lambda *s: jnp.concatenate(s), *stats)
@@ -263,11 +272,25 @@ class Decoder(nn.Module):
     return (logits if return_hidden else logits.astype(jnp.float32)), aux
 
 
+def _boxed_init(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+  """Initial parameters, each in its `nn.LogicallyPartitioned` box (array + logical axis names)."""
+  return Decoder(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
 def init(config: ModelConfig, rng: jax.Array, *, seq_len: int = 8) -> dict:
   """Initial parameters (a plain pytree, see the module docstring for its layout)."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
   # One compiled program: op-by-op init dispatches (and compiles) hundreds of small ops.
-  return jax.jit(lambda r: Decoder(config).init(r, tokens)["params"])(rng)
+  return jax.jit(lambda r: nn.unbox(_boxed_init(config, r, seq_len)))(rng)
+
+
+@functools.lru_cache(maxsize=None)
+def param_logical_axes(config: ModelConfig) -> dict:
+  """The logical axis names of every parameter, as the layers declare them: a tree like `init`'s with
+  PartitionSpec leaves, e.g. PartitionSpec("embed", "heads") (scanned period: "layers" first).
+
+  Shared (cached per config): do not modify it.
+  """
+  return nn.get_partition_spec(jax.eval_shape(lambda r: _boxed_init(config, r), jax.random.key(0)))
 
 
 def abstract_params(config: ModelConfig) -> dict:

@@ -15,13 +15,19 @@ backend, for tests), and "auto" is resolved in one function per op:
   MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | dense
                                      auto: capacity with a capacity_factor, else ragged on accelerators, dense on CPU
   LIGHTNING_DECODE (model.lightning_impl, one token against the state)  reference | xla | pallas
+
+`ModelOps.shards` (a `LocalShards`) is the tensor/expert-parallel split of the
+per-device computation: how many ways each logical axis of the parameters is
+split, this device's index along it, and the sum over the devices that split
+it.  The layers create their parameters at the local shape and call these
+collectives themselves (mx01/layers/param.py); the default is one device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +169,51 @@ def moe_op(config: ModelConfig, *, interpret: bool = False) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
+class LocalShards:
+  """How one device's computation splits the parameters' logical axes, and the collectives that rejoin them.
+
+  split: (logical axis name, its mesh axes, ways) for each logical axis split inside the per-device
+  computation, e.g. ("heads", ("tensor",), 2) for two-way tensor parallelism
+  (`mx01.parallel.rules.local_shards` builds it from the rules table).  An axis not listed is whole on
+  every device: ways 1, index 0, and `psum` is the identity.  Use inside `shard_map` over those mesh axes.
+  """
+  split: Tuple[Tuple[str, Tuple[str, ...], int], ...] = ()
+
+  def _find(self, name):
+    return next((entry for entry in self.split if entry[0] == name), None)
+
+  def ways(self, name) -> int:
+    """How many devices share logical axis `name` (None: an unnamed, unsplit axis)."""
+    entry = self._find(name)
+    return 1 if entry is None else entry[2]
+
+  def index(self, name):
+    """This device's piece of logical axis `name`: 0 .. ways - 1 (traced int32 when split)."""
+    entry = self._find(name)
+    return 0 if entry is None else jax.lax.axis_index(entry[1])
+
+  def psum(self, x, name):
+    """x summed over the devices that split logical axis `name` (partial sums of a contraction over it)."""
+    entry = self._find(name)
+    return x if entry is None else jax.lax.psum(x, entry[1])
+
+  def local_shape(self, shape, names) -> tuple:
+    """The shape of this device's piece of an array of global `shape` whose dimensions are `names`."""
+    if len(shape) != len(names):
+      raise ValueError(f"shape {tuple(shape)} has {len(shape)} dimensions but {len(names)} axis names {names}")
+    out = []
+    for size, name in zip(shape, names):
+      if size % self.ways(name):
+        raise ValueError(f"dimension {name!r} of size {size} does not split {self.ways(name)} ways; "
+                         "change the model size or the parallel layout")
+      out.append(size // self.ways(name))
+    return tuple(out)
+
+
+ONE_DEVICE = LocalShards()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelOps:
   """lightning(q, k, v, log_decay, *, block_size, segment_ids, initial_state) -> (out, final_state)
       (block_size: the XLA block-wise form's, ModelConfig.block_size; the Pallas kernels tile by
@@ -170,11 +221,13 @@ class ModelOps:
   attention(q, k, v, *, segment_ids) -> out
   moe(x, params, *, config, token_mask) -> (out, stats)
   lightning_decode(q, k, v, log_decay, state) -> (out, new_state): one token per row (generation)
+  shards: the tensor/expert-parallel split the layers compute on (`LocalShards`; default one device)
   """
   lightning: Callable
   attention: Callable
   moe: Callable
   lightning_decode: Callable = lightning_lib.lightning_decode_step
+  shards: LocalShards = ONE_DEVICE
 
 
 def default_ops(config: ModelConfig, *, interpret: bool = False) -> ModelOps:

@@ -16,8 +16,8 @@ The same step serves one device (the trivial mesh) and a cluster.  Data flow:
   1. `split_batch` and per-segment positions on the global batch; with
      sequence > 1 the sequence is permuted to the zig-zag layout (layout.py).
   2. shard_map: batch over (data, sequence); parameters by parallel/rules.py.
-     Each device runs `parallel.step._local_forward` (FSDP gather, tensor-local
-     config, sharded ops) and psums its summed token loss and count over
+     Each device runs `parallel.step._local_forward` (FSDP gather, the decoder on
+     its parameter pieces with the sharded ops) and psums its summed token loss and count over
      (data, sequence); MoE statistics are already global.
   3. `jax.value_and_grad` around the shard_map: JAX transposes every
      collective, so gradients come out with the parameters' shardings.
@@ -190,11 +190,13 @@ def trivial_mesh(device=None) -> ParallelMesh:
   return build_mesh(ParallelConfig(), [device if device is not None else jax.devices()[0]])
 
 
-def state_shardings(abstract_state, optimizer: optax.GradientTransformation, pmesh: ParallelMesh):
-  """Shardings of a train state {"params", "opt_state", ...}: parameters by the rules table, every copy of
-  the parameter tree inside the optimizer state (Adam's mu, nu) like the parameters, the rest replicated."""
+def state_shardings(abstract_state, optimizer: optax.GradientTransformation, pmesh: ParallelMesh,
+                    config: ModelConfig):
+  """Shardings of a train state {"params", "opt_state", ...} of `config`'s model: parameters by the rules
+  table, every copy of the parameter tree inside the optimizer state (Adam's mu, nu) like the parameters,
+  the rest replicated."""
   replicated = NamedSharding(pmesh.mesh, PartitionSpec())
-  params = rules.param_shardings(abstract_state["params"], pmesh)
+  params = rules.param_shardings(abstract_state["params"], pmesh, model_lib.param_logical_axes(config))
   out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
   out["params"] = params
   if "opt_state" in abstract_state:
@@ -234,7 +236,8 @@ def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[
                                          global_batch=b, return_hidden=chunked)
       extra = {}
       if chunked:
-        head = model_lib.lm_head_matrix(rules.gather_fsdp(params, pmesh), config)
+        head = model_lib.lm_head_matrix(rules.gather_fsdp(params, pmesh, model_lib.param_logical_axes(config)),
+                                        config)
         nll_sum, count = chunked_cross_entropy(out, head, targets, mask, chunk_size=config.loss_chunk_size)
       elif token_loss is None:
         nll_sum, count = cross_entropy(out, targets, mask)
@@ -249,7 +252,8 @@ def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[
         sums["expert_load_max_over_mean"] = expert_load_imbalance(per_layer)
       return sums
 
-    return comm.shard_map(local, mesh=pmesh.mesh, in_specs=(rules.param_specs(params, pmesh),) + (bspec,) * 5,
+    param_specs = rules.param_specs(params, pmesh, model_lib.param_logical_axes(config))
+    return comm.shard_map(local, mesh=pmesh.mesh, in_specs=(param_specs,) + (bspec,) * 5,
                           out_specs=PartitionSpec())(params, *arrays)
 
   return sums_fn
@@ -336,7 +340,8 @@ def make_train_step(config: ModelConfig, pmesh: Optional[ParallelMesh], optimize
       (loss, metrics), grads = grads_of(params, batch)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    new_params = jax.lax.with_sharding_constraint(new_params, rules.param_shardings(new_params, pmesh))
+    new_params = jax.lax.with_sharding_constraint(
+        new_params, rules.param_shardings(new_params, pmesh, model_lib.param_logical_axes(config)))
     metrics = dict(metrics, total_loss=loss, grad_norm=optax.global_norm(grads))
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & _all_finite(grads)

@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     plan_lengths(max(map(len, prompts)), args.max_new_tokens, config=model_cfg, prefill_chunk=args.prefill_chunk,
                  max_cache_len=args.max_cache_len)
     pmesh = build_generation_mesh(cfg)
-    shardings = None if pmesh is None else rules.param_shardings(model_lib.abstract_params(model_cfg), pmesh)
+    shardings = None if pmesh is None else rules.param_shardings(
+        model_lib.abstract_params(model_cfg), pmesh, model_lib.param_logical_axes(model_cfg))
     if args.checkpoint:  # streamed straight into the shardings
       params, _ = convert.load_safetensors(args.checkpoint, model_cfg, shardings=shardings)
     elif params is None:

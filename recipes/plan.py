@@ -308,7 +308,7 @@ def dry_run(config: Config, *, num_layers: Optional[int] = None, seq_len: Option
   pmesh = mesh_lib.build_mesh(small.parallel, jax.devices()[:n])
   optimizer, _ = training.make_optimizer(small.train)
   abstract = jax.eval_shape(lambda k: training.init_train_state(small.model, optimizer, k, k), jax.random.key(0))
-  shardings = training.state_shardings(abstract, optimizer, pmesh)
+  shardings = training.state_shardings(abstract, optimizer, pmesh, small.model)
   params, opt_state = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract[k], shardings[k]) for k in ("params", "opt_state"))
   batch_sharding = pmesh.sharding("data", None)

@@ -199,7 +199,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
     return training.init_train_state(config.model, optimizer, k, run_key)
 
   abstract = jax.eval_shape(make_state, init_key)
-  state_shardings = training.state_shardings(abstract, optimizer, pmesh)
+  state_shardings = training.state_shardings(abstract, optimizer, pmesh, config.model)
   init_state = jax.jit(make_state, out_shardings=state_shardings)
 
   if overwrite and not resume and is_main:

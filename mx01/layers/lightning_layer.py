@@ -8,6 +8,11 @@ position signal.
 With a cache (generation) the layer carries the recurrent state
 {"state": [batch, heads, head_dim, head_dim] float32} from call to call; a
 call of one token per row is a decode step (`ops.lightning_decode`).
+
+Tensor parallel (`ops.shards` splits "heads"): each device holds whole heads
+-- its columns of the fused q|k|v and gate projections, its slice of the norm
+and its rows of out_proj -- and takes its own heads' decays; the norm over all
+heads and out_proj sum over the devices (mx01/layers/linear.py, norms.py).
 """
 
 from typing import Any, Optional
@@ -26,9 +31,10 @@ from mx01.lightning import minimax_log_decay
 LIGHTNING_NORM_EPS = 1e-6
 
 
-def dense(features, cfg: ModelConfig, name: str):
-  return Linear(features, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+def dense(features, names, cfg: ModelConfig, ops, name: str):
+  """The layers' projection: global `features` out, kernel logical axes `names` (in, out)."""
+  return Linear(features, names, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_init=nn.initializers.normal(cfg.initializer_range), shards=ops.shards, name=name)
 
 
 def log_decay_table(num_heads: int, num_layers: int) -> np.ndarray:
@@ -53,13 +59,18 @@ class LightningAttentionLayer(nn.Module):
     state before x; token_mask [batch, seq] marks real tokens (padding, which
     may only precede a row's first token, adds nothing to the state).
     """
-    cfg = self.config
+    cfg, shards = self.config, self.ops.shards
     b, t, _ = x.shape
-    h, d = cfg.num_heads, cfg.head_dim
-    # Fused projection laid out [hidden, heads * (q|k|v) * head_dim], as the released checkpoint.
-    qkv = jax.nn.silu(dense(3 * h * d, cfg, "qkv_proj")(x)).reshape(b, t, h, 3 * d)
+    d = cfg.head_dim
+    h = cfg.num_heads // shards.ways("heads")  # this device's heads
+    # Fused projection laid out [hidden, heads * (q|k|v) * head_dim], as the released checkpoint: a
+    # column split keeps each head's q, k, v together.
+    qkv = dense(3 * cfg.num_heads * d, ("embed", "heads"), cfg, self.ops, "qkv_proj")(x)
+    qkv = jax.nn.silu(qkv).reshape(b, t, h, 3 * d)
     q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-    log_decay = layer_log_decay(layer_idx, h, cfg.num_layers)
+    # The decay depends on the global head index: this device's heads of the layer's [num_heads] decays.
+    log_decay = jax.lax.dynamic_slice_in_dim(layer_log_decay(layer_idx, cfg.num_heads, cfg.num_layers),
+                                             shards.index("heads") * h, h)
     if cache is None:
       o, _ = self.ops.lightning(q, k, v, log_decay, block_size=cfg.block_size, segment_ids=segment_ids,
                                 initial_state=None)
@@ -75,6 +86,7 @@ class LightningAttentionLayer(nn.Module):
                                       initial_state=cache["state"])
       new_cache = {"state": state}
     # The released model normalises the heads with a fixed eps of 1e-6 (not config.rms_norm_eps).
-    o = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), name="norm")(o.reshape(b, t, h * d))
-    o = jax.nn.sigmoid(dense(h * d, cfg, "output_gate")(x)) * o
-    return dense(cfg.hidden_size, cfg, "out_proj")(o), new_cache
+    o = RMSNorm(LIGHTNING_NORM_EPS, jnp.dtype(cfg.param_dtype), axis="heads", shards=shards,
+                name="norm")(o.reshape(b, t, h * d))
+    o = jax.nn.sigmoid(dense(cfg.num_heads * d, ("embed", "heads"), cfg, self.ops, "output_gate")(x)) * o
+    return dense(cfg.hidden_size, ("heads", "embed"), cfg, self.ops, "out_proj")(o), new_cache

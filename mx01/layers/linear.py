@@ -14,12 +14,15 @@ tree is `mx01.inference.quantize`'s job.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from mx01.layers.param import param
+from mx01.ops import ONE_DEVICE, LocalShards
 
 
 @flax.struct.dataclass
@@ -64,14 +67,25 @@ def in_dtype(w, dtype):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel without bias; kernel [in, features] float or QuantizedWeight."""
-  features: int
+  """y = x @ kernel without bias; kernel [in, features] float or QuantizedWeight.
+
+  names: the logical axes (in, out) of the kernel.  Under tensor parallelism
+  (`shards`) the kernel is this device's piece: split over `out` it is
+  column-parallel (x whole, y this device's features); split over `in` it is
+  row-parallel (x this device's slice, y a partial sum), and the partial sums
+  are added over the devices sharing `in` here, so y is whole.
+  """
+  features: int  # global
+  names: Tuple[Optional[str], Optional[str]]
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   kernel_init: Callable
+  shards: LocalShards = ONE_DEVICE
 
   @nn.compact
   def __call__(self, x):
-    """x [..., in] -> [..., features] in `dtype`."""
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    return linear(x.astype(self.dtype), kernel)
+    """x [..., in / ways(in)] -> [..., features / ways(out)] in `dtype`."""
+    in_features = x.shape[-1] * self.shards.ways(self.names[0])  # global
+    kernel = param(self, "kernel", self.kernel_init, (in_features, self.features), self.names, self.param_dtype,
+                   self.shards)
+    return self.shards.psum(linear(x.astype(self.dtype), kernel), self.names[0])

@@ -4,6 +4,10 @@ With a cache (generation) the layer writes its post-RoPE keys/values into a
 preallocated cache {"k", "v": [batch, max_len, kv_heads, head_dim]} at each
 token's position (rows of a batch have their own lengths) and attends over it
 (`cached_attention`).
+
+Tensor parallel (`ops.shards` splits "heads" and "kv_heads"): each device
+holds whole query and key/value heads (column-split q/k/v projections) and its
+rows of o_proj, whose partial sums are added over the devices (linear.py).
 """
 
 from typing import Any, Optional
@@ -87,12 +91,13 @@ class SoftmaxAttentionLayer(nn.Module):
     cache {"k", "v"}: keys/values of positions < each row's length; the new
     tokens' keys go to their positions (token_mask False: not written).
     """
-    cfg = self.config
+    cfg, shards = self.config, self.ops.shards
     b, t, _ = x.shape
-    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = dense(h * d, cfg, "q_proj")(x).reshape(b, t, h, d)
-    k = dense(kvh * d, cfg, "k_proj")(x).reshape(b, t, kvh, d)
-    v = dense(kvh * d, cfg, "v_proj")(x).reshape(b, t, kvh, d)
+    d = cfg.head_dim
+    h, kvh = cfg.num_heads // shards.ways("heads"), cfg.num_kv_heads // shards.ways("kv_heads")  # this device's
+    q = dense(cfg.num_heads * d, ("embed", "heads"), cfg, self.ops, "q_proj")(x).reshape(b, t, h, d)
+    k = dense(cfg.num_kv_heads * d, ("embed", "kv_heads"), cfg, self.ops, "k_proj")(x).reshape(b, t, kvh, d)
+    v = dense(cfg.num_kv_heads * d, ("embed", "kv_heads"), cfg, self.ops, "v_proj")(x).reshape(b, t, kvh, d)
     rd = cfg.resolved_rotary_dim
     q = apply_rope(q, positions, rotary_dim=rd, theta=cfg.rope_theta)
     k = apply_rope(k, positions, rotary_dim=rd, theta=cfg.rope_theta)
@@ -105,4 +110,4 @@ class SoftmaxAttentionLayer(nn.Module):
       new_cache = {name: cache[name].at[rows, slot].set(new.astype(cache[name].dtype), mode="drop")
                    for name, new in (("k", k), ("v", v))}
       o = cached_attention(q, new_cache["k"], new_cache["v"], positions, kv_block=self.kv_block)
-    return dense(cfg.hidden_size, cfg, "o_proj")(o.reshape(b, t, h * d)), new_cache
+    return dense(cfg.hidden_size, ("heads", "embed"), cfg, self.ops, "o_proj")(o.reshape(b, t, h * d)), new_cache

@@ -1,10 +1,14 @@
-"""`ModelOps` for inside `shard_map`: LASP+, ring attention and the expert-parallel MoE.
+"""`ModelOps` for inside `shard_map`: LASP+, ring attention, the expert-parallel MoE and the layers' split.
 
 The decoder calls `ops.lightning`, `ops.attention` and `ops.moe` (mx01/ops.py);
 these versions take the local shards of a device and communicate over the
 mesh.  The lightning implementation inside LASP+ is the one the config picks
 (mx01/ops.py's registries: `lightning_impl`, `attention_impl`), called through
-the initial/final-state interface of `ModelOps.lightning`.
+the initial/final-state interface of `ModelOps.lightning`.  `ops.shards`
+(`rules.local_shards`) tells the layers how the mesh splits their parameters'
+axes (tensor / expert parallelism) and sums their partial results; the
+layers receive their own heads' decays and pieces of the weights, so the ops
+here see only local heads and local experts.
 """
 
 from __future__ import annotations
@@ -13,13 +17,12 @@ import jax.numpy as jnp
 
 from mx01 import ops as ops_lib
 from mx01.config import ModelConfig
-from mx01.parallel import comm
+from mx01.parallel import comm, rules
 from mx01.parallel.lasp import lasp_lightning
 from mx01.parallel.layout import SequenceLayout
 from mx01.parallel.mesh import ParallelMesh
 from mx01.parallel.moe_ep import moe_expert_parallel
 from mx01.parallel.ring_attention import ring_attention
-from mx01.parallel.tensor_parallel import LAYER_LOG_DECAY
 
 
 def _explain_vma_errors(inner, config: ModelConfig):
@@ -50,9 +53,7 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
   sequence_axes = pmesh.axes("sequence")
 
   def lightning(q, k, v, log_decay, *, block_size, segment_ids=None, initial_state=None):
-    # q, k [b, t_local, heads_local, dk]; v [b, t_local, heads_local, dv]
-    override = LAYER_LOG_DECAY.get()  # this rank's heads of the global decay (tensor parallel)
-    log_decay = log_decay if override is None else override
+    # q, k [b, t_local, heads_local, dk]; v [b, t_local, heads_local, dv]; log_decay [heads_local]
     if pmesh.parallel.sequence == 1:
       if initial_state is None:
         b, _, h, dk = q.shape
@@ -73,9 +74,8 @@ def sharded_model_ops(config: ModelConfig, pmesh: ParallelMesh, layout: Sequence
     return ring_attention(q, k, v, segment_ids=segment_ids, layout=layout, sequence_axes=sequence_axes)
 
   def moe(x, params, *, config=None, token_mask=None):
-    del config  # the layer passes its (tensor-local) config; routing needs the global one
-    return moe_expert_parallel(x, params, config=global_config, pmesh=pmesh, layout=layout,
-                               global_batch=global_batch, token_mask=token_mask)
+    # params: this device's experts (and slice of their intermediate dimension); routing is global.
+    return moe_expert_parallel(x, params, config=config, pmesh=pmesh, layout=layout, global_batch=global_batch,
+                               token_mask=token_mask)
 
-  global_config = config
-  return ops_lib.ModelOps(lightning=lightning, attention=attention, moe=moe)
+  return ops_lib.ModelOps(lightning=lightning, attention=attention, moe=moe, shards=rules.local_shards(pmesh))

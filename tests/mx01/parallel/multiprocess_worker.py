@@ -43,7 +43,7 @@ def main():
       jax.device_put(params, local), jax.device_put(batch, local), config=cfg)
 
   pm = mesh_lib.build_mesh(parallel)
-  shardings = rules.param_shardings(params, pm)
+  shardings = rules.param_shardings(params, pm, model_lib.param_logical_axes(cfg))
   sharded = jax.tree.map(global_array, params, shardings)
   replicated = jax.sharding.NamedSharding(pm.mesh, jax.sharding.PartitionSpec())
   global_batch = jax.tree.map(lambda x: global_array(x, replicated), batch)

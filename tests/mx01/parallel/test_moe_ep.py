@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mx01 import model as model_lib
 from mx01.config import ParallelConfig
 from mx01.layers import moe as moe_lib
 from mx01.parallel import comm, rules
@@ -35,7 +36,8 @@ def _params(key):
 def _sharded_moe(cfg, parallel):
   pm = mesh_lib.build_mesh(parallel)
   layout = SequenceLayout(L, parallel.sequence)
-  specs = rules.param_specs({"moe": _params(jax.random.key(0))}, pm)["moe"]
+  moe_axes = model_lib.param_logical_axes(cfg)["layers_0"]["moe"]  # the MoE layer's own declaration
+  specs = rules.param_specs({"moe": _params(jax.random.key(0))}, pm, {"moe": moe_axes})["moe"]
   fn = functools.partial(moe_expert_parallel, config=cfg, pmesh=pm, layout=layout, global_batch=B)
   act = pm.spec("data", "sequence", None)
   mapped = comm.shard_map(fn, mesh=pm.mesh, in_specs=(act, specs), out_specs=(act, P()))

@@ -39,7 +39,7 @@ def test_sharded_loss_and_grads_equal_single_device(parallel, capacity_factor):
 
   pm = mesh_lib.build_mesh(parallel)
   loss_fn = training.make_loss(cfg, pm)
-  (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+  (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm, cfg), batch)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert abs(float(m["aux_loss"]) - float(m_ref["aux_loss"])) < 1e-5
   assert float(m["tokens"]) == float(m_ref["tokens"])
@@ -56,7 +56,7 @@ def test_sharded_forward_equals_single_device():
   inputs, _, seg, _ = training.split_batch(batch)
   logits_ref, aux_ref = model_lib.apply(params, inputs, seg, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(data=2, sequence=2, tensor=2, expert=4, expert_tensor=2))
-  logits, aux = jax.jit(step_lib.make_sharded_apply(cfg, pm))(step_lib.shard_params(params, pm), inputs, seg)
+  logits, aux = jax.jit(step_lib.make_sharded_apply(cfg, pm))(step_lib.shard_params(params, pm, cfg), inputs, seg)
   assert max_abs_diff(logits, logits_ref) < 1e-5
   assert abs(float(aux["aux_loss"]) - float(aux_ref["aux_loss"])) < 1e-6
   assert max_abs_diff(aux["routing_stats"], aux_ref["routing_stats"]) < 1e-4
@@ -74,7 +74,7 @@ def test_sharded_train_step_equals_single_device():
   p_ref, _, m_ref = ref_step(params, optimizer.init(params), batch)
 
   pm = mesh_lib.build_mesh(parallel)
-  sharded_params = step_lib.shard_params(params, pm)
+  sharded_params = step_lib.shard_params(params, pm, cfg)
   opt_state = jax.jit(optimizer.init)(sharded_params)
   step = jax.jit(training.make_train_step(config.model, pm, optimizer), donate_argnums=(0, 1))
   p_new, opt_state, m = step(sharded_params, opt_state, batch)
@@ -83,7 +83,8 @@ def test_sharded_train_step_equals_single_device():
   assert max_abs_diff(p_new, p_ref) < 1e-5
   # Parameters keep their shardings (FSDP over data, experts over expert).
   wi = p_new["layers_0"]["moe"]["wi_gate"]
-  expected = step_lib.rules.param_shardings(p_new, pm)["layers_0"]["moe"]["wi_gate"]
+  axes = model_lib.param_logical_axes(cfg)
+  expected = step_lib.rules.param_shardings(p_new, pm, axes)["layers_0"]["moe"]["wi_gate"]
   assert wi.sharding.is_equivalent_to(expected, wi.ndim), (wi.sharding, expected)
   # A second step runs on the returned (donated) state.
   _, _, m2 = step(p_new, opt_state, batch)
@@ -102,7 +103,7 @@ def test_sharded_step_with_gpu_kernels_lowers_for_cuda(parallel, monkeypatch):
   cfg = dataclasses.replace(tiny_config(), lightning_impl="pallas", attention_impl="pallas", compute_dtype="bfloat16",
                             head_dim=16, block_size=16)
   pm = mesh_lib.build_mesh(parallel, devices=jax.devices()[:parallel.num_devices])  # 1 device: every axis size 1
-  params = jax.eval_shape(lambda: step_lib.shard_params(model_lib.init(cfg, jax.random.key(0)), pm))
+  params = jax.eval_shape(lambda: step_lib.shard_params(model_lib.init(cfg, jax.random.key(0)), pm, cfg))
   batch = jax.eval_shape(lambda: packed_batch(jax.random.key(1), cfg, 8, 64))
   loss_fn = training.make_loss(cfg, pm)
   grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
@@ -126,7 +127,7 @@ def test_one_device_mesh_equals_single_device(capacity_factor):
   (loss_ref, m_ref), g_ref = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(), devices=jax.devices()[:1])
   loss_fn = training.make_loss(cfg, pm)
-  (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm), batch)
+  (loss, m), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(step_lib.shard_params(params, pm, cfg), batch)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert max_abs_diff(m["expert_load"], m_ref["expert_load"]) == 0.0
   assert max_abs_diff(g, g_ref) < 1e-6
@@ -138,7 +139,7 @@ def test_sharded_loss_takes_rows_without_segment_ids():
   tokens = {"tokens": packed_batch(jax.random.key(3), cfg, B, L)["tokens"]}  # one document per row
   loss_ref, m_ref = training.loss_fn(params, tokens, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(data=4, sequence=2, expert=2))
-  loss, m = jax.jit(training.make_loss(cfg, pm))(step_lib.shard_params(params, pm), tokens)
+  loss, m = jax.jit(training.make_loss(cfg, pm))(step_lib.shard_params(params, pm, cfg), tokens)
   assert abs(float(loss) - float(loss_ref)) < 1e-5
   assert float(m["tokens"]) == float(m_ref["tokens"]) == B * L
 
@@ -153,7 +154,7 @@ def test_sharded_forward_with_scanned_layers_equals_single_device():
   inputs, _, seg, _ = training.split_batch(batch)
   logits_ref, aux_ref = model_lib.apply(params, inputs, seg, config=cfg)
   pm = mesh_lib.build_mesh(ParallelConfig(data=4, tensor=2, expert=2, fsdp=True))
-  logits, aux = jax.jit(step_lib.make_sharded_apply(cfg, pm))(step_lib.shard_params(params, pm), inputs, seg)
+  logits, aux = jax.jit(step_lib.make_sharded_apply(cfg, pm))(step_lib.shard_params(params, pm, cfg), inputs, seg)
   assert max_abs_diff(logits, logits_ref) < 1e-5 * float(jnp.abs(logits_ref).max())
   assert max_abs_diff(aux["routing_stats"], aux_ref["routing_stats"]) < 1e-4
 
@@ -170,7 +171,7 @@ def test_train_step_options_on_a_layout_equal_one_device():
   results = []
   for pm in (training.trivial_mesh(), mesh_lib.build_mesh(parallel)):
     step = jax.jit(training.make_train_step(cfg, pm, optimizer, grad_accum=2, skip_nonfinite=True))
-    p = step_lib.shard_params(params, pm)
+    p = step_lib.shard_params(params, pm, cfg)
     results.append(step(p, optimizer.init(p), batch))
   (p_ref, _, m_ref), (p_new, _, m) = results
   for k in ("loss", "aux_loss", "total_loss", "grad_norm", "expert_load_max_over_mean"):
@@ -181,7 +182,7 @@ def test_train_step_options_on_a_layout_equal_one_device():
   pm = mesh_lib.build_mesh(parallel)
   bad = jax.tree.map(lambda x: x, params)
   bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
-  bad = step_lib.shard_params(bad, pm)
+  bad = step_lib.shard_params(bad, pm, cfg)
   step = jax.jit(training.make_train_step(cfg, pm, optimizer, grad_accum=2, skip_nonfinite=True))
   new, _, m = step(bad, optimizer.init(bad), batch)
   assert int(m["nonfinite"]) == 1
