@@ -389,8 +389,8 @@ class Checkpointer:
       os.kill(os.getpid(), signal.SIGKILL)
     return started
 
-  def _failure(self, e: BaseException, where: str = "") -> str:
-    return (f"saving a checkpoint in {self.directory} failed{where} ({type(e).__name__}: {_first_line(e)}); "
+  def _failure(self, e: BaseException) -> str:
+    return (f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {_first_line(e)}); "
             f"the last good checkpoint is step {self._last_good_step()}")
 
   def _last_good_step(self) -> Optional[int]:

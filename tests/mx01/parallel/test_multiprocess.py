@@ -1,4 +1,5 @@
-"""Two processes (4 CPU devices each) on localhost run one sharded train step over all 8 devices."""
+"""Two processes (4 CPU devices each) on localhost: one sharded train step over all 8 devices; a checkpoint save
+that fails on one process stops both (the recipe, exit 5)."""
 
 import os
 import socket
