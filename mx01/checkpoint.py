@@ -34,6 +34,15 @@ Restoring:
 
 A save that fails in the background is raised by `check()` (cheap: it waits on nothing) as
 `CheckpointSaveError`; a save that orbax declines (a step not above the latest) raises at once.
+
+Several processes (jax.distributed) agree on every outcome, so that all stop together, at the same
+step, with the same message, when the save fails on only one of them:
+* `check()`, `save()` and `wait()` end in a round through jax's coordination service: a process whose
+  save failed publishes why (a key-value entry), all meet at a barrier (bounded by AGREE_TIMEOUT_S), and
+  every process raises the same CheckpointSaveError naming the failed processes.  One barrier per step.
+* orbax's background save waits at barriers for every process's writes; a process whose write failed
+  never arrives.  Its barriers here (AsyncOptions.barrier_sync_fn) give up as soon as a failure is
+  published, so the other processes' saves end at once instead of at orbax's timeout.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -76,8 +86,10 @@ RESUMABLE_CHANGES = (
 
 # Fault injection for tests: SIGKILL this process right after the save of this step has started.
 KILL_DURING_SAVE_ENV = "MX01_FAULT_KILL_DURING_SAVE"
-# Fault injection for tests: the save of this step fails in orbax's background thread (as a full or
-# read-only disk would; chmod does not stop root).
+# Fault injection for tests: "STEP" or "STEP@PROCESS".  The save of step STEP fails in orbax's background
+# thread (as a full or read-only disk would; chmod does not stop root), on every process or with @PROCESS
+# on that jax.process_index() only.  One process: the metadata cannot be encoded.  Several: the process's
+# background save raises before its first barrier, as a failed write of its shards would.
 FAIL_SAVE_ENV = "MX01_FAULT_FAIL_SAVE"
 
 
@@ -97,8 +109,11 @@ class CheckpointSaveError(RuntimeError):
   """A save failed (in the background) or was declined; the checkpoints before it are intact."""
 
 
-class _Unwritable:
-  """Stands in the metadata of a save made to fail by FAIL_SAVE_ENV: JSON cannot encode it."""
+def _fault_fails_save(step: int) -> bool:
+  """Whether FAIL_SAVE_ENV ("STEP" or "STEP@PROCESS") makes this process's save of `step` fail."""
+  spec = os.environ.get(FAIL_SAVE_ENV, "")
+  at_step, _, process = spec.partition("@")
+  return at_step == str(step) and (not process or int(process) == jax.process_index())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +235,96 @@ def dropped_reads_silenced():
     sys.unraisablehook = previous
 
 
+# Seconds a process waits at an agreement round for the others (a process that died or hangs).
+AGREE_TIMEOUT_S = 300
+_POLL_S = 0.02
+
+
+class _SaveAborted(RuntimeError):
+  """This process's save gave up because another process's save failed (not a failure of its own)."""
+
+
+def _aborted(e: BaseException) -> bool:
+  """Whether `e` (or what it wraps) is a _SaveAborted."""
+  while e is not None:
+    if isinstance(e, _SaveAborted):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _Agreement:
+  """Save outcomes agreed across processes through jax's coordination service (key-value store, barriers).
+
+  Every process creates its Checkpointers in the same order and makes the same calls, so the names
+  (`namespace`, round numbers, barrier uses) match across processes without being exchanged.
+  """
+
+  _instances = 0
+
+  def __init__(self):
+    from jax._src import distributed  # the client orbax's own barriers use
+    self.client = distributed.global_state.client
+    _Agreement._instances += 1
+    self.namespace = f"mx01/checkpoint/{_Agreement._instances}"
+    self.rounds = 0
+    self.barrier_uses: dict = {}
+    self.published = False
+    self.fault: Optional[str] = None  # FAIL_SAVE_ENV: raised by the next barrier of a background save
+
+  def publish(self, why: str) -> None:
+    """Tells every process (now, not at the next round) that this process's save failed."""
+    if not self.published:
+      self.published = True
+      self.client.key_value_set(f"{self.namespace}/failed/{jax.process_index()}", why)
+
+  def failures(self) -> list[tuple[int, str]]:
+    """[(process, why)] of the failures published so far."""
+    entries = self.client.key_value_dir_get(f"{self.namespace}/failed/")
+    return sorted((int(k.rsplit("/", 1)[1]), v) for k, v in entries)
+
+  def round(self) -> list[tuple[int, str]]:
+    """A barrier of every process, then the failures published before it: the same list on every process."""
+    self.rounds += 1
+    n = self.rounds
+    self.client.key_value_set(f"{self.namespace}/round/{n}/{jax.process_index()}",
+                              ";".join(str(p) for p, _ in self.failures()))
+    try:
+      self.client.wait_at_barrier(f"{self.namespace}/round/{n}", AGREE_TIMEOUT_S * 1000)
+    except Exception as e:
+      raise CheckpointSaveError(f"the processes did not agree on the checkpoint saves within {AGREE_TIMEOUT_S} s "
+                                f"(a process died or hangs: {_first_line(e)})") from e
+    # What each process published before it reached the barrier: the union is complete and identical for all.
+    failed = set()
+    for _, v in self.client.key_value_dir_get(f"{self.namespace}/round/{n}/"):
+      failed.update(int(p) for p in v.split(";") if p)
+    return [(p, why) for p, why in self.failures() if p in failed]
+
+  def barrier(self, *, key: str, timeout_ms: int) -> None:
+    """orbax's barrier for its saves (BarrierSyncFn), giving up once some process's save has failed."""
+    if self.fault and threading.current_thread() is not threading.main_thread():
+      fault, self.fault = self.fault, None
+      raise OSError(fault)
+    pending = sys.exc_info()[1]
+    if pending is not None:
+      # Called from orbax's clean-up (a `finally`) after this process's save failed: the others wait at
+      # another barrier and would never come.  Tell them, and do not wait.
+      if not _aborted(pending):
+        self.publish(f"{type(pending).__name__}: {_first_line(pending)}")
+      raise _SaveAborted("this process's save failed; not waiting for the others")
+    use = self.barrier_uses[key] = self.barrier_uses.get(key, 0) + 1  # orbax reuses some keys
+    prefix = f"{self.namespace}/barrier/{key}#{use}/"
+    self.client.key_value_set(prefix + str(jax.process_index()), "")
+    deadline = time.monotonic() + timeout_ms / 1000
+    while len(self.client.key_value_dir_get(prefix)) < jax.process_count():
+      failed = self.failures()
+      if failed:
+        raise _SaveAborted(f"stopped waiting for the other processes: process {failed[0][0]}'s save failed")
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"the processes did not all reach barrier {key} within {timeout_ms / 1000:.0f} s")
+      time.sleep(_POLL_S)
+
+
 class _DataState:
   """A data-iterator state (JSON-serialisable) in the shape grain's checkpoint handler saves."""
 
@@ -230,6 +335,10 @@ class _DataState:
     return json.dumps(_json_safe(self.state)).encode()
 
 
+class _Unwritable:
+  """Stands in the metadata of a save made to fail by FAIL_SAVE_ENV: JSON cannot encode it."""
+
+
 class Checkpointer:
   """Periodic, asynchronous, keep-last-k checkpoints of one run (see module docstring)."""
 
@@ -238,7 +347,11 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.config = config
     self.log = log
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._agreement = _Agreement() if jax.process_count() > 1 else None
+    self._agreed_failure: Optional[str] = None
+    async_options = ocp.AsyncOptions(barrier_sync_fn=self._agreement.barrier) if self._agreement else None
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           async_options=async_options)
     self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta", "data"), options=options)
 
   def all_steps(self) -> list[int]:
@@ -248,34 +361,80 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, *, data_state, extra: Optional[dict] = None, force: bool = False) -> bool:
-    """Starts saving `state` (a pytree of arrays) as step `step`; returns whether a save was started."""
+    """Starts saving `state` (a pytree of arrays) as step `step`; returns whether a save was started.
+
+    Several processes first agree that the previous save succeeded (`wait`), then that this one started.
+    """
+    self.wait()
     meta = {"step": int(step), "config": config_lib.to_dict(self.config),
             "checksum": tree_checksum(state), "extra": _json_safe(extra or {})}
-    if os.environ.get(FAIL_SAVE_ENV) == str(step):
-      meta["fault"] = _Unwritable()
+    if _fault_fails_save(step):
+      if self._agreement is None:
+        meta["fault"] = _Unwritable()
+      else:
+        self._agreement.fault = f"injected fault ({FAIL_SAVE_ENV}): process {jax.process_index()}'s write failed"
     try:
       started = self._manager.save(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
           data=grain.checkpoint.CheckpointSave(_DataState(data_state))), force=force)
-    except Exception as e:  # the previous save's background error, raised by orbax on this one
-      raise CheckpointSaveError(self._failure(e)) from e
+    except Exception as e:  # e.g. the arrays could not be copied to host memory
+      self._agree(e)
+      raise CheckpointSaveError(self._failure(e)) from e  # not reached with several processes
     if not started:
       raise CheckpointSaveError(
           f"orbax declined to save step {step} in {self.directory} (latest step {self.latest_step()}): "
           "a step at or below the newest checkpoint; move that checkpoint aside or start a new run_dir")
+    self._agree(None)
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
       os.kill(os.getpid(), signal.SIGKILL)
     return started
 
   def _failure(self, e: BaseException) -> str:
     return (f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {_first_line(e)}); "
-            f"the last good checkpoint is step {self.latest_step()}")
+            f"the last good checkpoint is step {self._last_good_step()}")
+
+  def _last_good_step(self) -> Optional[int]:
+    """The newest step written in full (orbax renames a step's directory into place once complete)."""
+    steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.is_dir() else []
+    return max(steps, default=None)
+
+  def _agree(self, error: Optional[BaseException]) -> None:
+    """Several processes: publishes this process's `error`, meets the others, and raises (on every process
+    alike) CheckpointSaveError naming each process whose save failed.  One process: raises `error`."""
+    if self._agreement is None:
+      if error is not None:
+        raise CheckpointSaveError(self._failure(error)) from error
+      return
+    if self._agreed_failure is not None:
+      raise CheckpointSaveError(self._agreed_failure)
+    if error is not None and not _aborted(error):
+      self._agreement.publish(f"{type(error).__name__}: {_first_line(error)}")
+    failed = self._agreement.round()
+    if failed:
+      self._agreed_failure = (
+          f"saving a checkpoint in {self.directory} failed on "
+          + "; ".join(f"process {p} ({why})" for p, why in failed)
+          + f"; the last good checkpoint is step {self._last_good_step()}")
+      raise CheckpointSaveError(self._agreed_failure)
+
+  def _local_error(self, *, block: bool) -> Optional[BaseException]:
+    """This process's failed save (waiting for the one in progress if `block`), else None."""
+    if not block and self._manager.is_saving_in_progress():
+      return None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if self._agreement is not None and not _aborted(e):
+        self._agreement.publish(f"{type(e).__name__}: {_first_line(e)}")  # at once: the others stop waiting
+      return e
+    return None
 
   def check(self) -> None:
-    """Raises CheckpointSaveError if an asynchronous save has failed; never waits for one in progress."""
-    if self._manager.is_saving_in_progress():
-      return
-    self.wait()  # returns at once, raising a finished save's error
+    """Raises CheckpointSaveError if an asynchronous save has failed; never waits for one in progress.
+
+    With several processes, every process raises if any process's save failed (one barrier).
+    """
+    self._agree(self._local_error(block=False))
 
   def _read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -362,15 +521,19 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written; raises CheckpointSaveError if one failed."""
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:
-      raise CheckpointSaveError(self._failure(e)) from e
+    """Blocks until pending asynchronous saves are written; raises CheckpointSaveError if one failed
+    (with several processes: on any process)."""
+    self._agree(self._local_error(block=True))
 
   def close(self) -> None:
-    """Waits for pending saves and closes; raises CheckpointSaveError (after closing) if one failed."""
+    """Waits for pending saves and closes; raises CheckpointSaveError (after closing) if one failed.
+
+    After a failure the processes agreed on, only waits (orbax's barriers give up at once) and closes.
+    """
     try:
-      self.wait()
+      if self._agreed_failure is None:
+        self.wait()
+      else:
+        self._local_error(block=True)
     finally:
       self._manager.close()

@@ -16,8 +16,10 @@ Writes to config.train.run_dir:
 
 Exit codes: 0 done (or plan printed: not enough devices for the config, nothing started),
 2 config / usage error, 3 stopped on repeated non-finite steps, 4 no usable checkpoint or
-a checkpoint of another config, 5 a checkpoint save failed (the run stopped; summary.json
-written, the checkpoints before the failed one kept).  Errors are one line on stderr.
+a checkpoint of another config, 5 a checkpoint save failed (on any process: every process
+stops at the same step with the same message naming the failed process).  After 3 and 5,
+summary.json is written (status, halted_at_step, error, last_checkpoint: the one to resume,
+which is kept intact).  Errors are one line on stderr.
 
 Nothing in run_dir is deleted (--overwrite) or written before the run is known to start: the
 layout, data and tokenizer are built and a resumed checkpoint is checked first.  A resume may
@@ -49,7 +51,11 @@ EXIT_SAVE_ERROR = 5
 
 
 class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
+  """Too many consecutive steps with a non-finite loss or gradient; `step` is the last of them."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 class RunExistsError(RuntimeError):
@@ -130,8 +136,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   Returns {"final_train_loss" (mean over the last finite steps; None when the run ended on non-finite
   steps), "eval_loss", "n_params" (non-embedding), "n_params_total", "tokens_seen", "wall_time_s",
   "tokens_per_sec", "mfu" (None on CPU), "steps" (the last step run), "start_step", "nonfinite_steps",
-  "final_nonfinite_steps" (in a row at the end), "last_checkpoint", "error" (a failed save, else None),
-  "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
+  "final_nonfinite_steps" (in a row at the end), "last_finite_loss", "last_checkpoint", "status"
+  ("completed", "halted_nonfinite" or "save_failed"), "halted_at_step", "error" (why it stopped early,
+  else None), "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
   Also "mesh" (logical axis -> size) and "state_bytes_per_device" (the largest, over local devices, bytes
   of parameter + optimizer-state shards).
 
@@ -148,8 +155,10 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   non-finite steps (0: never halts; such steps skip their update and are
   counted), InsufficientDevicesError if the mesh does not fit, ConfigError
   (DataError, MeshError) for a config that cannot run, all before anything in
-  run_dir is deleted or written.  A failed checkpoint save stops the run: the
-  summary (with "error") is written, then CheckpointSaveError is raised.
+  run_dir is deleted or written.  A failed checkpoint save (on any process: the
+  processes agree, see mx01/checkpoint.py) or the non-finite halt stops the run:
+  the summary (with "status" and "error") is written, then CheckpointSaveError or
+  NonFiniteError is raised.
   """
   t_start = time.time()
   import jax
@@ -272,12 +281,13 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   pending: list[tuple[int, dict]] = []
   consecutive_nonfinite, nonfinite_total = 0, 0
   recent_losses: list[float] = []
+  last_finite_loss: Optional[float] = None
   window_start_time, window_start_step = None, start_step
   tokens_per_sec, mfu, eval_loss = None, None, None
   last_log: dict = {}
 
   def flush_pending(step: int, window: Optional[dict]) -> None:
-    nonlocal consecutive_nonfinite, nonfinite_total, last_log
+    nonlocal consecutive_nonfinite, nonfinite_total, last_log, last_finite_loss
     host = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, host):
       record = {"loss": float(m["loss"]), "aux_loss": float(m["aux_loss"]), "total_loss": float(m["total_loss"]),
@@ -291,6 +301,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
         log(f"step {s}: non-finite loss or gradients; update skipped ({consecutive_nonfinite} in a row)")
       else:
         consecutive_nonfinite = 0
+        last_finite_loss = record["loss"]
         recent_losses.append(record["loss"])
         del recent_losses[:-max(1, min(tc.log_every, 20))]
       if s == step and window:
@@ -302,11 +313,13 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
             f"{consecutive_nonfinite} consecutive steps (up to step {s}) had a non-finite loss or gradient; "
             f"stopping (train.max_nonfinite_steps={tc.max_nonfinite_steps}). Last checkpoint: "
             f"{ckpt.latest_step()}. Resume from it with --resume and a lower --config.train.learning_rate "
-            "(or train.grad_clip).")
+            "(or train.grad_clip).", step=s)
     pending.clear()
 
   step = start_step
+  # What stopped the run early (raised once summary.json is written): a failed save or non-finite steps.
   save_error: Optional[ckpt_lib.CheckpointSaveError] = None
+  halt_error: Optional[NonFiniteError] = None
   try:
     for step in range(start_step + 1, tc.steps + 1):
       ckpt.check()  # a failed asynchronous save stops the run here, not at the next save
@@ -352,6 +365,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   except ckpt_lib.CheckpointSaveError as e:
     save_error = e
     log(f"error: {e}; stopping at step {step}")
+  except NonFiniteError as e:
+    halt_error = e
   finally:
     it.close()
     try:
@@ -361,7 +376,17 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
     writer.close()
 
   wall = time.time() - t_start
+  if save_error:
+    status, halted_at = "save_failed", step
+  elif halt_error:
+    status, halted_at = "halted_nonfinite", halt_error.step
+  else:
+    status, halted_at = "completed", None
   summary = {
+      # "completed", "halted_nonfinite" (train.max_nonfinite_steps in a row, the last at halted_at_step) or
+      # "save_failed" (at halted_at_step); "error" says why in one line, "last_checkpoint" is the one to resume.
+      "status": status,
+      "halted_at_step": halted_at,
       # The mean loss of the last finite steps; None when the run ended on non-finite steps.
       "final_train_loss": (float(np.mean(recent_losses)) if recent_losses and not consecutive_nonfinite
                            else None),
@@ -376,8 +401,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
       "start_step": start_step,
       "nonfinite_steps": nonfinite_total,
       "final_nonfinite_steps": consecutive_nonfinite,  # the non-finite steps in a row the run ended on
+      "last_finite_loss": last_finite_loss,
       "last_checkpoint": ckpt.latest_step(),
-      "error": str(save_error) if save_error else None,
+      "error": " ".join(str(save_error or halt_error).split()) if save_error or halt_error else None,
       "run_dir": str(run_dir),
       "mesh": mesh_report,
       "state_bytes_per_device": bytes_per_device,
@@ -386,8 +412,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   summary = {k: _finite_or_none(v) for k, v in summary.items()}
   if is_main:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-  if save_error:
-    raise save_error
+  if save_error or halt_error:
+    raise save_error or halt_error
   return summary
 
 

@@ -171,14 +171,30 @@ def test_fresh_start_truncates_metrics_and_nonfinite_summary_is_valid_json(tmp_p
   assert summary["nonfinite_steps"] >= summary["final_nonfinite_steps"]
 
 
+def test_nonfinite_halt_writes_summary(tmp_path, capsys):
+  # Diverges at once; two non-finite steps in a row stop the run (exit 3) with summary.json written.
+  run_dir = tmp_path / "run"
+  assert _main(run_dir, "--config.train.learning_rate=1e38", "--config.train.max_nonfinite_steps=2",
+               "--config.train.checkpoint_every=1") == pretrain.EXIT_NONFINITE
+  assert "non-finite" in _one_line_error(capsys)
+  summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=_reject_constant)
+  records = read_metrics(run_dir / "metrics.jsonl")
+  finite = [r for r in records if not r["nonfinite"]]
+  assert summary["status"] == "halted_nonfinite" and summary["halted_at_step"] == records[-1]["step"]
+  assert f"up to step {summary['halted_at_step']}" in summary["error"]
+  assert summary["final_nonfinite_steps"] == 2 and summary["final_train_loss"] is None
+  assert finite and summary["last_finite_loss"] == finite[-1]["loss"]
+  assert summary["last_checkpoint"] == _steps(run_dir)[-1]
+
+
 @pytest.mark.slow
 def test_failed_async_save_stops_at_once_on_a_sharded_mesh(tmp_path, capsys, caplog, monkeypatch):
   import jax
-  if jax.device_count() < 4:
-    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   run_dir = tmp_path / "run"
   monkeypatch.setenv(ckpt_lib.FAIL_SAVE_ENV, "4")  # the save of step 4 fails in orbax's background thread
-  layout = ["--config.parallel.data=2", "--config.parallel.tensor=2", "--config.model.num_kv_heads=2",
+  layout = ["--config.parallel.data=4", "--config.parallel.tensor=2", "--config.model.num_kv_heads=2",
             "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
   assert _main(run_dir, *layout) == pretrain.EXIT_SAVE_ERROR
   err = _one_line_error(capsys)
@@ -187,6 +203,8 @@ def test_failed_async_save_stops_at_once_on_a_sharded_mesh(tmp_path, capsys, cap
   assert "saving a checkpoint" in err and "last good checkpoint is step 2" in err
   summary = json.loads((run_dir / "summary.json").read_text())
   assert summary["last_checkpoint"] == 2 and summary["error"] and summary["steps"] <= 6
+  assert summary["status"] == "save_failed" and summary["halted_at_step"] == summary["steps"]
+  assert summary["mesh"]["data"] == 4 and summary["mesh"]["tensor"] == 2
   assert _steps(run_dir) == [2]
   # The last good checkpoint resumes, on the same mesh.
   monkeypatch.delenv(ckpt_lib.FAIL_SAVE_ENV)
