@@ -45,6 +45,7 @@ def test_two_process_sharded_step():
   assert abs(loss0 - ref0) < 1e-5
 
 
+@pytest.mark.slow
 def test_save_failing_on_one_process_stops_every_process():
   # 2 processes x 4 devices (data 4 x tensor 2); the save of step 4 fails on process 1 only.  Both stop
   # with exit 5 and the same one-line error naming process 1; summary.json records the failure and step 2,
