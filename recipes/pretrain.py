@@ -135,7 +135,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
 
   Returns {"final_train_loss" (mean over the last finite steps; None when the run ended on non-finite
   steps), "eval_loss", "n_params" (non-embedding), "n_params_total", "tokens_seen", "wall_time_s",
-  "tokens_per_sec", "mfu" (None on CPU), "steps" (the last step run), "start_step", "nonfinite_steps",
+  "tokens_per_sec" and "mfu" (None on CPU) over the training steps after the first (evaluation,
+  checkpoints and logging excluded; the progress line shows them per log window), "steps" (the last step run), "start_step", "nonfinite_steps",
   "final_nonfinite_steps" (in a row at the end), "last_finite_loss", "last_checkpoint", "status"
   ("completed", "halted_nonfinite" or "save_failed"), "halted_at_step", "error" (why it stopped early,
   else None), "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
@@ -282,8 +283,18 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   consecutive_nonfinite, nonfinite_total = 0, 0
   recent_losses: list[float] = []
   last_finite_loss: Optional[float] = None
-  window_start_time, window_start_step = None, start_step
+  # Throughput clocks: a segment runs from the end of the last non-training work (the first, compiling
+  # step; evaluation, checkpoint, logging) to the start of the next; the log window sums its segments and
+  # the run sums its windows, so both count training steps only.
+  seg_time, seg_step = None, start_step
+  win_time, win_steps, run_time, run_steps = 0.0, 0, 0.0, 0
   tokens_per_sec, mfu, eval_loss = None, None, None
+
+  def close_segment(step: int, metrics) -> None:
+    nonlocal win_time, win_steps
+    jax.block_until_ready(metrics)
+    win_time += time.time() - seg_time
+    win_steps += step - seg_step
   last_log: dict = {}
 
   def flush_pending(step: int, window: Optional[dict]) -> None:
@@ -327,22 +338,21 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
       packing = float(np.mean(batch["segment_ids"] != 0))
       state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, batch))
       pending.append((step, metrics))
-      if window_start_time is None:  # the first step includes compilation: time from its end
-        jax.block_until_ready(metrics)
-        window_start_time, window_start_step = time.time(), step
       is_log = step % tc.log_every == 0 or step == tc.steps or step == start_step + 1
       is_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
       is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
+      if seg_time is not None and (is_log or is_ckpt or is_eval):
+        close_segment(step, metrics)
       window = None
       if is_log:
         jax.block_until_ready(metrics)
-        now = time.time()
-        if step > window_start_step:
-          tokens_per_sec = (step - window_start_step) * tokens_per_step / (now - window_start_time)
+        if win_steps:  # tokens/s and MFU over this log window (the previous rate until one is measured)
+          tokens_per_sec = win_steps * tokens_per_step / win_time
           mfu = _mfu(tokens_per_sec / n_needed, config, peak)
+          run_time, run_steps, win_time, win_steps = run_time + win_time, run_steps + win_steps, 0.0, 0
         eta = (tc.steps - step) * tokens_per_step / tokens_per_sec if tokens_per_sec else None
         window = {"tokens_per_sec": tokens_per_sec, "mfu": mfu, "packing_efficiency": packing,
-                  "tokens_seen": step * tokens_per_step, "elapsed_s": now - t_start}
+                  "tokens_seen": step * tokens_per_step, "elapsed_s": time.time() - t_start}
       if is_eval:
         eval_loss = evaluate(state["params"])
         if window is None:
@@ -357,6 +367,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
               + (f" | eval {eval_loss:.4f}" if is_eval and eval_loss is not None else ""))
       if is_ckpt:
         ckpt.save(step, state, data_state=it.get_state(), extra={"tokens_seen": step * tokens_per_step})
+      if seg_time is None or is_log or is_ckpt or is_eval:  # the first step includes compilation
+        jax.block_until_ready(metrics)
+        seg_time, seg_step = time.time(), step
     if pending:
       flush_pending(step, None)
     ckpt.wait()  # the last save, written: its failure is this run's failure
@@ -395,8 +408,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
       "n_params_total": n_params_total,
       "tokens_seen": step * tokens_per_step,
       "wall_time_s": wall,
-      "tokens_per_sec": tokens_per_sec,
-      "mfu": mfu,
+      # Over every training step after the first (evaluation, checkpoints and logging excluded).
+      "tokens_per_sec": run_steps * tokens_per_step / run_time if run_steps else tokens_per_sec,
+      "mfu": _mfu(run_steps * tokens_per_step / run_time / n_needed, config, peak) if run_steps else mfu,
       "steps": step,
       "start_step": start_step,
       "nonfinite_steps": nonfinite_total,
