@@ -10,6 +10,10 @@ from mx01 import presets
 from mx01 import training
 from recipes.flags import apply_overrides
 
+# Compiled once per config and batch structure: run eagerly, every primitive is dispatched (and compiled) on its
+# own, which costs minutes on two CPU cores for the same values.
+_loss_and_grad = jax.jit(jax.value_and_grad(training.loss_fn, has_aux=True), static_argnames="config")
+
 
 def _small():
   return apply_overrides(presets.get_preset("tiny"), {
@@ -97,8 +101,8 @@ def test_chunked_loss_equals_full_loss_and_grads():
     chunked = apply_overrides(cfg, {"model.loss_chunk_size": 5})
     params = model_lib.init(cfg.model, jax.random.key(1))
     batch = _batch(cfg, seed=3)
-    (l1, m1), g1 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg.model)
-    (l2, m2), g2 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=chunked.model)
+    (l1, m1), g1 = _loss_and_grad(params, batch, config=cfg.model)
+    (l2, m2), g2 = _loss_and_grad(params, batch, config=chunked.model)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     assert float(m1["tokens"]) == float(m2["tokens"])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -110,11 +114,10 @@ def test_batch_without_segment_ids_is_one_document_per_row():
   params = model_lib.init(cfg.model, jax.random.key(0))
   tokens = _batch(cfg)["tokens"]
   ones = {"tokens": tokens, "segment_ids": jnp.ones(tokens.shape, jnp.int32)}
-  grad = jax.grad(lambda p, b: training.loss_fn(p, b, config=cfg.model)[0])
-  (l1, m1), (l2, m2) = (training.loss_fn(params, b, config=cfg.model) for b in ({"tokens": tokens}, ones))
+  (l1, m1), g1 = _loss_and_grad(params, {"tokens": tokens}, config=cfg.model)
+  (l2, m2), g2 = _loss_and_grad(params, ones, config=cfg.model)
   assert float(m1["tokens"]) == tokens.shape[0] * (tokens.shape[1] - 1)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5),
-               grad(params, {"tokens": tokens}), grad(params, ones))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
   # Two documents per row differ from one: the test would catch a mask that ignores segments.
-  assert abs(float(training.loss_fn(params, _batch(cfg), config=cfg.model)[0]) - float(l1)) > 1e-4
+  assert abs(float(_loss_and_grad(params, _batch(cfg), config=cfg.model)[0][0]) - float(l1)) > 1e-4
