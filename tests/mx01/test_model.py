@@ -68,11 +68,14 @@ def test_moe_grouped_equals_dense_reference():
   x = jax.random.normal(rng[0], (2, 9, 32))
   p = {"router": jax.random.normal(rng[1], (32, 4)), "wi_gate": jax.random.normal(rng[2], (4, 32, 24)) * 0.1,
        "wi_up": jax.random.normal(rng[3], (4, 32, 24)) * 0.1, "wo": jax.random.normal(rng[4], (4, 24, 32)) * 0.1}
-  y1, s1 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)
-  y2, s2 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)
+  forward = jax.jit(lambda p, experts_fn: moe_lib.moe_forward(x, p, config=CFG, experts_fn=experts_fn),
+                    static_argnums=1)
+  y1, s1 = forward(p, moe_lib.experts_grouped)
+  y2, s2 = forward(p, moe_lib.experts_dense_reference)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
-  g1 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)[0].sum())(p)
-  g2 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)[0].sum())(p)
+  grad = jax.jit(jax.grad(lambda p, experts_fn: forward(p, experts_fn)[0].sum()), static_argnums=1)
+  g1 = grad(p, moe_lib.experts_grouped)
+  g2 = grad(p, moe_lib.experts_dense_reference)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4)
 
@@ -116,16 +119,14 @@ def test_moe_capacity_impl_equals_dense_with_drops(capacity_factor):
   if capacity_factor < 1:
     assert int(jnp.sum(pos < cap)) < int(jnp.sum(mask)) * 2  # some assignments really are dropped
 
-  def run(cfg, p):
-    y, stats = moe_lib.moe_forward(x, p, config=cfg, token_mask=mask)
-    return y, stats
-
+  run = jax.jit(lambda cfg, p: moe_lib.moe_forward(x, p, config=cfg, token_mask=mask), static_argnums=0)
   (y1, s1), (y2, s2) = run(cfg_cap, p), run(cfg_ref, p)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
   np.testing.assert_allclose(s1["tokens_per_expert"], s2["tokens_per_expert"])
   w = jax.random.normal(jax.random.key(6), y1.shape)
-  g1 = jax.grad(lambda p: jnp.sum(run(cfg_cap, p)[0] * w))(p)
-  g2 = jax.grad(lambda p: jnp.sum(run(cfg_ref, p)[0] * w))(p)
+  grad = jax.jit(jax.grad(lambda cfg, p: jnp.sum(run(cfg, p)[0] * w), argnums=1), static_argnums=0)
+  g1 = grad(cfg_cap, p)
+  g2 = grad(cfg_ref, p)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4, rtol=1e-4)
 
