@@ -227,6 +227,7 @@ def test_scan_plan(kinds, plan):
   assert model.scan_plan(dataclasses.replace(CFG, num_layers=len(kinds), layer_types=kinds)) == plan
 
 
+@pytest.mark.slow
 def test_scanned_equals_unrolled_logits_and_grads():
   """7:1-like hybrid with a remainder (2 x (L, L, S) + L) at std 0.02: scan over layers changes nothing."""
   kinds = ("lightning", "lightning", "softmax") * 2 + ("lightning",)
