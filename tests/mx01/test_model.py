@@ -18,6 +18,10 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_
                   layer_types=("lightning", "softmax", "lightning", "lightning"), intermediate_size=24,
                   num_experts=4, num_experts_per_tok=2, block_size=8, rotary_dim=4)
 
+# The forward compiled once per config and shape: run op by op, each call dispatches (and compiles) every
+# primitive on its own, minutes on two CPU cores for the same values.
+_apply = jax.jit(model.apply, static_argnames="config")
+
 
 @pytest.fixture(scope="module")
 def params():
@@ -40,9 +44,9 @@ def test_packed_documents_are_isolated(params):
   a, b = rng.integers(0, 64, 13), rng.integers(0, 64, 11)
   packed = jnp.asarray(np.concatenate([a, b])[None])
   seg = jnp.asarray(np.array([[1] * 13 + [2] * 11]))
-  lp, _ = model.apply(params, packed, seg, config=CFG)
-  la, _ = model.apply(params, jnp.asarray(a[None]), config=CFG)
-  lb, _ = model.apply(params, jnp.asarray(b[None]), config=CFG)
+  lp, _ = _apply(params, packed, seg, config=CFG)
+  la, _ = _apply(params, jnp.asarray(a[None]), config=CFG)
+  lb, _ = _apply(params, jnp.asarray(b[None]), config=CFG)
   np.testing.assert_allclose(lp[0, :13], la[0], atol=2e-5)
   np.testing.assert_allclose(lp[0, 13:], lb[0], atol=2e-5)
 
@@ -54,8 +58,8 @@ def test_positions_from_segments():
 
 def test_lightning_impls_agree(params):
   tokens = jax.random.randint(jax.random.key(2), (1, 19), 0, CFG.vocab_size)
-  ref, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="reference"))
-  xla, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="xla"))
+  ref, _ = _apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="reference"))
+  xla, _ = _apply(params, tokens, config=dataclasses.replace(CFG, lightning_impl="xla"))
   np.testing.assert_allclose(ref, xla, atol=2e-5)
 
 
@@ -64,11 +68,14 @@ def test_moe_grouped_equals_dense_reference():
   x = jax.random.normal(rng[0], (2, 9, 32))
   p = {"router": jax.random.normal(rng[1], (32, 4)), "wi_gate": jax.random.normal(rng[2], (4, 32, 24)) * 0.1,
        "wi_up": jax.random.normal(rng[3], (4, 32, 24)) * 0.1, "wo": jax.random.normal(rng[4], (4, 24, 32)) * 0.1}
-  y1, s1 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)
-  y2, s2 = moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)
+  forward = jax.jit(lambda p, experts_fn: moe_lib.moe_forward(x, p, config=CFG, experts_fn=experts_fn),
+                    static_argnums=1)
+  y1, s1 = forward(p, moe_lib.experts_grouped)
+  y2, s2 = forward(p, moe_lib.experts_dense_reference)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
-  g1 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_grouped)[0].sum())(p)
-  g2 = jax.grad(lambda p: moe_lib.moe_forward(x, p, config=CFG, experts_fn=moe_lib.experts_dense_reference)[0].sum())(p)
+  grad = jax.jit(jax.grad(lambda p, experts_fn: forward(p, experts_fn)[0].sum()), static_argnums=1)
+  g1 = grad(p, moe_lib.experts_grouped)
+  g2 = grad(p, moe_lib.experts_dense_reference)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4)
 
@@ -112,16 +119,14 @@ def test_moe_capacity_impl_equals_dense_with_drops(capacity_factor):
   if capacity_factor < 1:
     assert int(jnp.sum(pos < cap)) < int(jnp.sum(mask)) * 2  # some assignments really are dropped
 
-  def run(cfg, p):
-    y, stats = moe_lib.moe_forward(x, p, config=cfg, token_mask=mask)
-    return y, stats
-
+  run = jax.jit(lambda cfg, p: moe_lib.moe_forward(x, p, config=cfg, token_mask=mask), static_argnums=0)
   (y1, s1), (y2, s2) = run(cfg_cap, p), run(cfg_ref, p)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
   np.testing.assert_allclose(s1["tokens_per_expert"], s2["tokens_per_expert"])
   w = jax.random.normal(jax.random.key(6), y1.shape)
-  g1 = jax.grad(lambda p: jnp.sum(run(cfg_cap, p)[0] * w))(p)
-  g2 = jax.grad(lambda p: jnp.sum(run(cfg_ref, p)[0] * w))(p)
+  grad = jax.jit(jax.grad(lambda cfg, p: jnp.sum(run(cfg, p)[0] * w), argnums=1), static_argnums=0)
+  g1 = grad(cfg_cap, p)
+  g2 = grad(cfg_ref, p)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4, rtol=1e-4)
 
@@ -166,8 +171,8 @@ def test_partial_rope_matches_numpy():
 
 def test_bf16_compute_close_to_f32(params):
   tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, CFG.vocab_size)
-  f32, _ = model.apply(params, tokens, config=CFG)
-  bf, _ = model.apply(params, tokens, config=dataclasses.replace(CFG, compute_dtype="bfloat16"))
+  f32, _ = _apply(params, tokens, config=CFG)
+  bf, _ = _apply(params, tokens, config=dataclasses.replace(CFG, compute_dtype="bfloat16"))
   assert bf.dtype == jnp.float32
   assert np.abs(np.asarray(bf) - np.asarray(f32)).max() < 0.05 * np.abs(np.asarray(f32)).max() + 0.05
 
@@ -176,8 +181,9 @@ def test_remat_gives_same_gradients(params):
   tokens = jax.random.randint(jax.random.key(5), (1, 16), 0, CFG.vocab_size)
   def loss(p, cfg):
     return jnp.mean(model.apply(p, tokens, config=cfg)[0] ** 2)
-  g1 = jax.grad(loss)(params, CFG)
-  g2 = jax.grad(loss)(params, dataclasses.replace(CFG, remat="full"))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g1 = grad(params, CFG)
+  g2 = grad(params, dataclasses.replace(CFG, remat="full"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
@@ -185,7 +191,7 @@ def test_dense_ffn_variant():
   cfg = dataclasses.replace(CFG, ffn_type="dense")
   p = model.init(cfg, jax.random.key(0))
   assert "mlp" in p["layers_0"] and "moe" not in p["layers_0"]
-  logits, aux = model.apply(p, jnp.zeros((1, 5), jnp.int32), config=cfg)
+  logits, aux = _apply(p, jnp.zeros((1, 5), jnp.int32), config=cfg)
   assert logits.shape == (1, 5, 64) and float(aux["aux_loss"]) == 0.0
 
 
@@ -221,6 +227,7 @@ def test_scan_plan(kinds, plan):
   assert model.scan_plan(dataclasses.replace(CFG, num_layers=len(kinds), layer_types=kinds)) == plan
 
 
+@pytest.mark.slow
 def test_scanned_equals_unrolled_logits_and_grads():
   """7:1-like hybrid with a remainder (2 x (L, L, S) + L) at std 0.02: scan over layers changes nothing."""
   kinds = ("lightning", "lightning", "softmax") * 2 + ("lightning",)

@@ -4,11 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mx01 import model as model_lib
 from mx01 import presets
 from mx01 import training
 from recipes.flags import apply_overrides
+
+# Compiled once per config and batch structure: run eagerly, every primitive is dispatched (and compiled) on its
+# own, which costs minutes on two CPU cores for the same values.
+_loss_and_grad = jax.jit(jax.value_and_grad(training.loss_fn, has_aux=True), static_argnames="config")
 
 
 def _small():
@@ -16,6 +21,12 @@ def _small():
       "model.rotary_dim": 4, "model.hidden_size": 32, "model.num_layers": 2, "model.head_dim": 8,
       "model.intermediate_size": 32, "model.block_size": 8, "data.seq_len": 16, "train.batch_size": 4,
       "train.steps": 20, "train.warmup_steps": 5})
+
+
+@pytest.fixture(scope="module")
+def params():
+  """The parameters of `_small()` at key 0, initialised once (init compiles the model's forward)."""
+  return model_lib.init(_small().model, jax.random.key(0))
 
 
 def _batch(cfg, seed=0):
@@ -52,6 +63,7 @@ def test_schedule_warmup_and_decay():
   assert (np.diff(lrs[cfg.warmup_steps:]) <= 1e-12).all()
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
   cfg = apply_overrides(_small(), {"model.ffn_type": "dense"})
   params = model_lib.init(cfg.model, jax.random.key(0))
@@ -65,9 +77,8 @@ def test_grad_accumulation_matches_full_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), full[0], acc[0])
 
 
-def test_nonfinite_update_is_skipped():
+def test_nonfinite_update_is_skipped(params):
   cfg = _small()
-  params = model_lib.init(cfg.model, jax.random.key(0))
   opt, _ = training.make_optimizer(cfg.train)
   step = jax.jit(training.make_train_step(cfg.model, None, opt, skip_nonfinite=True))
   state = opt.init(params)
@@ -82,14 +93,14 @@ def test_nonfinite_update_is_skipped():
   assert float(metrics["expert_load_max_over_mean"]) >= 1.0
 
 
-def test_train_step_with_a_plain_optax_optimizer():
+def test_train_step_with_a_plain_optax_optimizer(params):
   cfg = _small()
-  params = model_lib.init(cfg.model, jax.random.key(0))
   opt = optax.adamw(1e-3)
   p, s, m = jax.jit(training.make_train_step(cfg.model, None, opt))(params, opt.init(params), _batch(cfg))
   assert set(m) >= {"loss", "aux_loss", "tokens", "total_loss", "grad_norm"}
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_full_loss_and_grads():
   # loss_chunk_size that does not divide the sequence (16 targets in chunks of 5), tied and untied heads.
   for tied in (False, True):
@@ -97,24 +108,22 @@ def test_chunked_loss_equals_full_loss_and_grads():
     chunked = apply_overrides(cfg, {"model.loss_chunk_size": 5})
     params = model_lib.init(cfg.model, jax.random.key(1))
     batch = _batch(cfg, seed=3)
-    (l1, m1), g1 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=cfg.model)
-    (l2, m2), g2 = jax.value_and_grad(training.loss_fn, has_aux=True)(params, batch, config=chunked.model)
+    (l1, m1), g1 = _loss_and_grad(params, batch, config=cfg.model)
+    (l2, m2), g2 = _loss_and_grad(params, batch, config=chunked.model)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     assert float(m1["tokens"]) == float(m2["tokens"])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
       np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_batch_without_segment_ids_is_one_document_per_row():
+def test_batch_without_segment_ids_is_one_document_per_row(params):
   cfg = _small()
-  params = model_lib.init(cfg.model, jax.random.key(0))
   tokens = _batch(cfg)["tokens"]
   ones = {"tokens": tokens, "segment_ids": jnp.ones(tokens.shape, jnp.int32)}
-  grad = jax.grad(lambda p, b: training.loss_fn(p, b, config=cfg.model)[0])
-  (l1, m1), (l2, m2) = (training.loss_fn(params, b, config=cfg.model) for b in ({"tokens": tokens}, ones))
+  (l1, m1), g1 = _loss_and_grad(params, {"tokens": tokens}, config=cfg.model)
+  (l2, m2), g2 = _loss_and_grad(params, ones, config=cfg.model)
   assert float(m1["tokens"]) == tokens.shape[0] * (tokens.shape[1] - 1)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5),
-               grad(params, {"tokens": tokens}), grad(params, ones))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
   # Two documents per row differ from one: the test would catch a mask that ignores segments.
-  assert abs(float(training.loss_fn(params, _batch(cfg), config=cfg.model)[0]) - float(l1)) > 1e-4
+  assert abs(float(_loss_and_grad(params, _batch(cfg), config=cfg.model)[0][0]) - float(l1)) > 1e-4

@@ -290,7 +290,7 @@ def test_chunk_states_rebuild_the_float64_loop(t, chunk, with_seg):
     qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, dk)
     return cs.apply_incoming_states(qc, states_in, log_decay, mask).reshape(b, n * chunk, h, dv)[:, :t], final
 
-  extra, final = joined(q, jnp.asarray(local_states, jnp.float32), init)
+  extra, final = jax.jit(joined)(q, jnp.asarray(local_states, jnp.float32), init)
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
   assert rel_err(np.asarray(extra, np.float64) + local_out[:, :t], want_out) < 1e-5
   assert rel_err(final, want_state) < 1e-5
@@ -299,13 +299,13 @@ def test_chunk_states_rebuild_the_float64_loop(t, chunk, with_seg):
   w = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
   loss = lambda q, ls, s0: jnp.sum(joined(q, ls, s0)[0] * w) + jnp.sum(joined(q, ls, s0)[1] ** 2)
   args = (q, jnp.asarray(local_states, jnp.float32), init)
-  grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)  # compiled: op by op it takes minutes on a CPU
   dirs = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in args]
   jax.config.update("jax_enable_x64", True)
   try:
     f64 = lambda x: jnp.asarray(x, jnp.float64)
     w64 = f64(w)
-    loss64 = lambda *a: jnp.sum(joined(*a)[0] * w64) + jnp.sum(joined(*a)[1] ** 2)
+    loss64 = jax.jit(lambda *a: jnp.sum(joined(*a)[0] * w64) + jnp.sum(joined(*a)[1] ** 2))
     eps = 1e-6
     plus = loss64(*(f64(a) + eps * f64(d) for a, d in zip(args, dirs)))
     minus = loss64(*(f64(a) - eps * f64(d) for a, d in zip(args, dirs)))

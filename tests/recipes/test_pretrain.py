@@ -97,6 +97,7 @@ def test_short_run_loss_drops_and_writes_run_dir(reference_run):
   assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_kill_anytime_and_resume_is_bit_exact(reference_run, tmp_path):
   cfg, ref_dir, _ = reference_run
   run_dir = tmp_path / "killed"
@@ -203,6 +204,7 @@ def test_hybrid_456b_plan(capsys):
   assert "456.09B total, 45.94B activated per token (non-embedding" in out  # as the paper counts
 
 
+@pytest.mark.slow
 def test_hybrid_456b_dry_run_at_reduced_depth():
   # The real train step on the trivial mesh (the full 64-device mesh at 80 layers is the CLI's --dry_run).
   cfg = dataclasses.replace(presets.get_preset("hybrid_456b"), parallel=ParallelConfig())

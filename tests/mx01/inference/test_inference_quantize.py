@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import small_config
 from mx01 import model as model_lib
@@ -48,6 +49,7 @@ def test_converter_halves_weight_bytes(hybrid_model):
   assert w8_bytes < 0.6 * bf16_bytes
 
 
+@pytest.mark.slow
 def test_w8a16_logits_close_to_float(scanned_model):
   """At the presets' init (std 0.02): W8A16 error is of the order of bf16's own rounding error (~1%).
 

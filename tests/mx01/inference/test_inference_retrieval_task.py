@@ -57,6 +57,7 @@ def test_elimination_baseline_matches_simulation():
   assert abs(elimination_baseline(8) - 0.3397) < 1e-3
 
 
+@pytest.mark.slow
 def test_steps_per_call_trains_on_the_same_batches():
   kw = dict(steps=7, batch_size=4, lr=1e-3, vocab_size=32, pairs_per_token=None, eval_batches=1, seed=3, num_pairs=2)
   one = retrieval.train_one("softmax", "xs", 16, steps_per_call=1, **kw)
