@@ -371,7 +371,12 @@ class _SafetensorsSource:
     fh = self._handle(f)
     fh.seek(first + rows.start * row_bytes)
     want = (rows.stop - rows.start) * row_bytes
-    got = fh.readinto(memoryview(buf.reshape(-1).view(np.uint8))) if want else 0
+    view, got = memoryview(buf.reshape(-1).view(np.uint8)), 0
+    while got < want:  # one read returns at most ~2 GiB on Linux
+      n = fh.readinto(view[got:])
+      if not n:
+        break
+      got += n
     if got != want:
       raise ConversionError(f"{f}: tensor {name} is cut short ({got} of {want} bytes); the file is truncated")
     if not direct:

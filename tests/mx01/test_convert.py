@@ -443,3 +443,21 @@ def test_staging_memory_reused_between_transfers_keeps_every_value(tmp_path, hf_
   params, _ = convert.load_safetensors(str(tmp_path))
   assert len(drains) > 10
   jax.tree.map(np.testing.assert_array_equal, params, reference)
+
+
+def test_reads_that_return_part_of_the_bytes_are_continued(tmp_path, monkeypatch):
+  """A read returns at most ~2 GiB on Linux (and less from pipes or network file systems): the reader
+  keeps reading until the slice is complete."""
+  import io
+  from safetensors.numpy import save_file
+  ref = np.random.default_rng(0).standard_normal((13, 7)).astype(np.float32)
+  save_file({"w": ref}, str(tmp_path / "m.safetensors"))
+  source = convert._SafetensorsSource([str(tmp_path / "m.safetensors")])
+
+  class Trickle(io.FileIO):
+    def readinto(self, b):
+      return super().readinto(memoryview(b)[:5])  # 5 bytes per call
+
+  monkeypatch.setattr(source, "_handle", lambda f: Trickle(f, "rb"))
+  np.testing.assert_array_equal(source.read("w", (slice(2, 11), slice(0, 7))), ref[2:11])
+  np.testing.assert_array_equal(source.read("w", (slice(0, 13), slice(3, 5))), ref[:, 3:5])
