@@ -14,7 +14,7 @@ set -u
 
 # name | GPUs | limit (s) | what it measures | command ($R is the results folder)
 STAGES=$(cat <<'EOF'
-gpu_tests | 0 | 300 | every test marked gpu (kernels against their references, model parity on the GPU) | python3 -m pytest -m gpu tests -q -rA --durations=8
+gpu_tests | 0 | 300 | every test marked gpu (kernels against their references, model parity on the GPU), six workers compiling in parallel (~190 s on an H200) | XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -m gpu tests -q -rA -n 6 --durations=8
 train_step | 0 | 240 | train-step time, tokens/s, MFU and step memory of the 1B presets at 2k, 8k and 32k tokens | python3 -m benchmarks.train_step --config=hybrid_1b,lightning_1b,softmax_1b --seq 8192,2048,32768 --tokens_per_step 32768 --steps 4 --warmup 1 --out $R/train_step.json
 train_step_moe | 0 | 90 | the MoE 1B preset's train step at 8k tokens (capacity 1.25) | python3 -m benchmarks.train_step --config=hybrid_moe_1b --seq 8192 --tokens_per_step 16384 --steps 4 --warmup 1 --config.model.capacity_factor=1.25 --out $R/train_step_moe.json
 moe_impls | 0 | 240 | the MoE 1B train step at 2k tokens per expert implementation (capacity, ragged, ragged_mosaic) | for impl in capacity ragged ragged_mosaic; do python3 -m benchmarks.train_step --config=hybrid_moe_1b --seq 2048 --tokens_per_step 16384 --steps 3 --warmup 1 --config.model.moe_impl=$impl --config.model.capacity_factor=1.25 --out $R/moe_$impl.json; done
