@@ -277,10 +277,16 @@ def _boxed_init(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
   return Decoder(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_init(config: ModelConfig, seq_len: int):
+  # One compiled program, kept per config: op-by-op init dispatches (and compiles) hundreds of small ops,
+  # and a fresh jit per call would compile the whole init again for every new key.
+  return jax.jit(lambda r: nn.unbox(_boxed_init(config, r, seq_len)))
+
+
 def init(config: ModelConfig, rng: jax.Array, *, seq_len: int = 8) -> dict:
   """Initial parameters (a plain pytree, see the module docstring for its layout)."""
-  # One compiled program: op-by-op init dispatches (and compiles) hundreds of small ops.
-  return jax.jit(lambda r: nn.unbox(_boxed_init(config, r, seq_len)))(rng)
+  return _compiled_init(config, seq_len)(rng)
 
 
 @functools.lru_cache(maxsize=None)
