@@ -512,7 +512,6 @@ def _on_device(sharding, dtype: str, transpose: bool):
   """A jitted cast to `dtype` (and swap of the last two axes) whose result lands in `sharding`: the
   conversions run on the devices, not as slow strided or element-wise host copies."""
   import jax
-
   import jax.numpy as jnp
 
   def f(x):

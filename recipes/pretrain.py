@@ -136,7 +136,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, log:
   Returns {"final_train_loss" (mean over the last finite steps; None when the run ended on non-finite
   steps), "eval_loss", "n_params" (non-embedding), "n_params_total", "tokens_seen", "wall_time_s",
   "tokens_per_sec" and "mfu" (None on CPU) over the training steps after the first (evaluation,
-  checkpoints and logging excluded; the progress line shows them per log window), "steps" (the last step run), "start_step", "nonfinite_steps",
+  checkpoints and logging excluded; the progress line shows them per log window), "steps" (the last
+  step run), "start_step", "nonfinite_steps",
   "final_nonfinite_steps" (in a row at the end), "last_finite_loss", "last_checkpoint", "status"
   ("completed", "halted_nonfinite" or "save_failed"), "halted_at_step", "error" (why it stopped early,
   else None), "run_dir"}; non-finite floats are None.  tokens are input positions (batch_size * seq_len per step).
