@@ -378,8 +378,8 @@ class Checkpointer:
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
           data=grain.checkpoint.CheckpointSave(_DataState(data_state))), force=force)
     except Exception as e:  # e.g. the arrays could not be copied to host memory
-      self._agree(e)
-      raise CheckpointSaveError(self._failure(e)) from e  # not reached with several processes
+      self._agree(e)  # raises, on every process alike
+      raise CheckpointSaveError(self._failure(e)) from e  # never continue past a failed save
     if not started:
       raise CheckpointSaveError(
           f"orbax declined to save step {step} in {self.directory} (latest step {self.latest_step()}): "
@@ -423,9 +423,7 @@ class Checkpointer:
       return None
     try:
       self._manager.wait_until_finished()
-    except Exception as e:
-      if self._agreement is not None and not _aborted(e):
-        self._agreement.publish(f"{type(e).__name__}: {_first_line(e)}")  # at once: the others stop waiting
+    except Exception as e:  # published by `_agree`, which every caller but close() calls next
       return e
     return None
 
