@@ -689,7 +689,10 @@ def load_safetensors(path: str, config: ModelConfig | None = None, *, shardings=
   """A checkpoint file, a folder of them, or a sharded one (model.safetensors.index.json) -> (params, config).
 
   The config comes from config.json beside the weights when not given; parameters are cast to its
-  param_dtype and placed in `shardings` (see `from_hf_state_dict`) one tensor at a time.
+  param_dtype and placed in `shardings` (see `from_hf_state_dict`) one tensor at a time.  Memory: a host
+  holds a staging arena (`_Staging`, at most 1 GiB or the largest parameter) beyond the transfers in flight;
+  a device holds its shards plus, while one leaf is transposed, that leaf's shard in stored order (with
+  scanned layers a leaf is the stack of one weight over the scanned layers).
   """
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   config = config or read_config(folder)
