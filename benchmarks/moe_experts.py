@@ -11,6 +11,7 @@ in training.  Variants:
              expert -- what a perfect grouped GEMM costs (the floor);
   ragged     jax.lax.ragged_dot (dropless);
   ragged_mosaic  jax's Hopper ragged-dot kernels (dropless; GPU only);
+  ragged_tokamax the tokamax library's ragged_dot (dropless; needs tokamax);
   capacity_F per-expert buffers of capacity F x tokens*k/E, one batched matmul.
 
 TFLOP/s count the routed work only (2 x 3 x tokens x k x hidden x width
@@ -44,6 +45,8 @@ def experts_for(name: str, capacity: int):
     return lambda x, i, w, pos, *ws: moe_lib.experts_grouped(x, i, w, *ws)
   if name == "ragged_mosaic":
     return lambda x, i, w, pos, *ws: moe_lib.experts_grouped_mosaic(x, i, w, *ws)
+  if name == "ragged_tokamax":
+    return lambda x, i, w, pos, *ws: moe_lib.experts_grouped_tokamax(x, i, w, *ws)
   if name.startswith("capacity"):
     return lambda x, i, w, pos, *ws: moe_lib.experts_capacity(x, i, w, pos, *ws, capacity=capacity)
   raise ValueError(name)
@@ -64,7 +67,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shape", default="1b", choices=list(SHAPES))
   ap.add_argument("--tokens", type=int, default=32768)
-  ap.add_argument("--variants", default="balanced,ragged,ragged_mosaic,capacity_1.0,capacity_1.25,capacity_2.0")
+  ap.add_argument("--variants", default="balanced,ragged,ragged_mosaic,ragged_tokamax,capacity_1.0,capacity_1.25,capacity_2.0")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)

@@ -67,9 +67,10 @@ class ModelConfig:
   # How the experts run (mx01/layers/moe.py): "capacity" (batched matmul over
   # per-expert buffers; needs capacity_factor), "ragged" (dropless
   # jax.lax.ragged_dot), "ragged_mosaic" (dropless, jax's Hopper kernels),
+  # "ragged_tokamax" (dropless, the tokamax library's ragged_dot; optional, GPU),
   # "dense" (every expert on every token: the reference); "auto" = capacity when
   # capacity_factor is set, else ragged on accelerators and dense on CPU.
-  moe_impl: Literal["auto", "capacity", "ragged", "ragged_mosaic", "dense"] = "auto"
+  moe_impl: Literal["auto", "capacity", "ragged", "ragged_mosaic", "ragged_tokamax", "dense"] = "auto"
   router_aux_loss_coef: float = 0.001
   # "per_layer": mean over layers of E*sum_e f_e*P_e (GShard/Switch per layer);
   # "pooled": the transformers formula, f and P pooled over all layers first.
@@ -146,8 +147,9 @@ class ModelConfig:
     _require(self.ffn_type in ("moe", "dense"), "ffn_type", f"must be 'moe' or 'dense', got {self.ffn_type!r}")
     if self.capacity_factor is not None:
       _require(self.capacity_factor > 0, "capacity_factor", f"must be > 0 or None, got {self.capacity_factor}")
-    _require(self.moe_impl in ("auto", "capacity", "ragged", "ragged_mosaic", "dense"), "moe_impl",
-             f"must be one of auto/capacity/ragged/ragged_mosaic/dense, got {self.moe_impl!r}")
+    _require(self.moe_impl in ("auto", "capacity", "ragged", "ragged_mosaic", "ragged_tokamax", "dense"),
+             "moe_impl",
+             f"must be one of auto/capacity/ragged/ragged_mosaic/ragged_tokamax/dense, got {self.moe_impl!r}")
     _require(not (self.moe_impl == "capacity" and self.capacity_factor is None), "moe_impl",
              "'capacity' needs capacity_factor (e.g. 1.25); set it or use a dropless moe_impl "
              "('ragged', 'ragged_mosaic', 'dense')")

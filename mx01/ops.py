@@ -12,7 +12,7 @@ backend, for tests), and "auto" is resolved in one function per op:
 
   LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
   ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
-  MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | dense
+  MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | ragged_tokamax | dense
                                      auto: capacity with a capacity_factor, else ragged on accelerators, dense on CPU
   LIGHTNING_DECODE (model.lightning_impl, one token against the state)  reference | xla | pallas
 
@@ -113,6 +113,7 @@ ATTENTION: Dict[str, Callable] = {
 DROPLESS_EXPERTS: Dict[str, Callable] = {
     "ragged": moe_lib.experts_grouped,
     "ragged_mosaic": moe_lib.experts_grouped_mosaic,
+    "ragged_tokamax": moe_lib.experts_grouped_tokamax,
     "dense": moe_lib.experts_dense_reference,
 }
 MOE: Dict[str, Callable] = {

@@ -141,6 +141,21 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, *, grouped_dot=_
   return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token_of].add(ys).astype(x.dtype)
 
 
+def _tokamax_ragged_dot(x, w, group_sizes):
+  try:
+    import tokamax  # optional, GPU only: needs jax >= 0.11.1
+  except ImportError:
+    raise ValueError("moe_impl='ragged_tokamax' needs the tokamax kernel library (pip install tokamax; jax >= "
+                     "0.11.1); use moe_impl='ragged', 'ragged_mosaic', 'capacity' or 'dense'") from None
+  return tokamax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
+
+
+def experts_grouped_tokamax(x, expert_idx, weights, wi_gate, wi_up, wo):
+  """`experts_grouped` on tokamax's `ragged_dot` (it picks its fastest kernel for the device: Mosaic GPU on
+  Hopper, Triton elsewhere, XLA as the fallback), with tokamax's own gradients."""
+  return experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, grouped_dot=_tokamax_ragged_dot)
+
+
 def experts_dense_reference(x, expert_idx, weights, wi_gate, wi_up, wo):
   """Every expert on every token, combined with the routing weights.
 

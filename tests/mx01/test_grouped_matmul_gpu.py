@@ -1,7 +1,8 @@
-"""The Hopper grouped-matmul experts ("ragged_mosaic") against jax.lax.ragged_dot, on a GPU only.
+"""The GPU grouped-matmul experts against jax.lax.ragged_dot, on a GPU only: "ragged_mosaic" (jax's Mosaic
+GPU ragged-dot ops, wgmma/TMA) and "ragged_tokamax" (the tokamax library's ragged_dot; skipped where tokamax
+is not installed).
 
-The kernels are jax's Mosaic GPU ragged-dot ops (wgmma/TMA), which have no CPU
-path; these tests skip elsewhere.  Tolerances: bf16 operands with fp32
+The kernels have no CPU path; these tests skip elsewhere.  Tolerances: bf16 operands with fp32
 accumulation on both sides, so relative error <= 2e-2 (outputs and gradients).
 """
 
@@ -20,9 +21,20 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _tokamax_installed() -> bool:
+  try:
+    import tokamax  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.mark.parametrize("impl", ["mosaic", "tokamax"])
 @pytest.mark.parametrize("tokens,empty_expert", [(1000, False), (777, True)])
-def test_mosaic_experts_match_ragged_dot(tokens, empty_expert):
-  experts_grouped_mosaic = moe_lib.experts_grouped_mosaic
+def test_grouped_experts_match_ragged_dot(impl, tokens, empty_expert):
+  if impl == "tokamax" and not _tokamax_installed():
+    pytest.skip("tokamax is not installed")
+  experts_grouped_mosaic = {"mosaic": moe_lib.experts_grouped_mosaic, "tokamax": moe_lib.experts_grouped_tokamax}[impl]
   hidden, width, e, k = 256, 384, 8, 2
   ks = jax.random.split(jax.random.key(tokens), 6)
   dt = jnp.bfloat16

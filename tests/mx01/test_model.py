@@ -143,6 +143,12 @@ def test_moe_impl_config_errors():
     with pytest.raises(ValueError, match="Hopper GPU"):
       cfg = dataclasses.replace(CFG, moe_impl="ragged_mosaic")
       ops.moe_op(cfg)(x, p, config=cfg)
+    try:
+      import tokamax  # noqa: F401
+    except ImportError:  # the optional library: a missing install names itself and the alternatives
+      with pytest.raises(ValueError, match="tokamax"):
+        cfg = dataclasses.replace(CFG, moe_impl="ragged_tokamax")
+        ops.moe_op(cfg)(x, p, config=cfg)
   assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=1.25)) == "capacity"
   assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=None)) in ("ragged", "dense")
 
