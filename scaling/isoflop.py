@@ -58,8 +58,10 @@ TOKENS_PER_PARAM_GUESS = 20.0  # centres each budget's sizes; the fits find the 
 EVAL_TOKENS = 1_000_000
 H200_PEAK_FLOPS = 790e12  # bf16 dense, the figure the plan's estimates assume
 ASSUMED_MFU = 0.3
-ASSUMED_OVERHEAD_S = 30.0  # compile + held-out evaluation + checkpoints per run, until measured
-ASSUMED_STEP_S = 0.01  # fixed cost of one step of an 8-layer model (launches, optimizer), until measured
+ASSUMED_OVERHEAD_S = 20.0  # compile + held-out evaluation + checkpoints per run, until measured
+# Fixed cost of one step of an 8-layer width-64 model (launches, optimizer, data), until measured: 32-37 ms
+# with three runs sharing one H200 (results/isoflop.csv, the first runs; 65,536 tokens a step).
+ASSUMED_STEP_S = 0.035
 
 CSV_COLUMNS = ("key", "kind", "size", "budget", "phase", "learning_rate", "seed", "n_params", "n_params_paper",
                "n_params_total", "num_layers", "hidden_size", "tokens", "steps", "batch_size", "seq_len",
