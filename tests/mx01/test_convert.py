@@ -84,9 +84,11 @@ def test_transformers_save_loads_to_same_logits_fp32(tmp_path, request, which, s
   assert np.abs(want).max() > 0.05  # logits large enough for the tolerance to mean something
 
 
-def test_scanned_layers_load_stacked_into_target_shardings(tmp_path):
+@pytest.mark.parametrize("split_stack", [False, True])
+def test_scanned_layers_load_stacked_into_target_shardings(tmp_path, split_stack):
   """A repeating layer pattern is stacked for the scan: each stacked leaf is built from the layers'
-  tensors in its target sharding (here experts split over 4 devices) and gives transformers' logits."""
+  tensors in its target sharding (here experts split over 4 devices; with split_stack the stacked axis
+  itself split over 2) and gives transformers' logits."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 host devices (tests/conftest.py sets them)")
@@ -102,14 +104,15 @@ def test_scanned_layers_load_stacked_into_target_shardings(tmp_path):
 
   def spec(path, leaf):
     stacked = getattr(path[0], "key", None) == model.SCAN_NAME
-    own = (P("expert", None, "tensor") if leaf.ndim - stacked == 3 else P())
-    return NamedSharding(mesh, P(*((None,) if stacked else ()), *own))
+    own = (P("expert", None, None if split_stack and stacked else "tensor") if leaf.ndim - stacked == 3 else P())
+    return NamedSharding(mesh, P(*((("tensor" if split_stack else None),) if stacked else ()), *own))
 
   shardings = jax.tree_util.tree_map_with_path(spec, model.abstract_params(cfg))
   params, _ = convert.load_safetensors(str(tmp_path), shardings=shardings)
   wo = params[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
   assert wo.shape[0] == repeats and wo.sharding == shardings[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
-  assert {s.data.shape for s in wo.addressable_shards} == {(repeats, 2, 36, 22)}
+  local = (repeats // 2, 2, 36, 44) if split_stack else (repeats, 2, 36, 22)
+  assert {s.data.shape for s in wo.addressable_shards} == {local}
   jax.tree.map(np.testing.assert_array_equal, params, convert.from_hf_state_dict(hf.state_dict(), cfg))
   np.testing.assert_allclose(_logits(params, cfg), _hf_logits(hf), atol=1e-5, rtol=0)
 
