@@ -40,6 +40,7 @@ the split and its collectives in `ops.shards` (mx01/ops.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -215,6 +216,11 @@ class Decoder(nn.Module):
     last_only=True keeps only the last position ([batch, 1, ...]).
     """
     cfg = self.config
+    if cache is not None and cfg.capacity_factor is not None:
+      # Token drop bounds the experts' work in a training step; generation routes every token (a drop would
+      # make a token's output depend on the other tokens of the batch and on the prefill chunking).
+      cfg = dataclasses.replace(cfg, capacity_factor=None,
+                                moe_impl="auto" if cfg.moe_impl == "capacity" else cfg.moe_impl)
     ops = self.ops or default_ops(cfg)
     cd, pd = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
     layer_caches = None

@@ -4,6 +4,7 @@ Models at the presets' init (std 0.02), fp32: logits must agree to fp32
 precision, measured against the largest logit (`_close`).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -172,3 +173,19 @@ def test_generate_cli_reports_too_long_prompt(capsys):
                             "--max-cache-len", "32"])
   assert code == 2
   assert "max_cache_len=32" in capsys.readouterr().err
+
+
+def test_generation_routes_every_token_when_training_drops(hybrid_model):
+  """A capacity factor drops tokens in training forwards only: with a cache (prefill, decode) every token is
+  routed, so a small capacity gives the dropless model's logits there and different ones without a cache."""
+  cfg, params = hybrid_model
+  capped = dataclasses.replace(cfg, capacity_factor=0.5, moe_impl="capacity")
+  tokens = jnp.asarray(_prompts([12, 12], cfg.vocab_size, seed=5))
+
+  def cached(c):
+    cache = cache_lib.init_cache(c, tokens.shape[0], 16)
+    return model_lib.apply(params, tokens, config=c, cache=cache)[0]
+
+  np.testing.assert_array_equal(cached(capped), cached(cfg))
+  dropped = model_lib.apply(params, tokens, config=capped)[0]
+  assert _max_rel_err(dropped, model_lib.apply(params, tokens, config=cfg)[0]) > 1e-3  # training drops
