@@ -8,7 +8,7 @@ trains 3 seeds x 4 learning rates at every length; a cut-off part is resumed by 
     done; done
     python -m recipes.retrieval --merge runs/retrieval/*-*.csv --out runs/retrieval/study.csv   # summary + plot
     python -m recipes.retrieval --dry_run                # the grid, its steps, tokens and FLOPs; trains nothing
-    python -m recipes.retrieval --cpu-smoke              # about a minute on CPU: tiny vocabulary, data and budget
+    python -m recipes.retrieval --cpu-smoke              # a minute or two on CPU: tiny vocabulary, data, budget
 
 The task follows Zoology (Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language
 Models", the multi-query associative recall of its Figure 2): vocabulary 8,192 (keys in [1, 4096), values in
@@ -557,8 +557,8 @@ def parse(argv):
   ap.add_argument("--niah-factor", type=int, default=2, help="NIAH context = this x the training length")
   ap.add_argument("--niah-examples", type=int, default=256, help="NIAH sequences per depth (0: no NIAH)")
   ap.add_argument("--cpu-smoke", action="store_true",
-                  help="about a minute on CPU: vocabulary 64, lengths 32,64, 2,000 examples, 2 LRs x 2 seeds, "
-                       "300 steps, xs only")
+                  help="a minute or two on CPU: vocabulary 64, lengths 16,32, 1,000 examples, 2 LRs x 2 seeds, "
+                       "200 steps of 16 rows, xs only")
   ap.add_argument("--dry_run", action="store_true", help="print the grid, steps, tokens and FLOPs; train nothing")
   ap.add_argument("--out", default="runs/retrieval/retrieval.csv",
                   help="run CSV; an existing one of this study is resumed (its points are skipped)")
@@ -568,9 +568,16 @@ def parse(argv):
                   help="no training: combine these run CSVs into --out, its summary and plot")
   args = flags_lib.parse_args(argv, ap)
   if args.cpu_smoke:
-    args.vocab_size, args.lengths, args.train_examples, args.test_examples = 64, "32,64", 2000, 200
-    args.lrs, args.seeds, args.steps, args.batch_size, args.sizes = "3e-3,1e-2", "0,1", 300, 32, "xs"
-    args.steps_per_call, args.log_every, args.niah_examples = 50, 100, 32
+    # The smoke run's values; flags given after --cpu-smoke on the command line do not change them, except
+    # the slice (--kinds, --lengths) and --steps, which the test of it shortens.
+    given = {a.split("=", 1)[0] for a in argv}
+    args.vocab_size, args.train_examples, args.test_examples, args.sizes = 64, 1000, 100, "xs"
+    args.lrs, args.seeds, args.batch_size, args.steps_per_call, args.log_every = "3e-3,1e-2", "0,1", 16, 50, 100
+    args.niah_examples = 16
+    if "--lengths" not in given:
+      args.lengths = "16,32"
+    if "--steps" not in given:
+      args.steps = 200
   return args
 
 
