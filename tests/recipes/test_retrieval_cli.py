@@ -30,7 +30,7 @@ def _runs(path, kinds=("softmax", "hybrid"), lengths=(32,)):
 @pytest.mark.slow
 def test_cpu_smoke_slice_trains_writes_and_resumes(tmp_path, capsys):
   out = tmp_path / "smoke.csv"
-  argv = ["--cpu-smoke", "--kinds", "hybrid", "--lengths", "32", "--steps", "100", "--out", str(out)]
+  argv = ["--cpu-smoke", "--kinds", "hybrid", "--lengths", "32", "--steps", "50", "--out", str(out)]
   rc, text, err = _main(capsys, *argv)
   assert rc == 0, err
   rows = retrieval.read_csv(str(out))
@@ -44,7 +44,7 @@ def test_cpu_smoke_slice_trains_writes_and_resumes(tmp_path, capsys):
   assert "| hybrid | xs | 32 |" in text
   # Again with a second length: the point already in --out is skipped, the new one trained and appended.
   before = out.read_text()
-  rc, text, err = _main(capsys, *argv[:-3], "--lengths", "32,16", "--steps", "2", "--out", str(out))
+  rc, text, err = _main(capsys, *argv[:-4], "--lengths", "32,16", "--steps", "2", "--out", str(out))
   assert rc == 0, err
   assert "L=   32" not in text and "L=   16" in text
   after = retrieval.read_csv(str(out))
