@@ -1,14 +1,19 @@
 """Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
 
-The study, on one GPU, in six parts of under 10 minutes each (one per attention kind and size; each part
-trains 3 seeds x 4 learning rates at every length; a cut-off part is resumed by running it again):
+The study on one GPU, in twelve calls of under 10 minutes each (the minutes are `--dry_run`'s estimate at an
+assumed 30 TFLOP/s, float32; `--config.model.compute_dtype=bfloat16` is the lever if slower; every call trains 4 learning rates x 3 seeds per point; the s parts of one kind append
+to one CSV, and a call cut off before its end is resumed by running it again):
 
-    for kind in softmax lightning hybrid; do for size in xs s; do
-      python -m recipes.retrieval --kinds $kind --sizes $size --out runs/retrieval/$kind-$size.csv
-    done; done
-    python -m recipes.retrieval --merge runs/retrieval/*-*.csv --out runs/retrieval/study.csv   # summary + plot
-    python -m recipes.retrieval --dry_run                # the grid, its steps, tokens and FLOPs; trains nothing
-    python -m recipes.retrieval --cpu-smoke              # a minute or two on CPU: tiny vocabulary, data, budget
+    for kind in softmax lightning hybrid; do
+      python -m recipes.retrieval --kinds $kind --sizes xs --out runs/retrieval/$kind-xs.csv                 # ~7 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 64,128 --out runs/retrieval/$kind-s.csv   # ~6 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 256,512 --out runs/retrieval/$kind-s.csv  # ~8 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 1024 --out runs/retrieval/$kind-s.csv     # ~5 min
+    done
+    python -m recipes.retrieval --merge runs/retrieval/*-xs.csv runs/retrieval/*-s.csv \
+        --out runs/retrieval/study.csv                   # runs, summary (mean, SE, best LR), plot
+    python -m recipes.retrieval --dry_run                # the grid, its steps, tokens, FLOPs, minutes; trains nothing
+    python -m recipes.retrieval --cpu-smoke              # a minute or two on an idle CPU: tiny vocabulary, data, budget
 
 The task follows Zoology (Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language
 Models", the multi-query associative recall of its Figure 2): vocabulary 8,192 (keys in [1, 4096), values in
@@ -24,7 +29,9 @@ pairs tend to be asked for soon and in order, the last ones far away).  Lengths 
 Per (length, pairs) a FIXED training set (`--train-examples`, 100,000) and a held-out test set
 (`--test-examples`, 3,000) are generated once from `--data-seed`; every model of the study sees the same
 sets (each seed reads the training set in its own shuffled order, epoch after epoch).  The batch follows
-Zoology's rule, 512 rows up to 128 tokens and then 65,536 tokens per batch (256, 128, 64 rows).
+Zoology's rule, 512 rows up to 128 tokens and then 65,536 tokens per batch (256, 128, 64 rows).  The
+budget is `--steps` (1,000) per point: 5.1 epochs of the set at 64 and 128 tokens, 2.6 at 256, 1.3 at 512,
+0.64 at 1,024 -- far below Zoology's 64 epochs, so the study compares the kinds at one fixed budget.
 
 Models: the presets retrieval_{kind}_{size} (mx01/presets.py; xs = width 64, 2 layers; s = width 128, 4
 layers; hybrid = the 7:1 pattern of `presets.layer_types`, so at 2 and 4 layers its last layer is the one
@@ -39,8 +46,9 @@ Per point the summary takes, for every learning rate, the mean test accuracy ove
 the best learning rate by that mean (the LR is chosen on the mean over seeds, never per seed), with the
 standard error over the seeds at that LR (sample std / sqrt(seeds)).
 
-Needle in a haystack (after training, every model): a held-out test at `--niah-factor` times the training
-length where the input is filler (0) but for one key-value pair, placed so that its key sits at depth
+Needle in a haystack (after training, every model of the points at `--niah-lengths`, default 1,024): a
+held-out test at `--niah-factor` (2) times the training length where the input is filler (0) but for one
+key-value pair, placed so that its key sits at depth
 0%, 25%, 50%, 75% or 100% of the context before the query, and the key queried at the last position;
 accuracy per depth, `--niah-examples` sequences each.  Columns niah_0 ... niah_100 of every run; the
 summary gives them at the best learning rate.
@@ -512,6 +520,7 @@ def check_args(args) -> tuple[list, list, list, list, list]:
                       ("--test-examples", args.test_examples), ("--steps-per-call", args.steps_per_call)):
     if value < 1:
       raise UsageError(f"{flag} must be a positive integer, got {value}")
+  _int_list("--niah-lengths", args.niah_lengths, "1024")
   if args.niah_factor < 1 or args.niah_examples < 0:
     raise UsageError(f"--niah-factor must be >= 1 and --niah-examples >= 0, got {args.niah_factor}, "
                      f"{args.niah_examples}")
@@ -550,16 +559,20 @@ def parse(argv):
   ap.add_argument("--data-seed", type=int, default=0, help="seed of the fixed train/test sets")
   ap.add_argument("--lrs", default=",".join(f"{x:.6g}" for x in LEARNING_RATES))
   ap.add_argument("--seeds", default="0,1,2", help="model seeds (init and data order)")
-  ap.add_argument("--steps", type=int, default=1500, help="training steps per point")
+  ap.add_argument("--steps", type=int, default=1000, help="training steps per point")
   ap.add_argument("--batch-size", type=int, default=0, help="rows per step; 0 = Zoology's rule by length")
   ap.add_argument("--steps-per-call", type=int, default=100, help="steps per compiled call (a scan)")
   ap.add_argument("--log-every", type=int, default=500)
+  ap.add_argument("--niah-lengths", default="1024",
+                  help="training lengths whose models get the NIAH test (each is one more compiled program)")
   ap.add_argument("--niah-factor", type=int, default=2, help="NIAH context = this x the training length")
   ap.add_argument("--niah-examples", type=int, default=256, help="NIAH sequences per depth (0: no NIAH)")
   ap.add_argument("--cpu-smoke", action="store_true",
                   help="a minute or two on CPU: vocabulary 64, lengths 16,32, 1,000 examples, 2 LRs x 2 seeds, "
                        "200 steps of 16 rows, xs only")
   ap.add_argument("--dry_run", action="store_true", help="print the grid, steps, tokens and FLOPs; train nothing")
+  ap.add_argument("--tflops", type=float, default=30.0,
+                  help="--dry_run's assumed sustained TFLOP/s of the grid (for its time estimate)")
   ap.add_argument("--out", default="runs/retrieval/retrieval.csv",
                   help="run CSV; an existing one of this study is resumed (its points are skipped)")
   ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -573,7 +586,7 @@ def parse(argv):
     given = {a.split("=", 1)[0] for a in argv}
     args.vocab_size, args.train_examples, args.test_examples, args.sizes = 64, 1000, 100, "xs"
     args.lrs, args.seeds, args.batch_size, args.steps_per_call, args.log_every = "3e-3,1e-2", "0,1", 16, 50, 100
-    args.niah_examples = 16
+    args.niah_examples, args.niah_lengths = 16, "16,32"
     if "--lengths" not in given:
       args.lengths = "16,32"
     if "--steps" not in given:
@@ -588,8 +601,9 @@ def dry_run(args, kinds, sizes, lengths, lrs, seeds, model_overrides) -> int:
   models = len(lrs) * len(seeds)
   print(f"grid: {len(kinds)} kinds x {len(sizes)} sizes x {len(lengths)} lengths; {len(lrs)} LRs "
         f"({', '.join(f'{x:.3g}' for x in lrs)}) x {len(seeds)} seeds = {models} models per compiled program")
-  print("| kind | size | params | context | pairs | batch | steps | epochs | tokens/model | grid PFLOP |")
-  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| kind | size | params | context | pairs | batch | steps | epochs | tokens/model | grid PFLOP | minutes |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  minutes = {}
   total_tokens = total_flops = 0.0
   for kind in kinds:
     for size in sizes:
@@ -607,10 +621,15 @@ def dry_run(args, kinds, sizes, lengths, lrs, seeds, model_overrides) -> int:
         head = 6 * cfg.hidden_size * cfg.vocab_size * pairs / seq_len
         flops = models * tokens * (6 * (n_params - table) + attn + head)
         total_tokens, total_flops = total_tokens + models * tokens, total_flops + flops
+        # + about a minute per point to generate the data and compile (the train program, the evaluations)
+        minutes[kind, size] = minutes.get((kind, size), 0.0) + flops / (args.tflops * 1e12) / 60 + 1.0
         print(f"| {kind} | {size} | {n_params:,} | {seq_len} | {pairs} | {batch} | {args.steps} | "
-              f"{args.steps * batch / args.train_examples:.1f} | {tokens:.3g} | {flops / 1e15:.3g} |")
+              f"{args.steps * batch / args.train_examples:.1f} | {tokens:.3g} | {flops / 1e15:.3g} | "
+              f"{flops / (args.tflops * 1e12) / 60 + 1.0:.1f} |")
   print(f"total: {total_tokens:.3g} tokens, {total_flops / 1e15:.3g} PFLOP over "
-        f"{len(kinds) * len(sizes) * len(lengths)} compiled programs")
+        f"{len(kinds) * len(sizes) * len(lengths)} compiled programs; at an assumed {args.tflops:g} TFLOP/s "
+        f"(--tflops) and a minute per point: " + ", ".join(f"{k} {s} {m:.0f} min" for (k, s), m in minutes.items())
+        + f"; {sum(minutes.values()):.0f} min in all")
   return 0
 
 
@@ -639,6 +658,7 @@ def main(argv=None) -> int:
     print_summary(write_outputs(rows, args.out, plot_path))
     return 0
   rows = read_csv(args.out) if resuming and not args.overwrite else []
+  niah_lengths = _int_list("--niah-lengths", args.niah_lengths, "1024")
   done = {(r["kind"], r["size"], int(r["seq_len"])) for r in rows}
   for seq_len in lengths:
     todo = [(k, s) for s in sizes for k in kinds if (k, s, seq_len) not in done]
@@ -649,10 +669,11 @@ def main(argv=None) -> int:
                              test_examples=args.test_examples, data_seed=args.data_seed, power_a=args.power_a)
     niah_len = args.niah_factor * seq_len
     niah = [niah_dataset(args.niah_examples, niah_len, d, args.vocab_size, (args.data_seed, niah_len, i, 2))
-            for i, d in enumerate(NIAH_DEPTHS)] if args.niah_examples else []
+            for i, d in enumerate(NIAH_DEPTHS)] if args.niah_examples and seq_len in niah_lengths else []
     batch = args.batch_size or zoology_batch_size(seq_len)
     for kind, size in todo:
-      cfg = model_config(kind, size, vocab_size=args.vocab_size, seq_len=niah_len, overrides=model_overrides)
+      cfg = model_config(kind, size, vocab_size=args.vocab_size, seq_len=niah_len if niah else seq_len,
+                         overrides=model_overrides)
       t0 = time.perf_counter()
       results = train_grid(cfg, train, test, lrs=lrs, seeds=seeds, steps=args.steps, batch_size=batch,
                            steps_per_call=args.steps_per_call, log_every=args.log_every, niah=niah,
@@ -668,7 +689,7 @@ def main(argv=None) -> int:
                      "compute_dtype": cfg.compute_dtype, "final_train_loss": r["final_train_loss"],
                      "final_train_accuracy": r["final_train_accuracy"], "test_accuracy": r["test_accuracy"],
                      "niah_len": niah_len if niah else "",
-                     **dict(zip(NIAH_COLUMNS, r["niah"])), "train_seconds": round(seconds, 1),
+                     **dict(zip(NIAH_COLUMNS, r["niah"] or [""] * len(NIAH_COLUMNS))), "train_seconds": round(seconds, 1),
                      "backend": jax.default_backend()})
       accs = [r["test_accuracy"] for r in results]
       print(f"{kind:9s} size={size} L={seq_len:5d} pairs={pairs:3d} test acc {min(accs):.3f}-{max(accs):.3f} over "
