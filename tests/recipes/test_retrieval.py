@@ -193,3 +193,12 @@ def test_summary_picks_the_lr_by_mean_over_seeds():
   # order: kinds as in KINDS, then length
   assert [(g["kind"], g["seq_len"]) for g in retrieval.summarize(rows)] == [("softmax", 64), ("softmax", 128),
                                                                               ("lightning", 64)]
+
+
+def test_elimination_baseline_matches_simulation():
+  # Guessing uniformly among the not-yet-answered values of the sequence, simulated.
+  rng = np.random.default_rng(0)
+  for pairs in (1, 4, 8):
+    hits = [rng.integers(0, pairs - j) == 0 for _ in range(4000) for j in range(pairs)]
+    assert abs(np.mean(hits) - retrieval.elimination_baseline(pairs)) < 0.02
+  assert abs(retrieval.elimination_baseline(8) - 0.3397) < 1e-3
