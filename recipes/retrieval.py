@@ -296,12 +296,13 @@ def batch_order(seed: int, num_examples: int, batch_size: int, steps: int, start
 
 def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[float], seeds: Sequence[int],
                steps: int, batch_size: int, steps_per_call: int = 100, log_every: int = 0,
-               niah: Sequence[dict] = (), eval_batch: int = 500, label: str = "") -> list[dict]:
+               niah: Sequence[dict] = (), eval_batch: Optional[int] = None, label: str = "") -> list[dict]:
   """Trains every (lr, seed) model of one point at once; returns one dict per model (lrs outer, seeds inner):
   {"lr", "seed", "final_train_loss", "final_train_accuracy", "test_accuracy", "niah": [accuracy per set]}.
 
-  train/test/niah: `mqar_dataset`-style dicts.  The training set lives on the device; each call gathers
-  its batches there from the seeds' example indices.
+  train/test/niah: `mqar_dataset`-style dicts.  The training set lives on the device (an argument of the
+  compiled call, not a constant baked into it); each call gathers its batches there from the seeds' example
+  indices.  eval_batch: rows per evaluation call (default batch_size; NIAH sets the same tokens per call).
   """
   models = [(lr, s) for lr in lrs for s in seeds]
   params, opt_state = init_grid(config, lrs, seeds, steps)
@@ -310,7 +311,7 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
   answers_per_row = train["answers"].shape[1]
 
   @jax.jit
-  def run_steps(params, opt_state, idx):  # idx [k, models, batch]
+  def run_steps(params, opt_state, data, idx):  # idx [k, models, batch]
     def body(carry, idx_t):
       batch = jax.tree.map(lambda a: a[idx_t], data)  # [models, batch, ...]
       params, opt_state, loss, correct = grid_step(*carry, batch)
@@ -324,7 +325,7 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
   while done < steps:
     k = min(steps_per_call, steps - done)
     idx = np.stack([batch_order(s, n_train, batch_size, k, done) for _, s in models], axis=1)
-    params, opt_state, loss, acc = run_steps(params, opt_state, idx)
+    params, opt_state, loss, acc = run_steps(params, opt_state, data, idx)
     done += k
     if log_every and (done // log_every != (done - k) // log_every or done == steps):
       loss, acc = np.asarray(loss), np.asarray(acc)
@@ -333,6 +334,7 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
             f"{done / (time.perf_counter() - t0):.1f} steps/s", flush=True)
   loss, acc = np.asarray(loss), np.asarray(acc)
   evaluate = make_evaluate(config)
+  eval_batch = eval_batch or batch_size
   test_acc = evaluate(params, test, eval_batch)
   niah_acc = [evaluate(params, d, max(1, eval_batch * train["inputs"].shape[1] // d["inputs"].shape[1]))
               for d in niah]
