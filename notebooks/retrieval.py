@@ -21,7 +21,7 @@
 # standard error) and a plot; its docstring lists the GPU commands and the merge:
 #
 #     python -m recipes.retrieval --merge runs/retrieval/*-xs.csv runs/retrieval/*-s.csv --out runs/retrieval/study.csv
-#     python -m recipes.retrieval --cpu-smoke --out runs/retrieval/smoke.csv    # a minute or two on CPU
+#     python -m recipes.retrieval --cpu-smoke --out runs/retrieval/smoke.csv    # minutes on CPU
 #
 # This notebook reads the study's summary ($MX01_RETRIEVAL_CSV, else runs/retrieval/study.csv, else the CPU
 # smoke run), else runs a micro version.  (The first version of the study, `results/retrieval*.csv`, had

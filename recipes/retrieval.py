@@ -13,7 +13,7 @@ to one CSV, and a call cut off before its end is resumed by running it again):
     python -m recipes.retrieval --merge runs/retrieval/*-xs.csv runs/retrieval/*-s.csv \
         --out runs/retrieval/study.csv                   # runs, summary (mean, SE, best LR), plot
     python -m recipes.retrieval --dry_run                # the grid, its steps, tokens, FLOPs, minutes; trains nothing
-    python -m recipes.retrieval --cpu-smoke              # a minute or two on an idle CPU: tiny vocabulary, data, budget
+    python -m recipes.retrieval --cpu-smoke              # minutes on CPU (2 cores): tiny vocabulary, data, budget
 
 The task follows Zoology (Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language
 Models", the multi-query associative recall of its Figure 2): vocabulary 8,192 (keys in [1, 4096), values in
@@ -450,7 +450,7 @@ def plot(summary: list, path: str):
     seeds = sorted({g["seeds"] for g in points})
     top.set_title(f"MQAR, size {size}: best-LR mean over {'/'.join(map(str, seeds))} seeds (+- SE)", fontsize=9)
     top.set_xscale("log", base=2)
-    top.set_xlabel("context length (tokens); key-value pairs = length / 16")
+    top.set_xlabel("context length (tokens)")
     top.set_ylabel("test answer accuracy")
     top.set_ylim(0, 1.02)
     top.legend(fontsize=7)
@@ -582,7 +582,7 @@ def parse(argv):
   ap.add_argument("--niah-factor", type=int, default=2, help="NIAH context = this x the training length")
   ap.add_argument("--niah-examples", type=int, default=256, help="NIAH sequences per depth (0: no NIAH)")
   ap.add_argument("--cpu-smoke", action="store_true",
-                  help="a minute or two on CPU: vocabulary 64, lengths 16,32, 1,000 examples, 2 LRs x 2 seeds, "
+                  help="a few minutes on CPU: vocabulary 64, lengths 16,32, 1,000 examples, 2 LRs x 2 seeds, "
                        "200 steps of 16 rows, xs only")
   ap.add_argument("--dry_run", action="store_true", help="print the grid, steps, tokens and FLOPs; train nothing")
   ap.add_argument("--tflops", type=float, default=30.0,
@@ -600,7 +600,7 @@ def parse(argv):
     given = {a.split("=", 1)[0] for a in argv}
     args.vocab_size, args.train_examples, args.test_examples, args.sizes = 64, 1000, 100, "xs"
     args.lrs, args.seeds, args.batch_size, args.steps_per_call, args.log_every = "3e-3,1e-2", "0,1", 16, 50, 100
-    args.niah_examples, args.niah_lengths = 16, "16,32"
+    args.niah_examples, args.niah_lengths = 16, "32"
     if "--lengths" not in given:
       args.lengths = "16,32"
     if "--steps" not in given:
