@@ -14,22 +14,23 @@
 # %% [markdown]
 # # Associative recall: softmax vs lightning vs hybrid
 #
-# Multi-query associative recall (MQAR): key-value pairs, then every key queried once more in a filler
-# region; the loss counts only the answers.  `recipes/retrieval.py` trains one model per
-# (attention kind, size, context length) and writes a CSV; the recorded study ran one process per
-# (kind, size) on one GPU, with two learning rates and three seeds, merged with `--merge`:
+# Multi-query associative recall (MQAR) as in Zoology (Arora et al. 2023): key-value pairs, then every key
+# queried once more, the value the target; the loss counts only the answers.  `recipes/retrieval.py` trains,
+# per (attention kind, size, context length), 4 learning rates x 3 seeds at once on a fixed training set and
+# writes one CSV row per model, a summary (best learning rate by the mean over seeds, that mean and its
+# standard error) and a plot; its docstring lists the GPU commands and the merge:
 #
-#     bash benchmarks/gpu_suite.sh retrieval   # the study's GPU runs (see BENCHMARKS.md for the options)
-#     python -m recipes.retrieval --merge res/retrieval_*.csv --out results/retrieval.csv --overwrite
-#     python -m recipes.retrieval --cpu-smoke --out results/retrieval_cpu_smoke.csv --overwrite  # minutes on CPU
+#     python -m recipes.retrieval --merge runs/retrieval/*-xs.csv runs/retrieval/*-s.csv --out runs/retrieval/study.csv
+#     python -m recipes.retrieval --cpu-smoke --out runs/retrieval/smoke.csv    # minutes on CPU
 #
-# This notebook reads the study's CSV if present, else the CPU smoke run, else runs a micro version.
+# This notebook reads the study's summary ($MX01_RETRIEVAL_CSV, else runs/retrieval/study.csv, else the CPU
+# smoke run), else runs a micro version.  (The first version of the study, `results/retrieval*.csv`, had
+# other columns; BENCHMARKS.md keeps its results.)
 #
-# How to read it: a model that has learned only *which* values are in the context, and which were already
-# asked for, answers each query correctly with probability H_P / P (`retrieval.elimination_baseline`,
-# 0.34 for 8 pairs).  Accuracy near that line means no associative recall; near 1 means the lookup was
-# learned.  Whether a tiny model learns it within the budget is a sudden, seed-dependent transition, so the
-# study counts, per point, how many runs learned it (BENCHMARKS.md, "Retrieval study").
+# How to read it: a model that has learned only *which* values are in the context, and which keys were already
+# asked for, answers each query correctly with probability H_P / P (`retrieval.elimination_baseline`, the
+# dashed line; 0.52 at 4 pairs down to 0.074 at 64).  Near that line means no associative recall; near 1 means
+# the lookup was learned.
 
 # %%
 import os
@@ -45,44 +46,52 @@ import numpy as np
 from recipes import retrieval
 
 # %% [markdown]
-# ## One example sequence
+# ## One example sequence (vocabulary 64, 32 tokens, 2 pairs)
 
 # %%
-ex = retrieval.mqar_batch(np.random.default_rng(0), 1, 31, 4, vocab_size=64)
-toks, mask = ex["tokens"][0], ex["loss_mask"][0]
-print("tokens :", toks.tolist())
-print("answers:", [(int(toks[t]), int(toks[t + 1])) for t in np.nonzero(mask)[0]], "(query key, value to predict)")
+ex = retrieval.mqar_dataset(1, 32, 2, 64, seed=0)
+toks = ex["inputs"][0]
+print("inputs :", toks.tolist())
+print("answers:", [(int(p), int(toks[p]), int(a)) for p, a in zip(ex["answer_pos"][0], ex["answers"][0])],
+      "(position, queried key, value to predict)")
+needle = retrieval.niah_dataset(1, 16, 0.5, 64, seed=0)
+print("NIAH at depth 50%:", needle["inputs"][0].tolist(), "-> answer", int(needle["answers"][0, 0]))
 
 # %% [markdown]
 # ## Results
 
 # %%
-candidates = [os.path.join(ROOT, "results", "retrieval.csv"), os.path.join(ROOT, "results", "retrieval_cpu_smoke.csv")]
-path = next((p for p in candidates if os.path.exists(p)), None)
-if path is None:  # nothing recorded yet: a micro run (seconds per model)
+candidates = [os.environ.get("MX01_RETRIEVAL_CSV", ""), os.path.join(ROOT, "runs", "retrieval", "study.csv"),
+              os.path.join(ROOT, "runs", "retrieval", "smoke.csv")]
+path = next((p for p in candidates if p and os.path.exists(p)), None)
+if path is None:  # nothing recorded yet: a micro run (seconds per model on CPU)
   path = "/tmp/retrieval_micro.csv"
-  retrieval.main(["--cpu-smoke", "--steps", "30", "--lengths", "32", "--sizes", "xs", "--out", path])
+  retrieval.main(["--cpu-smoke", "--kinds", "softmax", "--lengths", "16", "--steps", "30", "--out", path,
+                  "--overwrite"])
 rows = retrieval.read_csv(path)
-print(f"{path} ({len(rows)} runs, backend {rows[0]['backend']})")
-print(f"{'kind':10s} {'size':4s} {'params':>8s} {'seq_len':>7s} {'pairs':>5s} {'steps':>5s} {'accuracy':>8s} "
-      f"{'no-recall line':>14s}")
-for r in rows:
-  print(f"{r['kind']:10s} {r['size']:4s} {int(r['params']):8d} {int(r['seq_len']):7d} {int(r['num_pairs']):5d} "
-        f"{int(r['steps']):5d} {float(r['eval_accuracy']):8.3f} "
-        f"{retrieval.elimination_baseline(int(r['num_pairs'])):14.3f}")
+summary = retrieval.summarize(rows)
+print(f"{path}: {len(rows)} models, {len(summary)} points, backend {rows[0]['backend']}")
+print(f"{'kind':10s} {'size':4s} {'params':>9s} {'context':>7s} {'pairs':>5s} {'seeds':>5s} {'best LR':>8s} "
+      f"{'accuracy':>15s} {'no recall':>9s}  LR means")
+for g in summary:
+  print(f"{g['kind']:10s} {g['size']:4s} {int(g['params']):9d} {g['seq_len']:7d} {g['num_pairs']:5d} {g['seeds']:5d} "
+        f"{g['best_lr']:8.2g} {g['mean_accuracy']:7.3f} +- {g['se_accuracy']:5.3f} {g['no_recall']:9.3f}  "
+        f"{g['lr_means']}")
 
 # %% [markdown]
-# Per (kind, size, context length): runs, runs that learned the recall (accuracy >= 0.9), best and median.
+# Needle in a haystack (models trained at the lengths of `--niah-lengths`): accuracy by the depth of the one
+# key-value pair in a context twice the training length, at the best learning rate (mean over seeds).
 
 # %%
-for g in retrieval.summarize(rows):
-  print(f"{g['kind']:10s} {g['size']:3s} {g['seq_len']:5d}  runs {g['runs']}  learned {g['learned']}  "
-        f"best {g['best']:.3f}  median {g['median']:.3f}")
+for g in summary:
+  if not np.isnan(g["niah_0_mean"]):
+    print(f"{g['kind']:10s} {g['size']:4s} trained at {g['seq_len']:5d}, tested at {g['niah_len']}: " + "  ".join(
+        f"{round(100 * d):3d}%: {g[f'{c}_mean']:.2f}" for d, c in zip(retrieval.NIAH_DEPTHS, retrieval.NIAH_COLUMNS)))
 
 # %%
 import tempfile
 png = os.path.join(tempfile.gettempdir(), os.path.basename(os.path.splitext(path)[0]) + "_notebook.png")
-retrieval.plot(rows, png)
+retrieval.plot(summary, png)
 try:
   from IPython.display import Image, display
   display(Image(png))
