@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -64,8 +65,12 @@ def append_csv_row(path: Path, row: dict, columns) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   new = not path.exists() or path.stat().st_size == 0
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  if new:
+    writer.writeheader()
+  writer.writerow({k: row.get(k) for k in columns})
+  # One write on a file opened for appending: runs of several processes (one per kind) can share one CSV
+  # without interleaving their rows.
   with open(path, "a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    if new:
-      writer.writeheader()
-    writer.writerow({k: row.get(k) for k in columns})
+    f.write(text.getvalue())
