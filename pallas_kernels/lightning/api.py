@@ -10,6 +10,16 @@ row's first segment and the state after the last token returned.
 Gradients: dq, dk, dv and d(initial_state) come from the backward kernels.
 `log_decay` is treated as a constant (the model's decays are fixed, not
 trained): its cotangent is zero.
+
+Where batch * heads is too small to fill the GPU the sequence is cut into
+super-chunks run as rows of their own (`_split_core`): a states-only sweep
+(states.py) and the small combination of chunk_states give every row its
+incoming state, and the forward kernel starts each row from it, so o is
+written once; HBM traffic is k, v twice plus q read and o written (6 tensors
+against the 4 of one unsplit sweep).  The backward mirrors it: one extra
+sweep reads q and dO for the incoming-state cotangents; the local states'
+gradient needs no pass of its own, as it enters the dK/dV sweep as each
+row's end-state cotangent.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ block and inputs at the presets' init scale (std 0.02).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -85,14 +86,15 @@ def test_states_only_kernels_match_float64(interpret, dtype):
   seg = row_index(ids)
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 1, 4))
   launch = dict(seq_len=length, block=BLOCK, block_v=16, num_warps=4, num_stages=2, interpret=interpret)
-  got = states.local_states(a, b, log_decay, jnp.asarray(seg), **launch)
+  sweep = lambda fn, seg, **kw: jax.jit(functools.partial(fn, **{**launch, **kw}))(a, b, log_decay, seg)
+  got = sweep(states.local_states, jnp.asarray(seg))
   assert got.shape == (rows, h, dk, dv) and got.dtype == jnp.float32
   assert rel_err(got, float64_local_sums(a, b, log_decay, seg, last=True)) < STATE_TOL[dtype]
-  got = states.local_incoming_grad(a, b, log_decay, jnp.asarray(seg), **launch)
+  got = sweep(states.local_incoming_grad, jnp.asarray(seg))
   assert rel_err(got, float64_local_sums(a, b, log_decay, seg, last=False)) < STATE_TOL[dtype]
   np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
   # Without segments the static seq_len masks the tail.
-  got = states.local_states(a, b, log_decay, None, **{**launch, "seq_len": 40})
+  got = sweep(states.local_states, None, seq_len=40)
   want = float64_local_sums(a, b, log_decay, np.where(np.arange(length) < 40, 0, -1)[None].repeat(rows, 0), True)
   assert rel_err(got, want) < STATE_TOL[dtype]
 
@@ -130,17 +132,22 @@ def test_split_path_matches_reference(interpret, t, splits, dtype, with_seg, wit
     return fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
 
   kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=cfg, interpret=interpret)
-  (out, state), vjp = jax.vjp(lambda *a: run(kernel, *a), q, k, v, init)
+
+  @jax.jit  # interpret mode traces each kernel once instead of dispatching it op by op
+  def outputs_and_grads(q, k, v, init):
+    outs, vjp = jax.vjp(lambda *a: run(kernel, *a), q, k, v, init)
+    return outs, vjp((w_out.astype(dtype), w_state))
+
+  (out, state), got = outputs_and_grads(q, k, v, init)
   assert out.shape == (b, t, h, dv) and out.dtype == dtype and state.dtype == jnp.float32
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
   assert rel_err(out, want_out) < OUT_TOL[dtype]
   assert rel_err(state, want_state) < STATE_TOL[dtype]
 
-  got = vjp((w_out.astype(dtype), w_state))
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("float32"):
-    _, ref_vjp = jax.vjp(lambda *a: run(ref.lightning_attention_recurrent, *a), f32(q), f32(k), f32(v), init)
-    want = ref_vjp((w_out, w_state))
+    want = jax.jit(lambda *a: jax.vjp(lambda *a: run(ref.lightning_attention_recurrent, *a), *a)[1](
+        (w_out, w_state)))(f32(q), f32(k), f32(v), init)
   for name, g, w in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
     if name == "d_initial_state" and not with_init:
       assert g is None
