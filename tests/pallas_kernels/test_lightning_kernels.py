@@ -98,8 +98,8 @@ def test_forward_matches_numpy(interpret, t, dtype, with_seg, with_init, heads):
   assert rel_err(state, want_state) < STATE_TOL[dtype]
   # Same answer as the XLA block-wise reference (in full float32: XLA's GPU default for float32 dots is TF32).
   with jax.default_matmul_precision("float32"):
-    ref_out, _ = ref.lightning_attention_chunked(q, k, v, log_decay, block_size=16, segment_ids=seg,
-                                                 initial_state=init)
+    ref_out, _ = jax.jit(functools.partial(ref.lightning_attention_chunked, block_size=16))(
+        q, k, v, log_decay, segment_ids=seg, initial_state=init)
   assert rel_err(out, np.asarray(ref_out, np.float64)) < 2 * OUT_TOL[dtype]
 
 
@@ -354,24 +354,30 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_to_triton(dtype, monkeypatch):
-  """Forward, backward and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
+  """Forward, backward, split-path and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
   from pallas_kernels import _common
   monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
   S = jax.ShapeDtypeStruct
   b, t, h, d = 2, 200, 4, 128
 
-  def fwd_bwd(q, k, v, ld, seg, s0):
-    def loss(q, k, v, s0):
-      out, state = pk.lightning_attention(q, k, v, ld, segment_ids=seg, initial_state=s0)
-      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+  def lowered(config):
+    def fwd_bwd(q, k, v, ld, seg, s0):
+      def loss(q, k, v, s0):
+        out, state = pk.lightning_attention(q, k, v, ld, segment_ids=seg, initial_state=s0, config=config)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+      return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+    args = [S((b, t, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((b, t), jnp.int32), S((b, h, d, d), jnp.float32)]
+    return jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
-  args = [S((b, t, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((b, t), jnp.int32), S((b, h, d, d), jnp.float32)]
   try:
-    text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(None)
   except TypeError as e:  # a jax without cross-platform lowering
     pytest.skip(f"cannot lower for cuda here: {e}")
   assert text.count("triton") >= 3
+  text = lowered(pk.LightningConfig(num_splits=3))
+  for name in ("lightning_local_states", "lightning_fwd", "lightning_local_incoming_grad", "lightning_bwd_dq",
+               "lightning_bwd_dkdv"):
+    assert name in text, name
   decode = lambda q, k, v, ld, s: pk.lightning_decode(q, k, v, ld, s)
   dargs = [S((8, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((8, h, d, d), jnp.float32)]
   assert "triton" in jax.jit(decode).trace(*dargs).lower(lowering_platforms=("cuda",)).as_text()
@@ -382,9 +388,13 @@ def test_kernels_lower_to_triton(dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")
+@pytest.mark.parametrize("splits", [None, 5], ids=["auto", "split5"])
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float32)])
-def test_model_sized_heads_on_gpu(d, dtype):
+def test_model_sized_heads_on_gpu(d, dtype, splits):
+  """Default tiles at model head dims; `split5` forces the sequence split (rows of 256, 256, 256, 232 real tokens
+  and one of padding only)."""
   b, t, h = 2, 1000, 4
+  attention = functools.partial(pk.lightning_attention, config=pk.LightningConfig(num_splits=splits))
   q, k, v, init = make_inputs(d, b, t, h, d, d, dtype, scale=d ** -0.5)
   seg = packed_segments(9, b, t)
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 3, 8))
@@ -395,11 +405,11 @@ def test_model_sized_heads_on_gpu(d, dtype):
     out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state)
 
-  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+  out, state = attention(q, k, v, log_decay, segment_ids=seg, initial_state=init)
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
   assert rel_err(out, want_out) < OUT_TOL[dtype]
   assert rel_err(state, want_state) < STATE_TOL[dtype]
-  got = jax.grad(lambda *a: loss(pk.lightning_attention, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
+  got = jax.grad(lambda *a: loss(attention, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
   f32 = lambda x: x.astype(jnp.float32)
   chunked = lambda *a, **kw: ref.lightning_attention_chunked(*a, **kw, block_size=64)
   with jax.default_matmul_precision("float32"):
