@@ -146,7 +146,8 @@ def issue_table(ours, fla):
   return "\n".join(lines)
 
 
-def _row_order(e):  # noqa: N802 - a sort key: the row's place in ISSUE_ROWS
+def _row_order(e):
+  """Sort key: the place of the case's row in ISSUE_ROWS."""
   t = e["t"] + (RAGGED_CUT if e["variant"] == "ragged" else 0)
   row = (e["b"], t, e["h"])
   return ISSUE_ROWS.index(row) if row in ISSUE_ROWS else len(ISSUE_ROWS)
