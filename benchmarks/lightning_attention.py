@@ -273,13 +273,13 @@ def make_inputs(b, t, h, d, dtype):
   return q, k, v, do
 
 
-def linear_fns(impl, log_decay, config=None, segment_ids=None):
+def linear_fns(impl, log_decay, config=None, segment_ids=None, interpret=False):
   import jax
   import pallas_kernels
   from mx01 import lightning as ref
   if impl == "pallas":
     attn = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                                                              config=config)
+                                                              config=config, interpret=interpret)
   else:
     attn = lambda q, k, v: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256,
                                                            segment_ids=segment_ids)
@@ -461,7 +461,8 @@ def run_issue(args, cases):
     b, t, h = case["b"], case["t"], case["h"]
     q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
     seg = jnp.asarray(segment_ids_of(doc_lengths(b, t))) if case["variant"] == "packed" else None
-    fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg)
+    fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
+                              interpret=args.interpret)
     entry = dict(impl="pallas", **case, floor_ms=floor_ms(b, t, h, case["backward"]))
     try:
       entry.update(ms=time_jax(fwd_bwd, q, k, v, do, budget_s=0.3) if case["backward"] else
@@ -487,6 +488,7 @@ def main():
   parser.add_argument("--passes", default="fwd,fwd_bwd", help="with --rows issue: fwd and/or fwd_bwd")
   parser.add_argument("--num_splits", type=int, default=None, help="force LightningConfig.num_splits")
   parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
+  parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU checks)")
   parser.add_argument("--quick", action="store_true", help="fewer lengths")
   parser.add_argument("--sweep", action="store_true", help="pick block/warp settings at 8k first")
   parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)

@@ -72,3 +72,17 @@ def test_dry_run_prints_every_case(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     bench.main()
   assert "--passes takes fwd and/or fwd_bwd" in capsys.readouterr().err
+
+
+def test_issue_run_times_ours_on_cpu(monkeypatch, tmp_path):
+  """run_issue end to end at a toy size, the kernels in interpret mode, fla skipped: JSON and table come out."""
+  import json
+  import types
+  monkeypatch.setattr(bench, "HEAD_DIM", 16)
+  cases = [dict(b=1, t=40, h=2, variant="packed", backward=False)]
+  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=2, interpret=True)
+  bench.run_issue(args, cases)
+  data = json.load(open(args.out))
+  (entry,) = data["results"]
+  assert "error" not in entry and entry["ms"] > 0 and data["meta"]["config"]["num_splits"] == 2
+  assert "| fwd | 1x40x2 | packed |" in data["table"]
