@@ -19,11 +19,13 @@ the HBM floor (bytes moved / HBM_BYTES_PER_S) and the ratios fla/ours and
 ours/floor.  `--dry_run` prints those rows and their floors without a GPU.
 
     python benchmarks/lightning_attention.py --rows issue --out issue.json [--variants plain,packed]
+        [--num_splits 4,8,16]   # each case at each split count (tuning LightningConfig.num_splits)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -135,13 +137,14 @@ def issue_table(ours, fla):
   fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
   lines = [f"floor: bytes moved / {HBM_BYTES_PER_S / 1e12:.2f} TB/s (fwd 4 tensors, fwd+bwd 11), head dim "
            f"{HEAD_DIM}, bf16", "",
-           "| pass | b x t x h | variant | ours ms | fla ms | floor ms | fla/ours | ours/floor |",
-           "|---|---|---|---|---|---|---|---|"]
-  for e in sorted(ours, key=lambda e: (e["backward"], _row_order(e), VARIANTS.index(e["variant"]))):
+           "| pass | b x t x h | variant | splits | ours ms | fla ms | floor ms | fla/ours | ours/floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  order = lambda e: (e["backward"], _row_order(e), VARIANTS.index(e["variant"]), e.get("num_splits") or 0)
+  for e in sorted(ours, key=order):
     ms, f = e.get("ms"), fla_by.get(case_key(e), {}).get("ms")
     fl = floor_ms(e["b"], e["t"], e["h"], e["backward"])
     lines.append(f"| {'fwd+bwd' if e['backward'] else 'fwd'} | {e['b']}x{e['t']}x{e['h']} | {e['variant']} | "
-                 f"{fmt(ms)} | {fmt(f)} | {fmt(fl, 3)} | {fmt(None if ms is None or f is None else f / ms)} | "
+                 f"{e.get('num_splits') or 'auto'} | {fmt(ms)} | {fmt(f)} | {fmt(fl, 3)} | {fmt(None if ms is None or f is None else f / ms)} | "
                  f"{fmt(None if ms is None else ms / fl)} |")
   return "\n".join(lines)
 
@@ -448,9 +451,9 @@ def run_issue(args, cases):
   import jax.numpy as jnp
   import pallas_kernels as pk
   from mx01 import lightning as ref
-  config = pk.LightningConfig(num_splits=args.num_splits) if args.num_splits else pk.DEFAULT_CONFIG
+  splits = args.num_splits or [None]
   results = []
-  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=config.__dict__,
+  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=pk.DEFAULT_CONFIG.__dict__,
               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), head_dim=HEAD_DIM, hbm_bytes_per_s=HBM_BYTES_PER_S,
               mean_doc=MEAN_DOC)
 
@@ -461,22 +464,35 @@ def run_issue(args, cases):
     b, t, h = case["b"], case["t"], case["h"]
     q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
     seg = jnp.asarray(segment_ids_of(doc_lengths(b, t))) if case["variant"] == "packed" else None
-    fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
-                              interpret=args.interpret)
-    entry = dict(impl="pallas", **case, floor_ms=floor_ms(b, t, h, case["backward"]))
-    try:
-      entry.update(ms=time_jax(fwd_bwd, q, k, v, do, budget_s=0.3) if case["backward"] else
-                   time_jax(fwd, q, k, v, budget_s=0.3))
-    except Exception as e:  # noqa: BLE001
-      entry.update(error=repr(e)[:300])
-    results.append(entry)
-    print("pallas", entry, flush=True)
-    del q, k, v, do, seg, fwd, fwd_bwd
-    jax.clear_caches()
-    dump()
+    for num_splits in splits:  # None: the default config's own choice
+      config = dataclasses.replace(pk.DEFAULT_CONFIG, num_splits=num_splits)
+      fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
+                                interpret=args.interpret)
+      entry = dict(impl="pallas", **case, num_splits=num_splits, floor_ms=floor_ms(b, t, h, case["backward"]))
+      try:
+        entry.update(ms=time_jax(fwd_bwd, q, k, v, do, budget_s=0.3) if case["backward"] else
+                     time_jax(fwd, q, k, v, budget_s=0.3))
+      except Exception as e:  # noqa: BLE001
+        entry.update(error=repr(e)[:300])
+      results.append(entry)
+      print("pallas", entry, flush=True)
+      del fwd, fwd_bwd
+      jax.clear_caches()
+      dump()
+    del q, k, v, do, seg
   table = issue_table(results, fla)
   dump(table=table)
   print(table)
+
+
+def _splits_list(text):
+  try:
+    values = [int(x) for x in text.split(",") if x]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+  return values
 
 
 def main():
@@ -486,7 +502,9 @@ def main():
                       help="time the fixed ISSUE_ROWS table (plain/packed/ragged, fwd and fwd+bwd) against fla")
   parser.add_argument("--variants", default=",".join(VARIANTS), help="with --rows issue: which variants")
   parser.add_argument("--passes", default="fwd,fwd_bwd", help="with --rows issue: fwd and/or fwd_bwd")
-  parser.add_argument("--num_splits", type=int, default=None, help="force LightningConfig.num_splits")
+  parser.add_argument("--num_splits", type=_splits_list, default=None,
+                      help="comma-separated LightningConfig.num_splits to time each case at (default: the config's "
+                           "own choice)")
   parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
   parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU checks)")
   parser.add_argument("--quick", action="store_true", help="fewer lengths")
@@ -504,8 +522,6 @@ def main():
     return
   if args.out is None and not args.dry_run:
     parser.error("--out is required (or pass --dry_run)")
-  if args.num_splits is not None and args.num_splits < 1:
-    parser.error(f"--num_splits must be >= 1, got {args.num_splits}")
 
   if args.rows == "issue":
     passes = [p for p in args.passes.split(",") if p]
@@ -517,7 +533,7 @@ def main():
       parser.error(str(e))
     cases = [dict(c, backward=p == "fwd_bwd") for p in passes for c in base]
     if args.dry_run:
-      fake = [dict(c, impl="pallas") for c in cases]
+      fake = [dict(c, impl="pallas", num_splits=n) for c in cases for n in args.num_splits or [None]]
       print(f"{len(cases)} cases")
       print(issue_table(fake, []))
       return

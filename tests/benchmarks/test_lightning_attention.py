@@ -54,10 +54,14 @@ def test_issue_table_pairs_ours_with_fla():
   fla = [dict(case, impl="fla", ms=3.0), dict(case, impl="fla", variant="plain", ms=1.0)]
   lines = bench.issue_table(ours, fla).splitlines()
   row = next(line for line in lines if "| fwd | 4x32768x16 | packed |" in line)
-  assert row == f"| fwd | 4x32768x16 | packed | 2.00 | 3.00 | {floor:.3f} | 1.50 | {2.0 / floor:.2f} |"
+  assert row == f"| fwd | 4x32768x16 | packed | auto | 2.00 | 3.00 | {floor:.3f} | 1.50 | {2.0 / floor:.2f} |"
   row = next(line for line in lines if "| fwd+bwd | 4x32768x16 | packed |" in line)
   assert "| 7.00 | - |" in row and row.endswith(f"| - | {7.0 / bench.floor_ms(4, 32768, 16, True):.2f} |")
-  assert "| fwd | 1x1048576x8 | plain | - | - |" in bench.issue_table(ours, fla)
+  assert "| fwd | 1x1048576x8 | plain | auto | - | - |" in bench.issue_table(ours, fla)
+  # A forced split count is its own line, against the same fla time.
+  row = next(line for line in bench.issue_table(ours + [dict(case, impl="pallas", num_splits=8, ms=1.5)], fla)
+             .splitlines() if "| packed | 8 |" in line)
+  assert "| 1.50 | 3.00 |" in row and "| 2.00 |" in row
   # Forward rows first, each pass in ISSUE_ROWS order.
   body = [line for line in lines if line.startswith("| fwd")]
   assert body[0].startswith("| fwd | 4x32768x16") and body[1].startswith("| fwd | 1x1048576x8")
@@ -72,6 +76,10 @@ def test_dry_run_prints_every_case(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     bench.main()
   assert "--passes takes fwd and/or fwd_bwd" in capsys.readouterr().err
+  monkeypatch.setattr(sys, "argv", ["lightning_attention.py", "--rows", "issue", "--num_splits", "4,0", "--dry_run"])
+  with pytest.raises(SystemExit):
+    bench.main()
+  assert "expected comma-separated ints >= 1, got '4,0'" in capsys.readouterr().err
 
 
 def test_issue_run_times_ours_on_cpu(monkeypatch, tmp_path):
@@ -80,9 +88,9 @@ def test_issue_run_times_ours_on_cpu(monkeypatch, tmp_path):
   import types
   monkeypatch.setattr(bench, "HEAD_DIM", 16)
   cases = [dict(b=1, t=40, h=2, variant="packed", backward=False)]
-  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=2, interpret=True)
+  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=[2], interpret=True)
   bench.run_issue(args, cases)
   data = json.load(open(args.out))
   (entry,) = data["results"]
-  assert "error" not in entry and entry["ms"] > 0 and data["meta"]["config"]["num_splits"] == 2
-  assert "| fwd | 1x40x2 | packed |" in data["table"]
+  assert "error" not in entry and entry["ms"] > 0 and entry["num_splits"] == 2
+  assert "| fwd | 1x40x2 | packed | 2 |" in data["table"]
