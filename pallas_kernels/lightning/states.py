@@ -12,8 +12,10 @@ rows is small, and these two sweeps produce it while reading half the inputs:
   which the transposed combination turns into every row's end-state cotangent.
 
 One program per (row, head, value tile) walks the row block by block with
-`_common.block_masks`, the forward kernel's masks, so S_local is bit-for-bit
-the state the forward sweep would end with.  Inputs are padded to a multiple
+`_common.block_masks`, the forward kernel's masks, so S_local is the state the
+forward sweep would end with.  On packed rows each sweep reads only the blocks
+of the segment it sums over (from the block where the last segment starts;
+up to the block where the first one ends).  Inputs are padded to a multiple
 of the block by the caller; `segment_index` is -1 on padding.
 """
 
@@ -30,9 +32,10 @@ from pallas_kernels import _common as cm
 
 def _local_states_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
   k_ref, v_ref, ld_ref = refs[:3]
-  seg_ref = refs[3] if has_seg else None
+  seg_ref, first_ref = refs[3:5] if has_seg else (None, None)
   state_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
+  first = jnp.max(first_ref[...]) if has_seg else 0  # blocks before the last segment add nothing
 
   def body(i, carry):
     state, prev_seg = carry
@@ -46,15 +49,16 @@ def _local_states_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dty
     return state, (next_seg if has_seg else prev_seg)
 
   state0 = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-  state, _ = jax.lax.fori_loop(0, num_blocks, body, (state0, jnp.int32(0)))
+  state, _ = jax.lax.fori_loop(first, num_blocks, body, (state0, jnp.int32(0)))
   state_ref[...] = state
 
 
 def _incoming_grad_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
   q_ref, do_ref, ld_ref = refs[:3]
-  seg_ref = refs[3] if has_seg else None
+  seg_ref, end_ref = refs[3:5] if has_seg else (None, None)
   grad_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
+  end = jnp.max(end_ref[...]) if has_seg else num_blocks  # blocks after the first segment add nothing
 
   def body(i, carry):
     grad, scale, prev_seg = carry  # scale = lambda^start while the first segment lasts, then 0
@@ -68,13 +72,15 @@ def _incoming_grad_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dt
     return grad, scale * state_decay, (next_seg if has_seg else prev_seg)
 
   grad0 = jnp.zeros((q_ref.shape[-1], do_ref.shape[-1]), jnp.float32)
-  grad, _, _ = jax.lax.fori_loop(0, num_blocks, body, (grad0, jnp.float32(1.0), jnp.int32(0)))
+  grad, _, _ = jax.lax.fori_loop(0, end, body, (grad0, jnp.float32(1.0), jnp.int32(0)))
   grad_ref[...] = grad
 
 
-def _row_sum(kernel, name, a, b, log_decay, segment_index, *, seq_len, block, block_v, num_warps, num_stages,
+def _row_sum(kernel, name, a, b, log_decay, segment_index, bound, *, seq_len, block, block_v, num_warps, num_stages,
              interpret):
-  """Launches a [b, t_pad, h, da] x [b, t_pad, h, db] -> [b, h, da, db] float32 sweep."""
+  """Launches a [b, t_pad, h, da] x [b, t_pad, h, db] -> [b, h, da, db] float32 sweep.
+
+  bound(segment_index, block) -> [rows] int32: the sweep's first or end block on packed rows."""
   rows, t_pad, h, da = a.shape
   db = b.shape[-1]
   assert t_pad % block == 0 and db % block_v == 0
@@ -87,8 +93,11 @@ def _row_sum(kernel, name, a, b, log_decay, segment_index, *, seq_len, block, bl
   ]
   args = [a, b.astype(a.dtype), cm.decay_rows(log_decay)]
   if has_seg:
-    in_specs.append(pl.BlockSpec((sq, t_pad), lambda ri, hi, vi: (ri, 0)))
-    args.append(segment_index.astype(jnp.int32))
+    in_specs += [pl.BlockSpec((sq, t_pad), lambda ri, hi, vi: (ri, 0)),
+                 pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, vi: (ri, 0))]
+    segment_index = segment_index.astype(jnp.int32)
+    # One value per row, repeated over DECAY_LANES lanes (a loadable power-of-two row, as the decays).
+    args += [segment_index, jnp.broadcast_to(bound(segment_index, block)[:, None], (rows, cm.DECAY_LANES))]
   args, vary = cm.match_varying(args)
   compute_dtype = jnp.float32 if a.dtype == jnp.float32 else a.dtype
   return pl.pallas_call(
@@ -99,6 +108,17 @@ def _row_sum(kernel, name, a, b, log_decay, segment_index, *, seq_len, block, bl
       compiler_params=cm.compiler_params(num_warps, num_stages), interpret=interpret, name=name)(*args)
 
 
+def _last_segment_first_block(seg, block):
+  """[rows, t_pad] -> [rows]: the block holding the first token of each row's last segment (0 on padding-only rows)."""
+  first_token = jnp.argmax(seg == jnp.max(seg, axis=1, keepdims=True), axis=1)
+  return (first_token // block).astype(jnp.int32)
+
+
+def _first_segment_end_block(seg, block):
+  """[rows, t_pad] -> [rows]: blocks covering each row's first segment (ids start at 0; 0 on padding-only rows)."""
+  return (-(-jnp.sum(seg == 0, axis=1) // block)).astype(jnp.int32)
+
+
 def local_states(k, v, log_decay, segment_index, **launch):
   """Each row's end state from a zero start.
 
@@ -107,7 +127,8 @@ def local_states(k, v, log_decay, segment_index, **launch):
   `seq_len` real tokens per row).  Keywords: seq_len, block, block_v,
   num_warps, num_stages, interpret.  Returns [rows, h, dk, dv] float32.
   """
-  return _row_sum(_local_states_kernel, "lightning_local_states", k, v, log_decay, segment_index, **launch)
+  return _row_sum(_local_states_kernel, "lightning_local_states", k, v, log_decay, segment_index,
+                  _last_segment_first_block, **launch)
 
 
 def local_incoming_grad(q, grad_out, log_decay, segment_index, **launch):
@@ -117,4 +138,4 @@ def local_incoming_grad(q, grad_out, log_decay, segment_index, **launch):
   `local_states`.  Returns [rows, h, dk, dv] float32.
   """
   return _row_sum(_incoming_grad_kernel, "lightning_local_incoming_grad", q, grad_out, log_decay, segment_index,
-                  **launch)
+                  _first_segment_end_block, **launch)
