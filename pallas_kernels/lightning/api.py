@@ -16,10 +16,11 @@ super-chunks run as rows of their own (`_split_core`): a states-only sweep
 (states.py) and the small combination of chunk_states give every row its
 incoming state, and the forward kernel starts each row from it, so o is
 written once; HBM traffic is k, v twice plus q read and o written (6 tensors
-against the 4 of one unsplit sweep).  The backward mirrors it: one extra
-sweep reads q and dO for the incoming-state cotangents; the local states'
-gradient needs no pass of its own, as it enters the dK/dV sweep as each
-row's end-state cotangent.
+against the 4 of one unsplit sweep; on packed rows the states sweep reads only
+each row's last segment).  The backward mirrors it: one extra sweep reads q
+and dO (of each row's first segment) for the incoming-state cotangents; the
+local states' gradient needs no pass of its own, as it enters the dK/dV sweep
+as each row's end-state cotangent.
 """
 
 from __future__ import annotations
