@@ -10,11 +10,22 @@ Reports ms, achieved TFLOP/s and GB/s, each kernel's roofline floor from its
 flop count and minimum bytes, and ratios; prints markdown tables and writes JSON.
 
     python benchmarks/lightning_attention.py --out results.json [--quick] [--sweep]
+
+`--rows issue` instead times a fixed table of shapes (ISSUE_ROWS, head dim 128,
+bf16), each plain, packed (random document lengths: segment_ids for us,
+cu_seqlens for fla) and at a length that is not a multiple of the block, forward
+and forward+backward (grads of q, k, v), ours beside fla's chunk_simple_gla, with
+the HBM floor (bytes moved / HBM_BYTES_PER_S) and the ratios fla/ours and
+ours/floor.  `--dry_run` prints those rows and their floors without a GPU.
+
+    python benchmarks/lightning_attention.py --rows issue --out issue.json [--variants plain,packed]
+        [--num_splits 4,8,16]   # each case at each split count (tuning LightningConfig.num_splits)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -62,13 +73,98 @@ def softmax_bytes(b, t, h, d, backward, itemsize=2):
   return (4 + (7 if backward else 0)) * b * t * h * d * itemsize
 
 
+# ---------------------------------------------------------------------------------------------- issue rows
+
+# (batch, seq, heads): where batch * heads is 8-64 the sequence split decides the speed.
+ISSUE_ROWS = [(16, 8192, 16), (4, 32768, 16), (1, 131072, 16), (1, 1 << 20, 16), (64, 2048, 64), (16, 8192, 64),
+              (1, 131072, 64), (1, 1 << 20, 8)]
+VARIANTS = ("plain", "packed", "ragged")
+HBM_BYTES_PER_S = 4.29e12     # H200 HBM3e copy bandwidth the floors assume
+RAGGED_CUT = 37               # tokens the "ragged" variant drops: its length is not a multiple of any block
+MEAN_DOC = 4096               # mean document length of the "packed" variant
+
+
+def issue_cases(variants=VARIANTS, rows=ISSUE_ROWS):
+  """[{b, t, h, variant}] for every row and variant (ragged: t - RAGGED_CUT tokens)."""
+  cases = []
+  for b, t, h in rows:
+    for variant in variants:
+      if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
+      cases.append(dict(b=b, t=t - RAGGED_CUT if variant == "ragged" else t, h=h, variant=variant))
+  return cases
+
+
+def doc_lengths(b, t, seed=0, mean=MEAN_DOC):
+  """Random document lengths of each packed row (lists summing to t; uniform in [1, 2 * mean))."""
+  import numpy as np
+  rng = np.random.default_rng(seed + 7919 * t + b)
+  rows = []
+  for _ in range(b):
+    lengths = rng.integers(1, 2 * min(mean, t), size=2 * t // min(mean, t) + 2)
+    ends = np.cumsum(lengths)
+    lengths = lengths[: int(np.searchsorted(ends, t)) + 1]
+    lengths[-1] -= int(lengths.sum()) - t
+    rows.append([int(x) for x in lengths if x > 0])
+  return rows
+
+
+def segment_ids_of(docs):
+  """[b, t] int32 segment ids of the rows `doc_lengths` made (ids count up along each row)."""
+  import numpy as np
+  return np.stack([np.repeat(np.arange(len(row), dtype=np.int32), row) for row in docs])
+
+
+def cu_seqlens_of(docs):
+  """fla's varlen form of the same documents: all rows concatenated into one sequence, [num_docs + 1] int64."""
+  import numpy as np
+  return np.concatenate([[0], np.cumsum([n for row in docs for n in row])]).astype(np.int64)
+
+
+def floor_ms(b, t, h, backward, d=HEAD_DIM, itemsize=2, bytes_per_s=HBM_BYTES_PER_S):
+  """HBM floor: forward reads q, k, v and writes o (4 tensors); forward+backward moves 11 (adds dO read,
+  q, k, v read again, dq, dk, dv written)."""
+  return (11 if backward else 4) * b * t * h * d * itemsize / bytes_per_s * 1e3
+
+
+def case_key(e):
+  return (e["b"], e["t"], e["h"], e["variant"], e["backward"])
+
+
+def issue_table(ours, fla):
+  """Markdown: one line per case and pass, ours beside fla, with the floor and ratios."""
+  fla_by = {case_key(e): e for e in fla}
+  fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
+  lines = [f"floor: bytes moved / {HBM_BYTES_PER_S / 1e12:.2f} TB/s (fwd 4 tensors, fwd+bwd 11), head dim "
+           f"{HEAD_DIM}, bf16", "",
+           "| pass | b x t x h | variant | splits | ours ms | fla ms | floor ms | fla/ours | ours/floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  order = lambda e: (e["backward"], _row_order(e), VARIANTS.index(e["variant"]), e.get("num_splits") or 0)
+  for e in sorted(ours, key=order):
+    ms, f = e.get("ms"), fla_by.get(case_key(e), {}).get("ms")
+    fl = floor_ms(e["b"], e["t"], e["h"], e["backward"])
+    lines.append(f"| {'fwd+bwd' if e['backward'] else 'fwd'} | {e['b']}x{e['t']}x{e['h']} | {e['variant']} | "
+                 f"{e.get('num_splits') or 'auto'} | {fmt(ms)} | {fmt(f)} | {fmt(fl, 3)} | {fmt(None if ms is None or f is None else f / ms)} | "
+                 f"{fmt(None if ms is None else ms / fl)} |")
+  return "\n".join(lines)
+
+
+def _row_order(e):
+  """Sort key: the place of the case's row in ISSUE_ROWS."""
+  t = e["t"] + (RAGGED_CUT if e["variant"] == "ragged" else 0)
+  row = (e["b"], t, e["h"])
+  return ISSUE_ROWS.index(row) if row in ISSUE_ROWS else len(ISSUE_ROWS)
+
+
 # ---------------------------------------------------------------------------------------------- torch / fla
 
 
-def run_fla(seqs, fwd_only_seqs, out_path):
-  """Times fla's chunk_simple_gla; runs in its own process so torch and JAX don't share the allocator."""
+def run_fla(cases, out_path):
+  """Times fla's chunk_simple_gla on `cases` ({b, t, h, backward, variant?}; "packed" rows go through
+  cu_seqlens as one concatenated sequence); runs in its own process so torch and JAX don't share the allocator."""
   import torch
   import triton
+  from mx01.lightning import minimax_log_decay  # numpy only: JAX is imported but never started here
   results = []
   try:
     from fla.ops.simple_gla import chunk_simple_gla
@@ -76,36 +172,61 @@ def run_fla(seqs, fwd_only_seqs, out_path):
     json.dump({"error": f"fla not importable: {e!r}"}, open(out_path, "w"))
     return
   dev = "cuda"
-  for (b, t, h), backward in [(s, True) for s in shapes(seqs)] + [(s, False) for s in shapes(seqs + fwd_only_seqs)]:
+  for case in cases:
+    b, t, h, backward = case["b"], case["t"], case["h"], case["backward"]
+    entry = dict(impl="fla", **case)
     try:
       torch.manual_seed(0)
-      q = (torch.randn(b, t, h, HEAD_DIM, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
-      k = (torch.randn(b, t, h, HEAD_DIM, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
-      v = torch.randn(b, t, h, HEAD_DIM, device=dev).bfloat16().requires_grad_(backward)
-      g = -torch.linspace(0.01, 0.9, h, device=dev)
-      do = torch.randn(b, t, h, HEAD_DIM, device=dev).bfloat16()
+      kw = {}
+      shape = (b, t, h, HEAD_DIM)
+      if case.get("variant") == "packed":
+        cu = torch.from_numpy(cu_seqlens_of(doc_lengths(b, t)))
+        kw = dict(cu_seqlens=cu.to(dev), cu_seqlens_cpu=cu)
+        shape = (1, b * t, h, HEAD_DIM)
+      q = (torch.randn(shape, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
+      k = (torch.randn(shape, device=dev) * HEAD_DIM ** -0.5).bfloat16().requires_grad_(backward)
+      v = torch.randn(shape, device=dev).bfloat16().requires_grad_(backward)
+      g = torch.from_numpy(minimax_log_decay(h, 0, 80)).to(dev)
+      do = torch.randn(shape, device=dev).bfloat16()
 
       def fwd():
-        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, output_final_state=True)
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, output_final_state=True, **kw)
 
       def fwd_bwd():
         o, _ = fwd()
         torch.autograd.grad(o, (q, k, v), do)
 
-      fn = fwd_bwd if backward else fwd
-      if not backward:
-        with torch.no_grad():
-          ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+      if backward:
+        ms = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
       else:
-        ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
-      results.append(dict(impl="fla", b=b, t=t, h=h, backward=backward, ms=ms))
+        with torch.no_grad():
+          ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
+      entry.update(ms=ms)
       del q, k, v, do
-      torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001
-      results.append(dict(impl="fla", b=b, t=t, h=h, backward=backward, error=repr(e)[:300]))
-      torch.cuda.empty_cache()
-    print("fla", results[-1], flush=True)
+      entry.update(error=repr(e)[:300])
+    torch.cuda.empty_cache()
+    results.append(entry)
+    print("fla", entry, flush=True)
   json.dump({"results": results, "torch": torch.__version__, "triton": triton.__version__}, open(out_path, "w"))
+
+
+def fla_in_subprocess(cases, out_path):
+  """Runs `run_fla` in a fresh process; returns its results ([] when fla is missing or failed)."""
+  cases_path, fla_path = out_path + ".fla_cases.json", out_path + ".fla.json"
+  json.dump(cases, open(cases_path, "w"))
+  t0 = time.time()
+  subprocess.run([sys.executable, os.path.abspath(__file__), "--fla-only", "--fla-cases", cases_path, "--out",
+                  fla_path], check=False)
+  print(f"fla done in {time.time() - t0:.0f}s", flush=True)
+  try:
+    data = json.load(open(fla_path))
+  except Exception as e:  # noqa: BLE001
+    print("fla results missing:", e)
+    return []
+  if "error" in data:
+    print("fla:", data["error"])
+  return data.get("results", [])
 
 
 # ---------------------------------------------------------------------------------------------- jax
@@ -155,14 +276,16 @@ def make_inputs(b, t, h, d, dtype):
   return q, k, v, do
 
 
-def linear_fns(impl, log_decay, config=None):
+def linear_fns(impl, log_decay, config=None, segment_ids=None, interpret=False):
   import jax
   import pallas_kernels
   from mx01 import lightning as ref
   if impl == "pallas":
-    attn = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, log_decay, config=config)
+    attn = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                                                              config=config, interpret=interpret)
   else:
-    attn = lambda q, k, v: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256)
+    attn = lambda q, k, v: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256,
+                                                           segment_ids=segment_ids)
 
   fwd = jax.jit(attn)
 
@@ -321,17 +444,103 @@ def markdown(results, fla, ceil):
   return "\n".join(lines)
 
 
+def run_issue(args, cases):
+  """Times ours on the issue rows (forward, then forward+backward), fla beside it; writes JSON and the table."""
+  fla = [] if args.skip_fla else fla_in_subprocess(cases, args.out)
+  import jax
+  import jax.numpy as jnp
+  import pallas_kernels as pk
+  from mx01 import lightning as ref
+  splits = args.num_splits or [None]
+  results = []
+  meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=pk.DEFAULT_CONFIG.__dict__,
+              date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), head_dim=HEAD_DIM, hbm_bytes_per_s=HBM_BYTES_PER_S,
+              mean_doc=MEAN_DOC)
+
+  def dump(**extra):
+    json.dump(dict(meta=meta, results=results, fla=fla, **extra), open(args.out, "w"), indent=1)
+
+  for case in cases:
+    b, t, h = case["b"], case["t"], case["h"]
+    q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
+    seg = jnp.asarray(segment_ids_of(doc_lengths(b, t))) if case["variant"] == "packed" else None
+    for num_splits in splits:  # None: the default config's own choice
+      config = dataclasses.replace(pk.DEFAULT_CONFIG, num_splits=num_splits)
+      fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
+                                interpret=args.interpret)
+      entry = dict(impl="pallas", **case, num_splits=num_splits, floor_ms=floor_ms(b, t, h, case["backward"]))
+      try:
+        entry.update(ms=time_jax(fwd_bwd, q, k, v, do, budget_s=0.3) if case["backward"] else
+                     time_jax(fwd, q, k, v, budget_s=0.3))
+      except Exception as e:  # noqa: BLE001
+        entry.update(error=repr(e)[:300])
+      results.append(entry)
+      print("pallas", entry, flush=True)
+      del fwd, fwd_bwd
+      jax.clear_caches()
+      dump()
+    del q, k, v, do, seg
+  table = issue_table(results, fla)
+  dump(table=table)
+  print(table)
+
+
+def _splits_list(text):
+  try:
+    values = [int(x) for x in text.split(",") if x]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+  return values
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--out", required=True)
+  parser.add_argument("--out", default=None, help="JSON results (required unless --dry_run)")
+  parser.add_argument("--rows", default=None, choices=["issue"],
+                      help="time the fixed ISSUE_ROWS table (plain/packed/ragged, fwd and fwd+bwd) against fla")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="with --rows issue: which variants")
+  parser.add_argument("--passes", default="fwd,fwd_bwd", help="with --rows issue: fwd and/or fwd_bwd")
+  parser.add_argument("--num_splits", type=_splits_list, default=None,
+                      help="comma-separated LightningConfig.num_splits to time each case at (default: the config's "
+                           "own choice)")
+  parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
+  parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU checks)")
   parser.add_argument("--quick", action="store_true", help="fewer lengths")
   parser.add_argument("--sweep", action="store_true", help="pick block/warp settings at 8k first")
   parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--fla-cases", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--skip-fla", action="store_true")
   parser.add_argument("--impls", default="pallas,xla,cudnn", help="JAX implementations to time")
   parser.add_argument("--seqs", default=None, help="comma-separated lengths for fwd and fwd+bwd")
   parser.add_argument("--fwd-seqs", default=None, help="comma-separated extra forward-only lengths")
   args = parser.parse_args()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.fla_only:
+    run_fla(json.load(open(args.fla_cases)), args.out)
+    return
+  if args.out is None and not args.dry_run:
+    parser.error("--out is required (or pass --dry_run)")
+
+  if args.rows == "issue":
+    passes = [p for p in args.passes.split(",") if p]
+    if not passes or set(passes) - {"fwd", "fwd_bwd"}:
+      parser.error(f"--passes takes fwd and/or fwd_bwd, got {args.passes!r}")
+    try:
+      base = issue_cases([x for x in args.variants.split(",") if x])
+    except ValueError as e:
+      parser.error(str(e))
+    cases = [dict(c, backward=p == "fwd_bwd") for p in passes for c in base]
+    if args.dry_run:
+      fake = [dict(c, impl="pallas", num_splits=n) for c in cases for n in args.num_splits or [None]]
+      print(f"{len(cases)} cases")
+      print(issue_table(fake, []))
+      return
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    run_issue(args, cases)
+    return
+
   seqs = [2048, 8192, 32768] if args.quick else [2048, 8192, 32768, 131072]
   fwd_only = [] if args.quick else [262144, 1048576]
   if args.seqs:
@@ -339,32 +548,19 @@ def main():
   if args.fwd_seqs is not None:
     fwd_only = [int(x) for x in args.fwd_seqs.split(",") if x]
   impls = set(args.impls.split(","))
-  if args.fla_only:
-    run_fla(seqs, fwd_only, args.out)
+  if args.dry_run:
+    for backward in (False, True):
+      print("fwd+bwd" if backward else "fwd", shapes(seqs + ([] if backward else fwd_only)))
     return
-
-  fla_path = args.out + ".fla.json"
-  fla = []
-  if not args.skip_fla:
-    t0 = time.time()
-    subprocess.run([sys.executable, __file__, "--fla-only", "--out", fla_path] + (["--quick"] if args.quick else []),
-                   check=False)
-    try:
-      data = json.load(open(fla_path))
-      fla = data.get("results", [])
-      if "error" in data:
-        print("fla:", data["error"])
-    except Exception as e:  # noqa: BLE001
-      print("fla results missing:", e)
-    print(f"fla done in {time.time() - t0:.0f}s", flush=True)
+  fla_cases = [dict(b=b, t=t, h=h, backward=True) for b, t, h in shapes(seqs)]
+  fla_cases += [dict(b=b, t=t, h=h, backward=False) for b, t, h in shapes(seqs + fwd_only)]
+  fla = [] if args.skip_fla else fla_in_subprocess(fla_cases, args.out)
 
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk
   from mx01 import lightning as ref
-
   ceil = device_ceilings()
   print("ceilings", ceil, flush=True)
   for r in fla:

@@ -2,6 +2,7 @@
 
   api.py           lightning_attention: padding, custom_vjp wiring, sequence splits
   fwd.py, bwd.py   the forward sweep and the two backward sweeps
+  states.py        states-only sweeps of the sequence split (local end states; incoming-state gradient)
   decode.py        lightning_decode: one token against the running state
   chunk_states.py  the inter-chunk state pass (shared with mx01/lightning.py and LASP+)
   config.py        LightningConfig: tiles and launch parameters, validated on construction

@@ -10,6 +10,17 @@ row's first segment and the state after the last token returned.
 Gradients: dq, dk, dv and d(initial_state) come from the backward kernels.
 `log_decay` is treated as a constant (the model's decays are fixed, not
 trained): its cotangent is zero.
+
+Where batch * heads is too small to fill the GPU the sequence is cut into
+super-chunks run as rows of their own (`_split_core`): a states-only sweep
+(states.py) and the small combination of chunk_states give every row its
+incoming state, and the forward kernel starts each row from it, so o is
+written once; HBM traffic is k, v twice plus q read and o written (6 tensors
+against the 4 of one unsplit sweep; on packed rows the states sweep reads only
+each row's last segment).  The backward mirrors it: one extra sweep reads q
+and dO (of each row's first segment) for the incoming-state cotangents; the
+local states' gradient needs no pass of its own, as it enters the dK/dV sweep
+as each row's end-state cotangent.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from pallas_kernels.lightning import chunk_states
 from pallas_kernels.lightning.bwd import lightning_backward
 from pallas_kernels.lightning.config import DEFAULT_CONFIG, LightningConfig
 from pallas_kernels.lightning.fwd import lightning_forward
+from pallas_kernels.lightning.states import local_incoming_grad, local_states
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Below this many programs (one per (batch, head, value tile); about one wave on an
@@ -73,6 +85,67 @@ def _core_bwd(st, residuals, cotangents):
 
 
 _lightning_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ---------------------------------------------------------------------------------------------- sequence split
+#
+# Rows q, k, v [b*n, L, h, d] are the n super-chunks of each sequence.  Forward: `local_states` (reads k, v)
+# gives each row's end state from zero; combine_chunk_states gives the state entering each row, kept only
+# where the row's first token continues the segment that holds it (`enters`); the forward kernel then runs
+# every row from that state and writes o once.  Backward, the mirror image: `local_incoming_grad` (reads q,
+# dO) gives what each row's outputs send to its incoming state; the transposed combination gives each row's
+# end-state cotangent; the backward kernels then run every row with its incoming state (dQ) and that
+# end-state cotangent (dK, dV: through it the local states' gradient lands in dk, dv in the same sweep).
+
+
+def _combine(local, chunk_decay, init, enters):
+  """local [b*n, h, dk, dv] -> (states entering the rows [b*n, h, dk, dv] masked by enters, final [b, h, dk, dv])."""
+  n = chunk_decay.shape[1]
+  rows, h, dk, dv = local.shape
+  states_in, final = chunk_states.combine_chunk_states(local.reshape(rows // n, n, h, dk, dv), chunk_decay, init)
+  if enters is not None:
+    states_in = jnp.where(enters[:, :, None, None, None], states_in, 0.0)
+  return states_in.reshape(rows, h, dk, dv), final
+
+
+def _launch(st: _Static, backward: bool):
+  if backward:
+    return dict(seq_len=st.seq_len, block=st.bwd_block, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
+                num_stages=st.bwd_num_stages, interpret=st.interpret)
+  return dict(seq_len=st.seq_len, block=st.block, block_v=st.block_v, num_warps=st.num_warps,
+              num_stages=st.num_stages, interpret=st.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _split_core(q, k, v, log_decay, seg, chunk_decay, enters, init, st: _Static):
+  return _split_fwd(q, k, v, log_decay, seg, chunk_decay, enters, init, st)[0]
+
+
+def _split_fwd(q, k, v, log_decay, seg, chunk_decay, enters, init, st):
+  local = local_states(k, v, log_decay, seg, **_launch(st, False))
+  states_in, final = _combine(local, chunk_decay, init, enters)
+  out, _ = _forward(q, k, v, log_decay, seg, states_in, st)
+  return (out, final), (q, k, v, log_decay, seg, chunk_decay, enters, init, states_in)
+
+
+def _split_bwd(st, residuals, cotangents):
+  q, k, v, log_decay, seg, chunk_decay, enters, init, states_in = residuals
+  grad_out, grad_final = cotangents
+  d_in = local_incoming_grad(q, grad_out, log_decay, seg, **_launch(st, True))
+  # _combine is linear in (local, init) for fixed decays: its transpose maps the incoming-state
+  # cotangents and the final-state cotangent to the rows' end-state cotangents and d(initial state).
+  init0 = jnp.zeros_like(grad_final) if init is None else init.astype(jnp.float32)
+  _, transpose = jax.vjp(lambda local, s0: _combine(local, chunk_decay, s0, enters), jnp.zeros_like(d_in), init0)
+  d_end, d_init = transpose((d_in, grad_final.astype(jnp.float32)))
+  dq, dk, dv, _ = lightning_backward(
+      q, k, v, log_decay, seg, states_in, grad_out, d_end, seq_len=st.seq_len, block=st.bwd_block,
+      block_k=st.bwd_block_k, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
+      num_stages=st.bwd_num_stages, interpret=st.interpret)
+  d_init = None if init is None else d_init.astype(init.dtype)
+  return dq, dk, dv, jnp.zeros_like(log_decay), None, jnp.zeros_like(chunk_decay), None, d_init
+
+
+_split_core.defvjp(_split_fwd, _split_bwd)
 
 
 def _pow2_floor(x: int) -> int:
@@ -162,8 +235,8 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
                                  log_decay.astype(jnp.float32), seg, initial_state, st)
     return out[:, :t], state
 
-  # Super-chunks: each of `splits` pieces runs from a zero state as its own row,
-  # then chunk_states combines the incoming states and adds their term.
+  # Super-chunks: each of `splits` pieces becomes its own row of chunk_len tokens (the last ones may be
+  # padding only); segment ids restart from 0 in every row, so each row's first segment owns its initial state.
   chunk_len = -(-t // (splits * block)) * block
   t_pad = splits * chunk_len
   seg = None
@@ -171,23 +244,15 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
     ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
     seg = _segment_index(ids, b, t, t_pad)
   rows = lambda x: _pad_seq(x, t_pad).reshape(b * splits, chunk_len, h, x.shape[-1])
-  local_seg = None
+  row_seg = None
   if seg is not None:
     per_row = seg.reshape(b * splits, chunk_len)
-    first = jnp.max(per_row[:, :1], axis=1, keepdims=True)
-    local_seg = jnp.where(per_row >= 0, per_row - first, -1)
+    row_seg = jnp.where(per_row >= 0, per_row - per_row[:, :1], -1)
+  lengths = chunk_states.chunk_lengths(t, splits, chunk_len)
+  bounds = None if segment_ids is None else chunk_states.chunk_boundaries(seg.reshape(b, splits, chunk_len), lengths)
+  chunk_decay, enters = chunk_states.chunk_transitions(log_decay, bounds, lengths)
   st = _Static(chunk_len, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
                min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
-  out_local, local_states = _lightning_core(rows(q), rows(k), rows(v), log_decay.astype(jnp.float32), local_seg,
-                                            None, st)
-  lengths = chunk_states.chunk_lengths(t, splits, chunk_len)
-  seg_c = None if segment_ids is None else seg.reshape(b, splits, chunk_len)
-  bounds = None if seg_c is None else chunk_states.chunk_boundaries(seg_c, lengths)
-  chunk_decay, enters = chunk_states.chunk_transitions(log_decay, bounds, lengths)
-  states_in, final_state = chunk_states.combine_chunk_states(
-      local_states.reshape(b, splits, h, dk, dv), chunk_decay, initial_state)
-  mask = chunk_states.incoming_mask(seg_c, enters, lengths)
-  extra = chunk_states.apply_incoming_states(_pad_seq(q, t_pad).reshape(b, splits, chunk_len, h, dk), states_in,
-                                             log_decay, mask)
-  out = out_local.reshape(b, t_pad, h, dv).astype(jnp.float32) + extra.reshape(b, t_pad, h, dv)
-  return out[:, :t].astype(q.dtype), final_state
+  out, final_state = _split_core(rows(q), rows(k), rows(v), log_decay.astype(jnp.float32), row_seg, chunk_decay,
+                                 enters, initial_state, st)
+  return out.reshape(b, t_pad, h, dv)[:, :t], final_state

@@ -19,6 +19,9 @@ path (pallas_kernels/lightning/api.py) and LASP+ (mx01/parallel/lasp.py):
   combine_chunk_states   the prefix combination above (a sequential scan over chunks)
   incoming_mask / apply_incoming_states   the missing term of each token
 
+(The Pallas split path uses the first three only: its forward kernel takes
+S_in[j] as each row's initial state, so the missing term is added on chip.)
+
 Segments: `seg` [b, n, L] holds per-token segment ids; a new segment starts
 wherever the id changes.  Padding exists only at the tail of the sequence and
 is given by `lengths` [n] (real tokens per chunk, static), never by the ids.

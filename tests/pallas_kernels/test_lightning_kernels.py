@@ -8,6 +8,8 @@ On CPU every kernel runs in interpret mode; the `compiled` variants (marked
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,29 +70,27 @@ def packed_segments(seed, b, t):
 # ---------------------------------------------------------------------------------------------- forward
 
 
+# The sequence split (LightningConfig.num_splits) is tested in test_lightning_split.py.
 FORWARD_CASES = [
-    # (t, dtype, segments, initial state, heads, num_splits)
-    (5, jnp.float32, False, False, 2, 1),      # shorter than one block
-    (16, jnp.float32, False, True, 2, 1),      # exactly one block
-    (37, jnp.float32, True, True, 2, 1),       # not a multiple, packed rows with length-1 segments
-    (64, jnp.bfloat16, True, True, 2, 1),
-    (100, jnp.bfloat16, False, True, 3, 1),
-    (45, jnp.float32, True, True, 2, 3),       # sequence split into super-chunks, tail padding
-    (64, jnp.float32, False, True, 1, 2),      # split without padding
-    (48, jnp.bfloat16, True, True, 2, 2),
+    # (t, dtype, segments, initial state, heads)
+    (5, jnp.float32, False, False, 2),      # shorter than one block
+    (16, jnp.float32, False, True, 2),      # exactly one block
+    (37, jnp.float32, True, True, 2),       # not a multiple, packed rows with length-1 segments
+    (64, jnp.bfloat16, True, True, 2),
+    (100, jnp.bfloat16, False, True, 3),
 ]
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("t,dtype,with_seg,with_init,heads,splits", FORWARD_CASES)
-def test_forward_matches_numpy(interpret, t, dtype, with_seg, with_init, heads, splits):
+@pytest.mark.parametrize("t,dtype,with_seg,with_init,heads", FORWARD_CASES)
+def test_forward_matches_numpy(interpret, t, dtype, with_seg, with_init, heads):
   b, dk, dv = 2, 16, 32
   q, k, v, init = make_inputs(t * 7 + heads, b, t, heads, dk, dv, dtype, with_init=with_init)
   seg = packed_segments(t, b, t) if with_seg else None
   log_decay = jnp.asarray(ref.minimax_log_decay(heads, 1, 4))
-  cfg = SMALL if splits == 1 else pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
-  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init, config=cfg,
-                                      interpret=interpret)
+  # Under jit: interpret mode traces each kernel once instead of dispatching it op by op (3x faster on a CPU).
+  out, state = jax.jit(functools.partial(pk.lightning_attention, config=SMALL, interpret=interpret))(
+      q, k, v, log_decay, segment_ids=seg, initial_state=init)
   assert out.shape == (b, t, heads, dv) and out.dtype == q.dtype
   assert state.shape == (b, heads, dk, dv) and state.dtype == jnp.float32
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
@@ -98,8 +98,8 @@ def test_forward_matches_numpy(interpret, t, dtype, with_seg, with_init, heads, 
   assert rel_err(state, want_state) < STATE_TOL[dtype]
   # Same answer as the XLA block-wise reference (in full float32: XLA's GPU default for float32 dots is TF32).
   with jax.default_matmul_precision("float32"):
-    ref_out, _ = ref.lightning_attention_chunked(q, k, v, log_decay, block_size=16, segment_ids=seg,
-                                                 initial_state=init)
+    ref_out, _ = jax.jit(functools.partial(ref.lightning_attention_chunked, block_size=16))(
+        q, k, v, log_decay, segment_ids=seg, initial_state=init)
   assert rel_err(out, np.asarray(ref_out, np.float64)) < 2 * OUT_TOL[dtype]
 
 
@@ -116,19 +116,17 @@ def test_model_decay_rates(interpret, heads, layer):
   assert rel_err(state, want_state) < STATE_TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("t,splits", [(45, 1), (77, 3)])
-def test_preset_init_scale(t, splits):
+def test_preset_init_scale():
   """Inputs at the presets' initialisation scale (std 0.02 weights give q, k, v ~ 0.02), real decays, packed rows."""
-  b, h, dk, dv = 2, 4, 16, 32
+  b, t, h, dk, dv = 2, 45, 4, 16, 32
   rng = np.random.default_rng(t)
   q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)) * 0.02, jnp.float32) for _ in range(2))
   v = jnp.asarray(rng.standard_normal((b, t, h, dv)) * 0.02, jnp.float32)
   init = jnp.asarray(rng.standard_normal((b, h, dk, dv)) * 1e-3, jnp.float32)
   seg = packed_segments(t + 5, b, t)
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 5, 40))
-  cfg = pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
-  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init, config=cfg,
-                                      interpret=True)
+  out, state = jax.jit(functools.partial(pk.lightning_attention, config=SMALL, interpret=True))(
+      q, k, v, log_decay, segment_ids=seg, initial_state=init)
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
   assert rel_err(out, want_out) < OUT_TOL[jnp.float32]
   assert rel_err(state, want_state) < STATE_TOL[jnp.float32]
@@ -156,17 +154,16 @@ def test_model_registry_uses_the_kernel_config():
 
 
 GRAD_CASES = [
-    # (t, dtype, segments, heads, num_splits)
-    (32, jnp.float32, False, 2, 1),
-    (37, jnp.float32, True, 2, 1),
-    (45, jnp.float32, True, 1, 3),
-    (40, jnp.bfloat16, True, 2, 1),
+    # (t, dtype, segments, heads)
+    (32, jnp.float32, False, 2),
+    (37, jnp.float32, True, 2),
+    (40, jnp.bfloat16, True, 2),
 ]
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("t,dtype,with_seg,heads,splits", GRAD_CASES)
-def test_gradients_match_reference(interpret, t, dtype, with_seg, heads, splits):
+@pytest.mark.parametrize("t,dtype,with_seg,heads", GRAD_CASES)
+def test_gradients_match_reference(interpret, t, dtype, with_seg, heads):
   b, dk, dv = 2, 16, 32
   q, k, v, init = make_inputs(100 + t, b, t, heads, dk, dv, dtype)
   seg = packed_segments(t + 1, b, t) if with_seg else None
@@ -174,14 +171,13 @@ def test_gradients_match_reference(interpret, t, dtype, with_seg, heads, splits)
   rng = np.random.default_rng(t)
   w_out = jnp.asarray(rng.standard_normal((b, t, heads, dv)), jnp.float32)
   w_state = jnp.asarray(rng.standard_normal((b, heads, dk, dv)), jnp.float32)
-  cfg = SMALL if splits == 1 else pk.LightningConfig(**{**SMALL.__dict__, "num_splits": splits})
 
   def loss(fn, q, k, v, init):
     out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state * w_state)
 
-  kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=cfg, interpret=interpret)
-  got = jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
+  kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=SMALL, interpret=interpret)
+  got = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3)))(q, k, v, init)
   # Reference gradients: autodiff of the recurrence on float32 copies of the same inputs.
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("float32"):
@@ -358,24 +354,30 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_to_triton(dtype, monkeypatch):
-  """Forward, backward and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
+  """Forward, backward, split-path and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
   from pallas_kernels import _common
   monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
   S = jax.ShapeDtypeStruct
   b, t, h, d = 2, 200, 4, 128
 
-  def fwd_bwd(q, k, v, ld, seg, s0):
-    def loss(q, k, v, s0):
-      out, state = pk.lightning_attention(q, k, v, ld, segment_ids=seg, initial_state=s0)
-      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+  def lowered(config):
+    def fwd_bwd(q, k, v, ld, seg, s0):
+      def loss(q, k, v, s0):
+        out, state = pk.lightning_attention(q, k, v, ld, segment_ids=seg, initial_state=s0, config=config)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+      return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+    args = [S((b, t, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((b, t), jnp.int32), S((b, h, d, d), jnp.float32)]
+    return jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
-  args = [S((b, t, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((b, t), jnp.int32), S((b, h, d, d), jnp.float32)]
   try:
-    text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(None)
   except TypeError as e:  # a jax without cross-platform lowering
     pytest.skip(f"cannot lower for cuda here: {e}")
   assert text.count("triton") >= 3
+  text = lowered(pk.LightningConfig(num_splits=3))
+  for name in ("lightning_local_states", "lightning_fwd", "lightning_local_incoming_grad", "lightning_bwd_dq",
+               "lightning_bwd_dkdv"):
+    assert name in text, name
   decode = lambda q, k, v, ld, s: pk.lightning_decode(q, k, v, ld, s)
   dargs = [S((8, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((8, h, d, d), jnp.float32)]
   assert "triton" in jax.jit(decode).trace(*dargs).lower(lowering_platforms=("cuda",)).as_text()
@@ -386,9 +388,13 @@ def test_kernels_lower_to_triton(dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")
+@pytest.mark.parametrize("splits", [None, 5], ids=["auto", "split5"])
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (128, jnp.float32)])
-def test_model_sized_heads_on_gpu(d, dtype):
+def test_model_sized_heads_on_gpu(d, dtype, splits):
+  """Default tiles at model head dims; `split5` forces the sequence split (rows of 256, 256, 256, 232 real tokens
+  and one of padding only)."""
   b, t, h = 2, 1000, 4
+  attention = functools.partial(pk.lightning_attention, config=pk.LightningConfig(num_splits=splits))
   q, k, v, init = make_inputs(d, b, t, h, d, d, dtype, scale=d ** -0.5)
   seg = packed_segments(9, b, t)
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 3, 8))
@@ -399,11 +405,11 @@ def test_model_sized_heads_on_gpu(d, dtype):
     out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state)
 
-  out, state = pk.lightning_attention(q, k, v, log_decay, segment_ids=seg, initial_state=init)
+  out, state = attention(q, k, v, log_decay, segment_ids=seg, initial_state=init)
   want_out, want_state = numpy_lightning(q, k, v, log_decay, seg, init)
   assert rel_err(out, want_out) < OUT_TOL[dtype]
   assert rel_err(state, want_state) < STATE_TOL[dtype]
-  got = jax.grad(lambda *a: loss(pk.lightning_attention, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
+  got = jax.grad(lambda *a: loss(attention, *a), argnums=(0, 1, 2, 3))(q, k, v, init)
   f32 = lambda x: x.astype(jnp.float32)
   chunked = lambda *a, **kw: ref.lightning_attention_chunked(*a, **kw, block_size=64)
   with jax.default_matmul_precision("float32"):
