@@ -9,3 +9,23 @@ import os as _os
 _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _HOST_DEVICES_FLAG not in _os.environ.get("XLA_FLAGS", ""):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_HOST_DEVICES_FLAG}=8").strip()
+
+
+# ---- one compilation cache for the whole run ---------------------------------
+# Many tests compile the same programs: the recipe tests start `python -m recipes.pretrain` processes
+# (kill and resume, two processes, a failed save and its resume) on the configs their in-process
+# fixtures already trained, and the two xdist workers build the same small models.  A persistent
+# cache, fresh for each run (so it cannot carry a program over from other code) and shared by the
+# workers and every subprocess through the environment, compiles each program once.  Compilation is
+# most of these tests' time on CPU; the programs and what the tests check are unchanged.
+# A cache directory set by the caller is used as it is.
+import atexit as _atexit
+import shutil as _shutil
+import tempfile as _tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in _os.environ:
+  _CACHE_DIR = _tempfile.mkdtemp(prefix="mx01-tests-jax-cache-")
+  _os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  # jax's default (1 s) would skip programs that compile faster on an idle machine than on a busy one.
+  _os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  _atexit.register(_shutil.rmtree, _CACHE_DIR, ignore_errors=True)  # in the process that made it

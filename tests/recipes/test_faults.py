@@ -17,6 +17,9 @@ from mx01.metrics import read_metrics
 from recipes import pretrain
 from tests.recipes.test_pretrain import SMALL, _abstract_state, _config
 
+# One xdist worker runs the whole module, so its module-scoped recipe runs are made once (pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 BASE = ["--config.train.steps=8", "--config.train.log_every=4", "--config.train.checkpoint_every=4"]
 
 

@@ -22,6 +22,9 @@ from recipes import flags as flags_lib
 from recipes import plan as plan_lib
 from recipes import pretrain
 
+# One xdist worker runs the whole module, so its module-scoped recipe runs are made once (pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_pretrain")
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A model small enough to compile and train in seconds on two CPU cores (tiny preset, cut down).

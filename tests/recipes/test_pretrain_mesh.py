@@ -1,5 +1,6 @@
 """The recipe on a mesh: the same losses as on one device, state sharded by the layout, resume onto another
-layout, and two processes (jax.distributed, gloo) equal to one.  Needs 8 host devices (tests/conftest.py)."""
+layout, and two processes (jax.distributed, gloo) that stop together when a save fails on one of them and,
+resumed, equal one process.  Needs 8 host devices (tests/conftest.py)."""
 
 import json
 import os
@@ -17,6 +18,9 @@ import pytest
 from mx01.metrics import read_metrics
 from recipes import flags as flags_lib
 from recipes import pretrain
+
+# One xdist worker runs the whole module, so its module-scoped recipe runs are made once (pytest.ini).
+pytestmark = pytest.mark.xdist_group("test_pretrain_mesh")
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -134,32 +138,58 @@ def test_kill_and_resume_on_a_mesh_is_bit_exact(dte_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(dte_run, tmp_path):
-  # 2 processes x 4 devices (jax.distributed over localhost, gloo collectives) == 1 process x 8 devices:
-  # the same layout, and each process reads only the documents of its rows of the same global batch.
+def test_two_processes_stop_together_on_a_failed_save_then_resume_to_equal_one(dte_run, tmp_path):
+  # 2 processes x 4 devices (jax.distributed over localhost, gloo collectives), the dte_fsdp layout of dte_run
+  # (1 process x 8 devices), a checkpoint every step.  One scenario, two launches (each launch starts and
+  # compiles two processes, most of this test's time):
+  # 1) the save of step 2 fails on process 1 only.  Both stop with exit 5 and the same one-line error naming
+  #    process 1; summary.json records the failure and step 1.  Without the agreement both hang for orbax's
+  #    and the coordination service's barrier timeouts (5 min or more): the whole launch gets 150 s (start-up
+  #    and compilation on a loaded 2-core machine included), the second process 20 s after the first.
+  # 2) --resume from step 1 on both: every step's loss equals the one-process run, each process having read
+  #    only the documents of its rows of the same global batch, and the checkpoints hold every process's
+  #    data-iterator state.
+  from mx01 import checkpoint as ckpt_lib
   ref_dir, _ = dte_run
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=4")
   run_dir = tmp_path / "multi"
-  cmd = [sys.executable, "-m", "recipes.pretrain", *SMALL, *LAYOUTS["dte_fsdp"], f"--config.train.run_dir={run_dir}",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=480)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-  assert "step 1/3" in outs[0] and "step 1/3" not in outs[1]  # only process 0 prints
+  cmd = [sys.executable, "-m", "recipes.pretrain", *SMALL, *LAYOUTS["dte_fsdp"], "--config.train.checkpoint_every=1",
+         f"--config.train.run_dir={run_dir}", "--num_processes=2"]
+
+  def launch(extra_env, *flags):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd + [*flags, f"--coordinator_address=localhost:{port}", f"--process_id={i}"],
+                              cwd=REPO, env=dict(env, **extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = []
+    try:
+      for i, p in enumerate(procs):
+        outs.append(p.communicate(timeout=150 if i == 0 else 20))
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    return [p.returncode for p in procs], outs
+
+  codes, outs = launch({ckpt_lib.FAIL_SAVE_ENV: "2@1"})
+  assert codes == [pretrain.EXIT_SAVE_ERROR] * 2, "\n".join(o[1][-3000:] for o in outs)
+  assert "step 1/3" in outs[0][0] and "step 1/3" not in outs[1][0]  # only process 0 prints
+  errors = [[l for l in err.splitlines() if l.startswith("error: ")] for _, err in outs]
+  assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+  assert "failed on process 1 (" in errors[0][0] and "process 0" not in errors[0][0]
+  assert "injected fault" in errors[0][0] and "last good checkpoint is step 1" in errors[0][0]
   summary = json.loads((run_dir / "summary.json").read_text())
-  assert summary["processes"] == 2 and summary["mesh"]["tensor"] == 2
+  assert summary["status"] == "save_failed" and summary["last_checkpoint"] == 1
+  assert "failed on process 1" in summary["error"]
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+  codes, outs = launch({}, "--resume")
+  assert codes == [0, 0], "\n".join(o[1][-3000:] for o in outs)
+  assert "resumed from" in outs[0][0]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "completed" and summary["processes"] == 2 and summary["mesh"]["tensor"] == 2
   np.testing.assert_allclose(_losses(run_dir), _losses(ref_dir), rtol=1e-5)
-  # Checkpoints hold every process's data-iterator state.
   assert sorted(p.name for p in (run_dir / "checkpoints" / "3" / "data").glob("process_*")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
