@@ -144,7 +144,7 @@ def test_two_processes_stop_together_on_a_failed_save_then_resume_to_equal_one(d
   # compiles two processes, most of this test's time):
   # 1) the save of step 2 fails on process 1 only.  Both stop with exit 5 and the same one-line error naming
   #    process 1; summary.json records the failure and step 1.  Without the agreement both hang for orbax's
-  #    and the coordination service's barrier timeouts (5 min or more): the whole launch gets 150 s (start-up
+  #    and the coordination service's barrier timeouts (5 min or more): the whole launch gets 240 s (start-up
   #    and compilation on a loaded 2-core machine included), the second process 20 s after the first.
   # 2) --resume from step 1 on both: every step's loss equals the one-process run, each process having read
   #    only the documents of its rows of the same global batch, and the checkpoints hold every process's
@@ -166,7 +166,7 @@ def test_two_processes_stop_together_on_a_failed_save_then_resume_to_equal_one(d
     outs = []
     try:
       for i, p in enumerate(procs):
-        outs.append(p.communicate(timeout=150 if i == 0 else 20))
+        outs.append(p.communicate(timeout=240 if i == 0 else 20))
     finally:
       for p in procs:
         if p.poll() is None:
