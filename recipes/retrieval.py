@@ -1,8 +1,9 @@
 """Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
 
 The study on one GPU, in twelve calls of under 10 minutes each (the minutes are `--dry_run`'s estimate at an
-assumed 30 TFLOP/s, float32; `--config.model.compute_dtype=bfloat16` is the lever if slower; every call trains 4 learning rates x 3 seeds per point; the s parts of one kind append
-to one CSV, and a call cut off before its end is resumed by running it again):
+assumed 30 TFLOP/s, float32; `--config.model.compute_dtype=bfloat16` is the lever if slower; every call
+trains 4 learning rates x 3 seeds per point; the s parts of one kind append to one CSV, and a call cut off
+before its end is resumed by running it again):
 
     for kind in softmax lightning hybrid; do
       python -m recipes.retrieval --kinds $kind --sizes xs --out runs/retrieval/$kind-xs.csv                 # ~7 min
