@@ -58,19 +58,20 @@ def linear_flops(b, t, h, d, backward):
   return b * t * h * per_token
 
 
+def io_bytes(b, t, h, d, backward, itemsize=2):
+  """Minimum HBM bytes of the [b, t, h, d] tensors: fwd reads q, k, v and writes o (4 tensors); fwd+bwd
+  moves 11 (adds dO read, q, k, v read again, dq, dk, dv written)."""
+  return (11 if backward else 4) * b * t * h * d * itemsize
+
+
 def linear_bytes(b, t, h, d, backward, itemsize=2):
-  """Minimum HBM bytes: fwd reads q, k, v and writes o (+ final state); bwd reads q, k, v, dO, writes dq, dk, dv."""
-  tensors = 4 + (7 if backward else 0)
-  return tensors * b * t * h * d * itemsize + b * h * d * d * 4
+  """`io_bytes` plus the float32 final state."""
+  return io_bytes(b, t, h, d, backward, itemsize) + b * h * d * d * 4
 
 
 def softmax_flops(b, t, h, d, backward):
   fwd = 2 * 2 * b * h * t * t * d / 2  # QK^T and PV, causal half
   return fwd * (3.5 if backward else 1.0)
-
-
-def softmax_bytes(b, t, h, d, backward, itemsize=2):
-  return (4 + (7 if backward else 0)) * b * t * h * d * itemsize
 
 
 # ---------------------------------------------------------------------------------------------- issue rows
@@ -122,9 +123,8 @@ def cu_seqlens_of(docs):
 
 
 def floor_ms(b, t, h, backward, d=HEAD_DIM, itemsize=2, bytes_per_s=HBM_BYTES_PER_S):
-  """HBM floor: forward reads q, k, v and writes o (4 tensors); forward+backward moves 11 (adds dO read,
-  q, k, v read again, dq, dk, dv written)."""
-  return (11 if backward else 4) * b * t * h * d * itemsize / bytes_per_s * 1e3
+  """HBM floor: `io_bytes` at the device's copy rate."""
+  return io_bytes(b, t, h, d, backward, itemsize) / bytes_per_s * 1e3
 
 
 def case_key(e):
@@ -143,8 +143,9 @@ def issue_table(ours, fla):
   for e in sorted(ours, key=order):
     ms, f = e.get("ms"), fla_by.get(case_key(e), {}).get("ms")
     fl = floor_ms(e["b"], e["t"], e["h"], e["backward"])
+    fla_ratio = None if ms is None or f is None else f / ms
     lines.append(f"| {'fwd+bwd' if e['backward'] else 'fwd'} | {e['b']}x{e['t']}x{e['h']} | {e['variant']} | "
-                 f"{e.get('num_splits') or 'auto'} | {fmt(ms)} | {fmt(f)} | {fmt(fl, 3)} | {fmt(None if ms is None or f is None else f / ms)} | "
+                 f"{e.get('num_splits') or 'auto'} | {fmt(ms)} | {fmt(f)} | {fmt(fl, 3)} | {fmt(fla_ratio)} | "
                  f"{fmt(None if ms is None else ms / fl)} |")
   return "\n".join(lines)
 
@@ -328,7 +329,7 @@ def record(results, impl, b, t, h, backward, fn, args, ceil, softmax=False, **ex
 def add_roofline(entry, ceil, softmax=False):
   b, t, h, backward = entry["b"], entry["t"], entry["h"], entry["backward"]
   flops = (softmax_flops if softmax else linear_flops)(b, t, h, HEAD_DIM, backward)
-  nbytes = (softmax_bytes if softmax else linear_bytes)(b, t, h, HEAD_DIM, backward)
+  nbytes = (io_bytes if softmax else linear_bytes)(b, t, h, HEAD_DIM, backward)
   floor_ms = max(flops / (ceil["bf16_TFLOPs"] * 1e12), nbytes / (ceil["copy_GBps"] * 1e9)) * 1e3
   entry.update(flops=flops, bytes=nbytes, floor_ms=floor_ms)
   if "ms" in entry:
