@@ -209,16 +209,21 @@ def run_fla(cases, out_path):
     torch.cuda.empty_cache()
     results.append(entry)
     print("fla", entry, flush=True)
-  json.dump({"results": results, "torch": torch.__version__, "triton": triton.__version__}, open(out_path, "w"))
+    # after every case, so a run cut short by its time limit keeps what it measured
+    json.dump({"results": results, "torch": torch.__version__, "triton": triton.__version__}, open(out_path, "w"))
 
 
-def fla_in_subprocess(cases, out_path):
-  """Runs `run_fla` in a fresh process; returns its results ([] when fla is missing or failed)."""
+def fla_in_subprocess(cases, out_path, budget_s=None):
+  """Runs `run_fla` in a fresh process, stopped after `budget_s` seconds (the cases it finished are kept);
+  returns its results ([] when fla is missing or failed)."""
   cases_path, fla_path = out_path + ".fla_cases.json", out_path + ".fla.json"
   json.dump(cases, open(cases_path, "w"))
   t0 = time.time()
-  subprocess.run([sys.executable, os.path.abspath(__file__), "--fla-only", "--fla-cases", cases_path, "--out",
-                  fla_path], check=False)
+  try:
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--fla-only", "--fla-cases", cases_path, "--out",
+                    fla_path], check=False, timeout=budget_s)
+  except subprocess.TimeoutExpired:
+    print(f"fla stopped after its {budget_s:.0f}s budget", flush=True)
   print(f"fla done in {time.time() - t0:.0f}s", flush=True)
   try:
     data = json.load(open(fla_path))
@@ -447,7 +452,7 @@ def markdown(results, fla, ceil):
 
 def run_issue(args, cases):
   """Times ours on the issue rows (forward, then forward+backward), fla beside it; writes JSON and the table."""
-  fla = [] if args.skip_fla else fla_in_subprocess(cases, args.out)
+  fla = [] if args.skip_fla else fla_in_subprocess(cases, args.out, args.fla_budget_s)
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk
@@ -513,6 +518,8 @@ def main():
   parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--fla-cases", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--skip-fla", action="store_true")
+  parser.add_argument("--fla_budget_s", type=float, default=None,
+                      help="stop flash-linear-attention's process after this many seconds (its finished cases are kept)")
   parser.add_argument("--impls", default="pallas,xla,cudnn", help="JAX implementations to time")
   parser.add_argument("--seqs", default=None, help="comma-separated lengths for fwd and fwd+bwd")
   parser.add_argument("--fwd-seqs", default=None, help="comma-separated extra forward-only lengths")
@@ -555,7 +562,7 @@ def main():
     return
   fla_cases = [dict(b=b, t=t, h=h, backward=True) for b, t, h in shapes(seqs)]
   fla_cases += [dict(b=b, t=t, h=h, backward=False) for b, t, h in shapes(seqs + fwd_only)]
-  fla = [] if args.skip_fla else fla_in_subprocess(fla_cases, args.out)
+  fla = [] if args.skip_fla else fla_in_subprocess(fla_cases, args.out, args.fla_budget_s)
 
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   import jax
