@@ -129,6 +129,22 @@ def _check(loaded: dict, cfg) -> None:
     np.testing.assert_array_equal(got, want.T if transposed else want, err_msg="/".join(path))
 
 
+def _device_memory(key: str) -> int | None:
+  """A statistic of the first local device's allocator (None where the backend keeps none, e.g. CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get(key)
+
+
+def _progress_printer(t0: float):
+  """A load progress callback: one line per parameter with the device's memory in use and its peak, so a
+  load that runs out of device memory shows where."""
+  def progress(path, done, total):
+    in_use, peak = _device_memory("bytes_in_use"), _device_memory("peak_bytes_in_use")
+    mem = f"  device {in_use / 2**30:.1f} GiB in use, peak {peak / 2**30:.1f}" if in_use is not None else ""
+    print(f"[load {time.perf_counter() - t0:6.1f}s] {done / 1e9:6.1f}/{total / 1e9:.1f} GB  {path}{mem}", flush=True)
+  return progress
+
+
 def run(args) -> dict:
   cfg = slice_config(args.layers, args.experts, args.tiny)
   t0 = time.perf_counter()
@@ -144,6 +160,7 @@ def run(args) -> dict:
   else:
     files = write_checkpoint(cfg, args.dir, args.max_shard_size)
     write_s = time.perf_counter() - t0
+    print(f"wrote {len(files)} files in {write_s:.1f}s", flush=True)
   size = sum(os.path.getsize(f) for f in files)
   if args.cold:
     _evict(files)
@@ -152,9 +169,10 @@ def run(args) -> dict:
   peak_ok = _reset_peak_rss()
   rss0 = _status_bytes("VmRSS")
   t0 = time.perf_counter()
-  loaded, _ = convert.load_safetensors(args.dir, shardings=shardings)
+  loaded, _ = convert.load_safetensors(args.dir, shardings=shardings, progress=_progress_printer(t0))
   jax.block_until_ready(loaded)
   load_s = time.perf_counter() - t0
+  device_peak = _device_memory("peak_bytes_in_use")
   peak, rss1 = _status_bytes("VmHWM"), _status_bytes("VmRSS")
   _check(loaded, cfg)
   result = {
@@ -164,6 +182,7 @@ def run(args) -> dict:
       "device": str(jax.local_devices()[0].device_kind),
       "host_transient_gb": (peak - rss1) / 1e9 if peak_ok and peak and rss1 else None,
       "host_rss_growth_gb": (rss1 - rss0) / 1e9 if rss0 and rss1 else None,
+      "device_peak_gb": device_peak / 1e9 if device_peak else None,
   }
   if not args.keep:
     for f in files + [os.path.join(args.dir, n) for n in ("model.safetensors.index.json", "config.json")]:

@@ -595,8 +595,11 @@ def _check_decay(source, source_shapes: dict, config: ModelConfig) -> None:
                             f"layer {i} of {config.num_layers}); is num_hidden_layers right?")
 
 
-def _convert(source, config: ModelConfig, shardings) -> dict:
-  """Source tensors -> params, each built in its target sharding from per-device slices."""
+def _convert(source, config: ModelConfig, shardings, progress=None) -> dict:
+  """Source tensors -> params, each built in its target sharding from per-device slices.
+
+  progress: called as progress(path, bytes_done, bytes_total) after each parameter (a scanned leaf: after
+  each layer of it) is enqueued; bytes count the stored tensors."""
   import jax
   shapes = source.shapes()
   released = not any(".mlp.experts." in n or ".mlp.gate." in n for n in shapes)
@@ -619,6 +622,11 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
   # An eighth of the checkpoint, at most _STAGING_BYTES (grown to the largest parameter).
   total = sum(int(np.prod(shape, dtype=np.int64)) * source.dtype(name).itemsize for name, shape in shapes.items())
   staging = _Staging(min(_STAGING_BYTES, total // 8))
+  # For `progress`: stored bytes enqueued so far (of `weights`, the parameters' stored bytes), and the
+  # parameter being placed.
+  rows = _top_rows(config) + [row for i in range(config.num_layers) for row in _layer_rows(config, i)]
+  weights = sum(int(np.prod(row.shape, dtype=np.int64)) * _reader(row, released, source)[0].itemsize for row in rows)
+  done, where = [0], [""]
 
   def place(shape, kind, reader, sharding):
     """One array of `shape` in `sharding`, from reader (see `_reader`) of the stored array."""
@@ -638,6 +646,9 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
                                             lambda idx: _read(reader, _concrete(idx, stored_shape), staging))
     array = _on_device(sharding, dtype.name, transpose)(stored)
     staging.track(array)
+    done[0] += int(np.prod(shape, dtype=np.int64)) * reader[0].itemsize
+    if progress is not None:
+      progress(where[0], done[0], weights)
     return array
 
   def place_stacked(rows, sharding):
@@ -668,6 +679,7 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
   period, repeats = model_lib.scan_plan(config)
   params = {}
   for row in _top_rows(config):
+    where[0] = "/".join(row.path)
     _set(params, row.path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, row.path)))
   # Scanned layers: each stacked leaf [repeats, ...] is built directly from the layers' tensors, so no
   # per-layer copy is stacked on the devices afterwards.
@@ -676,10 +688,12 @@ def _convert(source, config: ModelConfig, shardings) -> dict:
     per_rep = [_layer_rows(config, rep * period + j) for rep in range(repeats)]
     for rows in zip(*per_rep):
       path = slot + rows[0].path
+      where[0] = "/".join(path)
       _set(params, path, place_stacked(rows, pick(shardings, path)))
   for i in range(period * repeats, config.num_layers):
     for row in _layer_rows(config, i):
       path = (f"layers_{i}",) + row.path
+      where[0] = "/".join(path)
       _set(params, path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, path)))
   staging.drain()
   return params
@@ -725,20 +739,21 @@ def read_config(folder: str) -> ModelConfig:
     raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_safetensors(path: str, config: ModelConfig | None = None, *, shardings=None):
+def load_safetensors(path: str, config: ModelConfig | None = None, *, shardings=None, progress=None):
   """A checkpoint file, a folder of them, or a sharded one (model.safetensors.index.json) -> (params, config).
 
   The config comes from config.json beside the weights when not given; parameters are cast to its
   param_dtype and placed in `shardings` (see `from_hf_state_dict`) one tensor at a time.  Memory: a host
   holds a staging arena (`_Staging`, at most 1 GiB or the largest parameter) beyond the transfers in flight;
   a device holds its shards plus, while one leaf is transposed, that leaf's shard in stored order (with
-  scanned layers a leaf is the stack of one weight over the scanned layers).
+  scanned layers a leaf is the stack of one weight over the scanned layers).  progress: an optional
+  progress(path, bytes_done, bytes_total), called as each parameter is enqueued.
   """
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   config = config or read_config(folder)
   source = _SafetensorsSource(_checkpoint_files(path))
   try:
-    return _convert(source, config, shardings), config
+    return _convert(source, config, shardings, progress), config
   finally:
     source.close()
 

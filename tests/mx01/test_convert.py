@@ -108,7 +108,13 @@ def test_scanned_layers_load_stacked_into_target_shardings(tmp_path, split_stack
     return NamedSharding(mesh, P(*((("tensor" if split_stack else None),) if stacked else ()), *own))
 
   shardings = jax.tree_util.tree_map_with_path(spec, model.abstract_params(cfg))
-  params, _ = convert.load_safetensors(str(tmp_path), shardings=shardings)
+  calls = []
+  params, _ = convert.load_safetensors(str(tmp_path), shardings=shardings, progress=lambda *a: calls.append(a))
+  # progress: stored bytes only grow, end at the checkpoint's weights, and name every parameter
+  done = [c[1] for c in calls]
+  assert done == sorted(done) and done[-1] == calls[-1][2] > 0
+  assert {c[0] for c in calls} == {"/".join(k.key for k in path)
+                                   for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   wo = params[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
   assert wo.shape[0] == repeats and wo.sharding == shardings[model.SCAN_NAME]["layer_0"]["moe"]["wo"]
   local = (repeats // 2, 2, 36, 44) if split_stack else (repeats, 2, 36, 22)
