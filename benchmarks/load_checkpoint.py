@@ -120,10 +120,19 @@ def _check(loaded: dict, cfg) -> None:
       ((f"layers_{last}", "moe", "wo"), f"model.layers.{last}.block_sparse_moe.experts.0.w2.weight", True),
       ((f"layers_{last}", "input_norm", "scale"), f"model.layers.{last}.input_layernorm.weight", False)):
     layer = int(path[0].split("_")[1]) if path[0].startswith("layers_") else None
-    got = loaded if layer is None else model.layer_params(loaded, cfg)[layer]
+    period, repeats = model.scan_plan(cfg)
+    index = ()
+    if layer is None:
+      got = loaded
+    elif layer < period * repeats:  # one slice of the scanned stack (model.layer_params would copy every layer)
+      got, index = loaded[model.SCAN_NAME][f"layer_{layer % period}"], (layer // period,)
+    else:
+      got = loaded[path[0]]
     for k in path[1:] if layer is not None else path:
       got = got[k]
-    got = np.asarray(got[0] if got.ndim == 3 else got)
+    if got.ndim - len(index) == 3:
+      index += (0,)  # expert 0
+    got = np.asarray(got[index] if index else got)
     shape = got.shape[::-1] if transposed else got.shape
     want = stored_tensor(name, shape)
     np.testing.assert_array_equal(got, want.T if transposed else want, err_msg="/".join(path))
