@@ -34,6 +34,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,24 @@ from recipes import flags as flags_lib
 
 class UsageError(ValueError):
   """A bad command line or run directory: one line on stderr, exit code 2."""
+
+
+def load_progress(label: str, every_s: float = 10.0, log=lambda message: print(message, file=sys.stderr)):
+  """A `convert.load_safetensors` progress callback: a line at most every `every_s` seconds and one at the
+  end (GB done of total, GB/s, ETA), so a load of hundreds of GB shows where it is."""
+  t0 = time.monotonic()
+  last = [t0]
+
+  def progress(path, done, total):
+    now = time.monotonic()
+    if done < total and now - last[0] < every_s:
+      return
+    last[0] = now
+    rate = done / max(now - t0, 1e-9)
+    eta = f", ETA {(total - done) / rate:.0f} s" if done < total and rate > 0 else ""
+    log(f"loading {label}: {done / 1e9:.2f}/{total / 1e9:.2f} GB ({100 * done / max(total, 1):.0f}%), "
+        f"{rate / 1e9:.2f} GB/s{eta}")
+  return progress
 
 
 def load_checkpoint_params(run_dir: str, log=lambda message: print(message, file=sys.stderr)):
@@ -233,7 +252,8 @@ def main(argv=None) -> int:
     shardings = None if pmesh is None else rules.param_shardings(
         model_lib.abstract_params(model_cfg), pmesh, model_lib.param_logical_axes(model_cfg))
     if args.checkpoint:  # streamed straight into the shardings
-      params, _ = convert.load_safetensors(args.checkpoint, model_cfg, shardings=shardings)
+      params, _ = convert.load_safetensors(args.checkpoint, model_cfg, shardings=shardings,
+                                           progress=load_progress(args.checkpoint))
     elif params is None:
       params = model_lib.init(model_cfg, jax.random.key(args.seed))
     if shardings is not None and not args.checkpoint:

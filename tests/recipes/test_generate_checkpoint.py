@@ -89,6 +89,7 @@ def _run(capsys, folder, *flags, prompts=PROMPTS, new=NEW):
                       *flags])
   out, err = capsys.readouterr()
   assert rc == 0, err
+  assert f"loading {folder}: " in err and "(100%)" in err  # the load's progress ends with its last line
   return json.loads(out)
 
 
@@ -208,3 +209,15 @@ def test_bad_input_is_one_line(checkpoint, capsys, flags, named):
   assert rc == 2 and out == ""
   lines = err.strip().splitlines()
   assert len(lines) == 1 and named in lines[0], err
+
+
+def test_load_progress_lines_are_throttled_and_end_at_the_total(monkeypatch):
+  clock = iter([0.0, 1.0, 2.0, 12.0, 13.0])
+  monkeypatch.setattr(generate.time, "monotonic", lambda: next(clock))
+  lines = []
+  progress = generate.load_progress("ck", every_s=10.0, log=lines.append)  # starts at t = 0
+  progress("a", 1e9, 4e9)   # t = 1: within 10 s of the start, quiet
+  progress("b", 2e9, 4e9)   # t = 2: quiet
+  progress("c", 3e9, 4e9)   # t = 12: a line, with the rate and ETA
+  progress("d", 4e9, 4e9)   # t = 13: the end always prints
+  assert lines == ["loading ck: 3.00/4.00 GB (75%), 0.25 GB/s, ETA 4 s", "loading ck: 4.00/4.00 GB (100%), 0.31 GB/s"]
