@@ -98,6 +98,16 @@ mkdir -p "$R"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
+# tokamax (the opt-in moe_impl=ragged_tokamax) imports xprof's command-line tools at import time without using
+# them here; where xprof is missing, an empty stand-in module lets it import.
+if ! python3 -c "import xprof.cli.tools" > /dev/null 2>&1; then
+  mkdir -p /tmp/shim/xprof/cli && touch /tmp/shim/xprof/__init__.py /tmp/shim/xprof/cli/__init__.py
+  echo "get_kernel_stats_tool = None" > /tmp/shim/xprof/cli/tools.py
+  export PYTHONPATH=/tmp/site:$PWD:/tmp/shim
+fi
+# Triton's compiled kernels and autotuning results (flash-linear-attention's backward tunes for minutes) in a
+# folder that comes back packed in $OUT/triton_cache.tgz: unpack it to .triton_cache/ and carry it to reuse.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache} TRITON_CACHE_AUTOTUNING=1
 NGPU=$(nvidia-smi -L | wc -l)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain; print('jax', jax.__version__, jax.devices())"
@@ -122,4 +132,5 @@ done
 
 for f in "$R"/*.log; do echo "----- $(basename "$f") (tail)"; tail -n 30 "$f"; done > "$OUT/suite.log"
 tar -czf "$OUT/results.tgz" -C "$OUT" res
+[ -d "$TRITON_CACHE_DIR" ] && tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
 cat "$OUT/suite.log"
