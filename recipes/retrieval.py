@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mx01 import config as config_lib
 from mx01 import model as model_lib
@@ -286,7 +287,8 @@ def stack(trees: Sequence) -> dict:
 def init_grid(config: ModelConfig, lrs: Sequence[float], seeds: Sequence[int], steps: int):
   """Stacked (params, opt_state) of the grid, model m = (lrs[m // len(seeds)], seeds[m % len(seeds)]).
 
-  Models of one seed start from the same weights, model_lib.init(config, key(seed))."""
+  Models of one seed start from the same weights, model_lib.init(config, key(seed)).  Placed as the train
+  step keeps them (replicated on the one-device mesh), so that its compiled call serves every call."""
   per_seed = {s: model_lib.init(config, jax.random.key(s)) for s in seeds}
   params = stack([per_seed[s] for _ in lrs for s in seeds])
   opt = grid_optimizer(steps)
@@ -296,7 +298,8 @@ def init_grid(config: ModelConfig, lrs: Sequence[float], seeds: Sequence[int], s
     state = opt.init(p)
     return state._replace(hyperparams=dict(state.hyperparams, lr=lr))
 
-  return params, jax.vmap(one)(params, rates)
+  replicated = NamedSharding(training.trivial_mesh().mesh, PartitionSpec())
+  return jax.device_put((params, jax.vmap(one)(params, rates)), replicated)
 
 
 def batch_order(seed: int, num_examples: int, batch_size: int, steps: int, start: int = 0) -> np.ndarray:
@@ -331,15 +334,14 @@ def make_grid_steps(config: ModelConfig, steps: int, num_answers: int):
   return run_steps
 
 
-def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[float], seeds: Sequence[int],
-               steps: int, batch_size: int, steps_per_call: int = 100, log_every: int = 0,
-               niah: Sequence[dict] = (), eval_batch: Optional[int] = None, label: str = "") -> list[dict]:
-  """Trains every (lr, seed) model of one point at once; returns one dict per model (lrs outer, seeds inner):
-  {"lr", "seed", "final_train_loss", "final_train_accuracy", "test_accuracy", "niah": [accuracy per set]}.
+def fit_grid(config: ModelConfig, train: dict, *, lrs: Sequence[float], seeds: Sequence[int], steps: int,
+             batch_size: int, steps_per_call: int = 100, log_every: int = 0, label: str = ""):
+  """Trains every (lr, seed) model of one point at once (`init_grid`, then `make_grid_steps` calls of
+  steps_per_call steps, model m reading `batch_order` of its seed); returns (stacked params, answer loss
+  [models], answer accuracy [models] of the last step), models lrs outer, seeds inner.
 
-  train/test/niah: `mqar_dataset`-style dicts.  The training set lives on the device (an argument of the
-  compiled call, not a constant baked into it); each call gathers its batches there from the seeds' example
-  indices.  eval_batch: rows per evaluation call (default batch_size; NIAH sets the same tokens per call).
+  train: an `mqar_dataset`-style dict.  It lives on the device (an argument of the compiled call, not a
+  constant baked into it); each call gathers its batches there from the seeds' example indices.
   """
   models = [(lr, s) for lr in lrs for s in seeds]
   params, opt_state = init_grid(config, lrs, seeds, steps)
@@ -358,7 +360,20 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
       print(f"  {label} step {done:6d}  answer loss {np.nanmin(loss):.3f}-{np.nanmax(loss):.3f}  train acc "
             f"{acc.min():.3f}-{acc.max():.3f} (over {len(models)} models)  "
             f"{done / (time.perf_counter() - t0):.1f} steps/s", flush=True)
-  loss, acc = np.asarray(loss), np.asarray(acc)
+  return params, np.asarray(loss), np.asarray(acc)
+
+
+def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[float], seeds: Sequence[int],
+               steps: int, batch_size: int, steps_per_call: int = 100, log_every: int = 0,
+               niah: Sequence[dict] = (), eval_batch: Optional[int] = None, label: str = "") -> list[dict]:
+  """`fit_grid`, then every model's test (and NIAH) accuracy; returns one dict per model (lrs outer, seeds
+  inner): {"lr", "seed", "final_train_loss", "final_train_accuracy", "test_accuracy", "niah": [accuracy per set]}.
+
+  test/niah: `mqar_dataset`-style dicts.  eval_batch: rows per evaluation call (default batch_size; NIAH sets
+  the same tokens per call).
+  """
+  params, loss, acc = fit_grid(config, train, lrs=lrs, seeds=seeds, steps=steps, batch_size=batch_size,
+                               steps_per_call=steps_per_call, log_every=log_every, label=label)
   evaluate = make_evaluate(config)
   eval_batch = eval_batch or batch_size
   test_acc = evaluate(params, test, eval_batch)
@@ -366,7 +381,7 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
               for d in niah]
   return [{"lr": lr, "seed": s, "final_train_loss": float(loss[m]), "final_train_accuracy": float(acc[m]),
            "test_accuracy": float(test_acc[m]), "niah": [float(a[m]) for a in niah_acc]}
-          for m, (lr, s) in enumerate(models)]
+          for m, (lr, s) in enumerate((lr, s) for lr in lrs for s in seeds)]
 
 
 def make_evaluate(config: ModelConfig):

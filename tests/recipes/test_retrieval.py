@@ -127,42 +127,14 @@ def _alone(cfg, steps, num_answers):
 
   def run(lr, params, batches):
     state = opt.init(params)
-    state = state._replace(hyperparams=dict(state.hyperparams, lr=jnp.float32(lr)))
+    state = {"params": params, "opt_state": state._replace(hyperparams=dict(state.hyperparams, lr=jnp.float32(lr)))}
+    state = jax.device_put(state, training.state_shardings(state, opt, training.trivial_mesh(), cfg))
+    params, state = state["params"], state["opt_state"]
     for t in range(batches["inputs"].shape[0]):
       params, state, metrics = step(params, state, retrieval.step_batch({k: v[t] for k, v in batches.items()}))
     return params, metrics["loss"], metrics["correct"]
 
   return run
-
-
-# One grid for the two tests below: the slow one's programs (the grid's call, the step alone) are then
-# compiled once, through the run's compilation cache.
-GRID = dict(lrs=(3e-3, 1e-2), seeds=(0, 5), steps=4, batch=8, steps_per_call=2)
-
-
-def _grid_data():  # 32 rows of 20: the second epoch starts in step 3
-  return retrieval.study_data(32, 2, 64, train_examples=20, test_examples=16, data_seed=0)
-
-
-def test_grid_steps_equal_the_train_step_alone():
-  # The grid's compiled call (vmap of make_train_step over stacked models, scanned), called twice as train_grid
-  # does == each model trained by make_train_step alone: same parameters, same last loss and accuracy.
-  cfg, (train, _) = _tiny_config("hybrid"), _grid_data()
-  steps, batch, k = GRID["steps"], GRID["batch"], GRID["steps_per_call"]
-  models = [(lr, s) for lr in GRID["lrs"] for s in GRID["seeds"]]
-  params, opt_state = retrieval.init_grid(cfg, GRID["lrs"], GRID["seeds"], steps)
-  run_steps = retrieval.make_grid_steps(cfg, steps, 2)
-  for start in range(0, steps, k):
-    idx = np.stack([retrieval.batch_order(s, 20, batch, k, start) for _, s in models], axis=1)  # [k, models, batch]
-    params, opt_state, loss, acc = run_steps(params, opt_state, jax.device_put(train), idx)
-  alone = _alone(cfg, steps, 2)
-  for m, (lr, s) in enumerate(models):
-    order = retrieval.batch_order(s, 20, batch, steps)  # [steps, batch]
-    p, l, a = alone(lr, model_lib.init(cfg, jax.random.key(s)), {k: v[order] for k, v in train.items()})
-    # float32: the vmapped program may sum in another order; 4 Adam steps of lr <= 1e-2 keep that below 1e-5
-    assert max_abs_diff(jax.tree.map(lambda x: x[m], params), p) < 1e-5
-    np.testing.assert_allclose(float(loss[m]), float(l), rtol=1e-5)
-    assert float(acc[m]) == float(a)
 
 
 def _full_logits_loss(hidden, head, answer_pos, answers):
@@ -225,24 +197,27 @@ def test_step_loss_is_the_full_logits_loss_at_the_answers():
 
 
 @pytest.mark.slow
-def test_train_grid_reports_each_model_alone():
-  # train_grid end to end: each model's final loss and accuracy as trained alone, and its test accuracy by
-  # the plain forward's full logits read at the answers.
-  cfg, (train, test) = _tiny_config("hybrid"), _grid_data()
-  grid = retrieval.train_grid(cfg, train, test, lrs=GRID["lrs"], seeds=GRID["seeds"], steps=GRID["steps"],
-                              batch_size=GRID["batch"], steps_per_call=GRID["steps_per_call"], eval_batch=16)
-  assert [(r["lr"], r["seed"]) for r in grid] == [(lr, s) for lr in GRID["lrs"] for s in GRID["seeds"]]
-  alone = _alone(cfg, GRID["steps"], 2)
-  for r in grid:
-    order = retrieval.batch_order(r["seed"], 20, GRID["batch"], GRID["steps"])  # [steps, batch]
-    params, loss, acc = alone(r["lr"], model_lib.init(cfg, jax.random.key(r["seed"])),
-                              {k: v[order] for k, v in train.items()})
-    # float32: the vmapped programs may sum in another order; a few Adam steps keep that at ~1e-6
-    np.testing.assert_allclose(r["final_train_loss"], float(loss), rtol=2e-5)
-    assert r["final_train_accuracy"] == float(acc)
-    logits, _ = model_lib.apply(params, jnp.asarray(test["inputs"]), config=cfg)
+def test_grid_equals_the_train_step_on_each_model_alone():
+  # fit_grid (vmap of make_train_step over the stacked models, scanned, two calls of 2 steps) == each model
+  # trained by make_train_step alone: same parameters, same last loss and accuracy; and make_evaluate's test
+  # accuracy == the plain forward's full logits read at the answers.
+  cfg = _tiny_config("hybrid")
+  train, test = retrieval.study_data(32, 2, 64, train_examples=20, test_examples=16, data_seed=0)
+  lrs, seeds, steps, batch = (3e-3, 1e-2), (0, 5), 4, 8  # 32 rows of 20: the second epoch starts in step 3
+  params, loss, acc = retrieval.fit_grid(cfg, train, lrs=lrs, seeds=seeds, steps=steps, batch_size=batch,
+                                         steps_per_call=2)
+  test_acc = retrieval.make_evaluate(cfg)(params, test, 16)
+  alone, forward = _alone(cfg, steps, 2), jax.jit(lambda p, x: model_lib.apply(p, x, config=cfg)[0])
+  for m, (lr, s) in enumerate((lr, s) for lr in lrs for s in seeds):
+    order = retrieval.batch_order(s, 20, batch, steps)  # [steps, batch]
+    p, l, a = alone(lr, model_lib.init(cfg, jax.random.key(s)), {k: v[order] for k, v in train.items()})
+    # float32: the vmapped program may sum in another order; 4 Adam steps of lr <= 1e-2 keep that below 1e-5
+    assert max_abs_diff(jax.tree.map(lambda x: x[m], params), p) < 1e-5
+    np.testing.assert_allclose(loss[m], float(l), rtol=1e-5)
+    assert acc[m] == float(a)
+    logits = forward(p, test["inputs"])  # [B, L, vocab]
     pred = np.take_along_axis(np.asarray(logits).argmax(-1), test["answer_pos"], axis=1)
-    assert abs(r["test_accuracy"] - np.mean(pred == test["answers"])) <= 1 / test["answers"].size + 1e-9
+    assert abs(test_acc[m] - np.mean(pred == test["answers"])) <= 1 / test["answers"].size + 1e-9
 
 
 def test_grid_optimizer_matches_plain_adamw():
