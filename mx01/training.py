@@ -240,13 +240,13 @@ def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[
     token_axes = pmesh.axes("data", "sequence")
     bspec = rules.batch_spec(pmesh)
     chunked = token_loss is None and config.loss_chunk_size is not None
-    hidden = chunked or token_loss is not None
+    return_hidden = chunked or token_loss is not None  # both losses apply the head themselves
 
     def local(params, inputs, targets, seg, mask, positions):
       out, aux = step_lib._local_forward(params, inputs, seg, positions, config=config, pmesh=pmesh, layout=layout,
-                                         global_batch=b, return_hidden=hidden)
+                                         global_batch=b, return_hidden=return_hidden)
       extra = {}
-      if hidden:
+      if return_hidden:
         head = model_lib.lm_head_matrix(rules.gather_fsdp(params, pmesh, model_lib.param_logical_axes(config)),
                                         config)
       if chunked:
