@@ -5,7 +5,9 @@ Batches are packed rows: {"tokens": [batch, L + 1] int32, "segment_ids":
 tokens[:, 1:]; a target counts only when it continues the same segment, and
 segment id 0 marks padding (never a target).  A batch without "segment_ids"
 holds one document per row: every target counts (or those of an explicit
-"loss_mask" [batch, L]).
+"loss_mask" [batch, L]).  A task whose targets are not the next input token
+gives them: {"tokens": [batch, L] (the inputs), "targets": [batch, L],
+"loss_mask": [batch, L] (optional)}, one document per row.
 
     pmesh = mesh.build_mesh(config.parallel)              # or trivial_mesh(): one device
     optimizer, schedule = make_optimizer(config.train)
@@ -48,10 +50,16 @@ def split_batch(batch):
   """Packed rows -> (inputs, targets, segment_ids, loss_mask), each [batch, L].
 
   Without "segment_ids" in the batch: segment_ids is None and every target counts, or those of
-  batch["loss_mask"] [batch, L] when given.
+  batch["loss_mask"] [batch, L] when given.  With "targets" [batch, L]: "tokens" [batch, L] are the
+  inputs and these their targets (one document per row; no "segment_ids").
   """
   tokens = batch["tokens"]
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  if "targets" in batch:
+    if "segment_ids" in batch:
+      raise ValueError("a batch with explicit 'targets' holds one document per row; drop its 'segment_ids'")
+    inputs, targets = tokens, batch["targets"]
+  else:
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
   if "segment_ids" not in batch:
     mask = batch["loss_mask"].astype(bool) if "loss_mask" in batch else jnp.ones(targets.shape, bool)
     return inputs, targets, None, mask
@@ -205,10 +213,12 @@ def state_shardings(abstract_state, optimizer: optax.GradientTransformation, pme
   return out
 
 
-# A loss function for `make_train_step(..., loss_fn=)`: per device, on its shard of the rows,
-# (logits [b, t, V] f32, targets [b, t], mask [b, t] bool) -> (summed nll [], token count [], extra sums {name: []}).
-# The step sums every value over the mesh; the loss is nll / count and each extra metric is sum / count.
-TokenLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple]
+# A loss function for `make_train_step(..., loss_fn=)`: per device, on its shard of the rows (and of the
+# sequence, in the layout's order), (final-normed hidden [b, t, d] in compute dtype, LM head [d, V], targets
+# [b, t], mask [b, t] bool) -> (summed nll [], token count [], extra sums {name: []}).  It gets the hidden
+# states, not logits, so that it chooses where the head runs (e.g. only at the masked positions).  The step
+# sums every value over the mesh; the loss is nll / count and each extra metric is sum / count.
+TokenLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple]
 
 
 def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[TokenLoss]):
@@ -230,19 +240,21 @@ def _global_sums(config: ModelConfig, pmesh: ParallelMesh, token_loss: Optional[
     token_axes = pmesh.axes("data", "sequence")
     bspec = rules.batch_spec(pmesh)
     chunked = token_loss is None and config.loss_chunk_size is not None
+    return_hidden = chunked or token_loss is not None  # both losses apply the head themselves
 
     def local(params, inputs, targets, seg, mask, positions):
       out, aux = step_lib._local_forward(params, inputs, seg, positions, config=config, pmesh=pmesh, layout=layout,
-                                         global_batch=b, return_hidden=chunked)
+                                         global_batch=b, return_hidden=return_hidden)
       extra = {}
-      if chunked:
+      if return_hidden:
         head = model_lib.lm_head_matrix(rules.gather_fsdp(params, pmesh, model_lib.param_logical_axes(config)),
                                         config)
+      if chunked:
         nll_sum, count = chunked_cross_entropy(out, head, targets, mask, chunk_size=config.loss_chunk_size)
       elif token_loss is None:
         nll_sum, count = cross_entropy(out, targets, mask)
       else:
-        nll_sum, count, extra = token_loss(out, targets, mask)
+        nll_sum, count, extra = token_loss(out, head, targets, mask)
       sums = {"nll_sum": nll_sum, "tokens": count, **extra}
       sums = {k: comm.psum(v, token_axes) for k, v in sums.items()}
       sums["aux_loss"] = aux["aux_loss"]  # the routing statistics are already global
@@ -303,13 +315,16 @@ def make_train_step(config: ModelConfig, pmesh: Optional[ParallelMesh], optimize
   The one train step, for every layout: the model runs inside the shard_map of `pmesh` (None = the
   one-device `trivial_mesh`).  params / opt_state are expected placed by `state_shardings` (the step
   keeps them so); the batch {"tokens", "segment_ids" (optional), "loss_mask" (optional)} [B, L + 1 or L]
-  may be anywhere (best: rows split over data).
+  may be anywhere (best: rows split over data); or {"tokens", "targets", "loss_mask" (optional)} [B, L]
+  for targets other than the next token (`split_batch`).
 
   grad_accum > 1 splits the batch into grad_accum micro-batches of B / grad_accum rows (scanned, so one
   micro-batch of activations is live) and averages their gradients and metrics.  skip_nonfinite=True
   leaves params and optimizer state unchanged when the loss or any gradient is NaN/inf, and reports
-  metrics["nonfinite"] = 1.  loss_fn replaces the cross-entropy (see `TokenLoss`); with loss_fn None and
-  config.loss_chunk_size set, the loss is `chunked_cross_entropy`.  Remat follows config.remat.
+  metrics["nonfinite"] = 1.  loss_fn replaces the cross-entropy (see `TokenLoss`: it receives the final
+  hidden states and the LM head); with loss_fn None and config.loss_chunk_size set, the loss is
+  `chunked_cross_entropy`.  Remat follows config.remat.  Under jax.vmap the step trains a stack of models
+  (params, opt_state and batch with a leading model axis; recipes/retrieval.py's grid).
   """
   pmesh = trivial_mesh() if pmesh is None else pmesh
   loss = make_loss(config, pmesh, loss_fn=loss_fn)
@@ -353,12 +368,14 @@ def make_train_step(config: ModelConfig, pmesh: Optional[ParallelMesh], optimize
   return train_step
 
 
-def make_eval_step(config: ModelConfig, pmesh: Optional[ParallelMesh] = None) -> Callable:
-  """(params, batch) -> {"nll_sum": [], "tokens": []}: summed cross-entropy over a batch's targets, on the mesh."""
-  sums_fn = _global_sums(config, trivial_mesh() if pmesh is None else pmesh, None)
+def make_eval_step(config: ModelConfig, pmesh: Optional[ParallelMesh] = None, *,
+                   loss_fn: Optional[TokenLoss] = None) -> Callable:
+  """(params, batch) -> {"nll_sum": [], "tokens": [], extra sums of loss_fn}: summed cross-entropy (or
+  `loss_fn`'s sums) over a batch's targets, on the mesh; not divided by tokens."""
+  sums_fn = _global_sums(config, trivial_mesh() if pmesh is None else pmesh, loss_fn)
 
   def eval_step(params, batch):
     sums = sums_fn(params, batch)
-    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+    return {k: v for k, v in sums.items() if k not in ("aux_loss", "expert_load", "expert_load_max_over_mean")}
 
   return eval_step

@@ -36,12 +36,16 @@ budget is `--steps` (1,000) per point: 5.1 epochs of the set at 64 and 128 token
 
 Models: the presets retrieval_{kind}_{size} (mx01/presets.py; xs = width 64, 2 layers; s = width 128, 4
 layers; hybrid = the 7:1 pattern of `presets.layer_types`, so at 2 and 4 layers its last layer is the one
-softmax layer) through mx01.model's one forward.  The loss reads the final hidden states at the answer
-positions only, so the 8,192-way head runs on P of the L positions (the same logits as the full head there).
-For one (kind, size, length) every (learning rate, seed) model -- `--lrs` (Zoology's logspace(-4, -2, 4))
-x `--seeds` (0,1,2) -- trains AT ONCE: parameters and optimizer states are stacked along a leading model
-axis and one compiled step (`jax.vmap` over the models, `lax.scan` over `--steps-per-call` steps) trains
-them all.  Optimizer as Zoology's: AdamW (weight decay 0.01), cosine decay to 0, no warmup, no clipping.
+softmax layer), trained by the project's one train step, `mx01.training.make_train_step`, on the one-device
+mesh.  A batch is the step's {"tokens" (the inputs), "targets", "loss_mask"} with the mask true exactly at
+the answers (`step_batch`); the step's loss hook `answer_loss` receives the final hidden states and the LM
+head, gathers the answer positions and runs the 8,192-way head there only (P of the L positions; the same
+logits as the full head there), and counts the correct answers.  The evaluation runs the same hook through
+`training.make_eval_step`.  For one (kind, size, length) every (learning rate, seed) model -- `--lrs`
+(Zoology's logspace(-4, -2, 4)) x `--seeds` (0,1,2) -- trains AT ONCE: parameters and optimizer states are
+stacked along a leading model axis and the one step under `jax.vmap` over the models (`lax.scan` over
+`--steps-per-call` steps: one compiled call, `make_grid_steps`) trains them all.  Optimizer as Zoology's:
+AdamW (weight decay 0.01), cosine decay to 0, no warmup, no clipping.
 
 Per point the summary takes, for every learning rate, the mean test accuracy over the seeds, and reports
 the best learning rate by that mean (the LR is chosen on the mean over seeds, never per seed), with the
@@ -66,6 +70,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -76,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mx01 import config as config_lib
 from mx01 import model as model_lib
@@ -227,17 +233,37 @@ def default_init_std(hidden: int) -> float:
   return float(hidden) ** -0.5
 
 
-def answer_loss(params, batch, config: ModelConfig, per_row: bool = False):
-  """(mean answer cross-entropy, correct answers) of one model on {"inputs" [B, L], "answer_pos" [B, P],
-  "answers" [B, P]}: mx01.model's forward to the final hidden states, the LM head at the answers only.
-  per_row=True: the correct answers per row, [B]."""
-  hidden, _ = model_lib.apply(params, batch["inputs"], config=config, return_hidden=True)  # [B, L, hidden]
-  at = jnp.take_along_axis(hidden, batch["answer_pos"][..., None], axis=1)  # [B, P, hidden]
-  head = model_lib.lm_head_matrix(params, config)  # [hidden, vocab]
-  logits = jnp.einsum("bpd,dv->bpv", at, head.astype(at.dtype)).astype(jnp.float32)  # [B, P, vocab]
-  nll_sum, count = training.cross_entropy(logits, batch["answers"], jnp.ones(batch["answers"].shape, bool))
-  correct = jnp.sum(jnp.argmax(logits, -1) == batch["answers"], axis=-1).astype(jnp.float32)  # [B]
-  return nll_sum / count, (correct if per_row else jnp.sum(correct))
+def step_batch(data: dict) -> dict:
+  """MQAR rows {"inputs" [B, L], "answer_pos" [B, P], "answers" [B, P]} (numpy or jax) as the train step's
+  batch with explicit targets (`training.split_batch`): {"tokens": the inputs [B, L], "targets" [B, L] (each
+  answer at its query's position, filler elsewhere), "loss_mask" [B, L] (true exactly at the P answers)}."""
+  inputs, pos = jnp.asarray(data["inputs"]), jnp.asarray(data["answer_pos"])
+  rows = jnp.arange(inputs.shape[0])[:, None]
+  targets = jnp.full(inputs.shape, FILLER, inputs.dtype).at[rows, pos].set(jnp.asarray(data["answers"]))
+  return {"tokens": inputs, "targets": targets, "loss_mask": jnp.zeros(inputs.shape, bool).at[rows, pos].set(True)}
+
+
+def answer_loss(num_answers: int) -> training.TokenLoss:
+  """The study's loss (a `training.TokenLoss`, for the train step and the evaluation): cross-entropy at the
+  positions of loss_mask, with the LM head run there only -- P of the L positions, so no [B, L, vocab]
+  logits (the same logits as the full head at those positions).  Extra sum "correct": answers whose argmax
+  is right (the step reports it over the answers, the accuracy).
+
+  num_answers: the most true loss_mask positions of a row (the study's P).  A row's answers are found in its
+  mask (a stable sort puts them first, in order), so the loss holds on any piece of the sequence the step
+  gives a device; a row with more answers would lose the ones past num_answers.
+  """
+
+  def loss(hidden, head, targets, mask):  # [b, t, hidden], [hidden, vocab], [b, t], [b, t]
+    at = jnp.argsort(~mask, axis=1, stable=True)[:, :num_answers]  # [b, P]: the answers' positions first
+    h = jnp.take_along_axis(hidden, at[..., None], axis=1)  # [b, P, hidden]
+    tgt, m = jnp.take_along_axis(targets, at, axis=1), jnp.take_along_axis(mask, at, axis=1)  # [b, P]
+    logits = jnp.einsum("bpd,dv->bpv", h, head.astype(h.dtype)).astype(jnp.float32)  # [b, P, vocab]
+    nll_sum, count = training.cross_entropy(logits, tgt, m)
+    correct = jnp.sum((jnp.argmax(logits, -1) == tgt) & m).astype(jnp.float32)
+    return nll_sum, count, {"correct": correct}
+
+  return loss
 
 
 def optimizer(lr, steps: int) -> optax.GradientTransformation:
@@ -253,17 +279,6 @@ def grid_optimizer(steps: int) -> optax.GradientTransformation:
   return optax.inject_hyperparams(lambda lr: optimizer(lr, steps))(lr=0.0)
 
 
-def make_step(config: ModelConfig, opt: optax.GradientTransformation):
-  """(params, opt_state, batch) -> (params, opt_state, loss, correct answers): one model's AdamW step."""
-
-  def step(params, opt_state, batch):
-    (loss, correct), grads = jax.value_and_grad(answer_loss, has_aux=True)(params, batch, config)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, correct
-
-  return step
-
-
 def stack(trees: Sequence) -> dict:
   """[tree, ...] -> one tree with a leading model axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -272,7 +287,8 @@ def stack(trees: Sequence) -> dict:
 def init_grid(config: ModelConfig, lrs: Sequence[float], seeds: Sequence[int], steps: int):
   """Stacked (params, opt_state) of the grid, model m = (lrs[m // len(seeds)], seeds[m % len(seeds)]).
 
-  Models of one seed start from the same weights, model_lib.init(config, key(seed))."""
+  Models of one seed start from the same weights, model_lib.init(config, key(seed)).  Placed as the train
+  step keeps them (replicated on the one-device mesh), so that its compiled call serves every call."""
   per_seed = {s: model_lib.init(config, jax.random.key(s)) for s in seeds}
   params = stack([per_seed[s] for _ in lrs for s in seeds])
   opt = grid_optimizer(steps)
@@ -282,7 +298,8 @@ def init_grid(config: ModelConfig, lrs: Sequence[float], seeds: Sequence[int], s
     state = opt.init(p)
     return state._replace(hyperparams=dict(state.hyperparams, lr=lr))
 
-  return params, jax.vmap(one)(params, rates)
+  replicated = NamedSharding(training.trivial_mesh().mesh, PartitionSpec())
+  return jax.device_put((params, jax.vmap(one)(params, rates)), replicated)
 
 
 def batch_order(seed: int, num_examples: int, batch_size: int, steps: int, start: int = 0) -> np.ndarray:
@@ -295,31 +312,41 @@ def batch_order(seed: int, num_examples: int, batch_size: int, steps: int, start
   return order[first - offset:last - offset].reshape(steps, batch_size).astype(np.int32)
 
 
-def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[float], seeds: Sequence[int],
-               steps: int, batch_size: int, steps_per_call: int = 100, log_every: int = 0,
-               niah: Sequence[dict] = (), eval_batch: Optional[int] = None, label: str = "") -> list[dict]:
-  """Trains every (lr, seed) model of one point at once; returns one dict per model (lrs outer, seeds inner):
-  {"lr", "seed", "final_train_loss", "final_train_accuracy", "test_accuracy", "niah": [accuracy per set]}.
+def make_grid_steps(config: ModelConfig, steps: int, num_answers: int):
+  """The grid's compiled call: (stacked params, stacked opt_state, data, idx [k, models, batch]) -> (params,
+  opt_state, answer loss [models], answer accuracy [models] of the last step).
 
-  train/test/niah: `mqar_dataset`-style dicts.  The training set lives on the device (an argument of the
-  compiled call, not a constant baked into it); each call gathers its batches there from the seeds' example
-  indices.  eval_batch: rows per evaluation call (default batch_size; NIAH sets the same tokens per call).
+  `jax.vmap` over the models of the project's one train step (`training.make_train_step` with `answer_loss`
+  and `grid_optimizer(steps)`), `lax.scan` over the k steps; model m's batch t is rows idx[t, m] of `data`
+  (an `mqar_dataset`-style dict on the device)."""
+  step = training.make_train_step(config, None, grid_optimizer(steps), loss_fn=answer_loss(num_answers))
+  grid_step = jax.vmap(step)
+
+  @jax.jit
+  def run_steps(params, opt_state, data, idx):
+    def body(carry, idx_t):
+      batch = jax.vmap(step_batch)(jax.tree.map(lambda a: a[idx_t], data))  # [models, batch, ...]
+      params, opt_state, metrics = grid_step(*carry, batch)
+      return (params, opt_state), (metrics["loss"], metrics["correct"])
+    (params, opt_state), (loss, accuracy) = jax.lax.scan(body, (params, opt_state), idx)
+    return params, opt_state, loss[-1], accuracy[-1]
+
+  return run_steps
+
+
+def fit_grid(config: ModelConfig, train: dict, *, lrs: Sequence[float], seeds: Sequence[int], steps: int,
+             batch_size: int, steps_per_call: int = 100, log_every: int = 0, label: str = ""):
+  """Trains every (lr, seed) model of one point at once (`init_grid`, then `make_grid_steps` calls of
+  steps_per_call steps, model m reading `batch_order` of its seed); returns (stacked params, answer loss
+  [models], answer accuracy [models] of the last step), models lrs outer, seeds inner.
+
+  train: an `mqar_dataset`-style dict.  It lives on the device (an argument of the compiled call, not a
+  constant baked into it); each call gathers its batches there from the seeds' example indices.
   """
   models = [(lr, s) for lr in lrs for s in seeds]
   params, opt_state = init_grid(config, lrs, seeds, steps)
-  grid_step = jax.vmap(make_step(config, grid_optimizer(steps)))
+  run_steps = make_grid_steps(config, steps, train["answers"].shape[1])
   data = jax.device_put(train)
-  answers_per_row = train["answers"].shape[1]
-
-  @jax.jit
-  def run_steps(params, opt_state, data, idx):  # idx [k, models, batch]
-    def body(carry, idx_t):
-      batch = jax.tree.map(lambda a: a[idx_t], data)  # [models, batch, ...]
-      params, opt_state, loss, correct = grid_step(*carry, batch)
-      return (params, opt_state), (loss, correct)
-    (params, opt_state), (loss, correct) = jax.lax.scan(body, (params, opt_state), idx)
-    return params, opt_state, loss[-1], correct[-1] / (idx.shape[-1] * answers_per_row)
-
   n_train = train["inputs"].shape[0]
   t0, done = time.perf_counter(), 0
   loss = acc = np.full(len(models), np.nan)
@@ -333,7 +360,20 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
       print(f"  {label} step {done:6d}  answer loss {np.nanmin(loss):.3f}-{np.nanmax(loss):.3f}  train acc "
             f"{acc.min():.3f}-{acc.max():.3f} (over {len(models)} models)  "
             f"{done / (time.perf_counter() - t0):.1f} steps/s", flush=True)
-  loss, acc = np.asarray(loss), np.asarray(acc)
+  return params, np.asarray(loss), np.asarray(acc)
+
+
+def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[float], seeds: Sequence[int],
+               steps: int, batch_size: int, steps_per_call: int = 100, log_every: int = 0,
+               niah: Sequence[dict] = (), eval_batch: Optional[int] = None, label: str = "") -> list[dict]:
+  """`fit_grid`, then every model's test (and NIAH) accuracy; returns one dict per model (lrs outer, seeds
+  inner): {"lr", "seed", "final_train_loss", "final_train_accuracy", "test_accuracy", "niah": [accuracy per set]}.
+
+  test/niah: `mqar_dataset`-style dicts.  eval_batch: rows per evaluation call (default batch_size; NIAH sets
+  the same tokens per call).
+  """
+  params, loss, acc = fit_grid(config, train, lrs=lrs, seeds=seeds, steps=steps, batch_size=batch_size,
+                               steps_per_call=steps_per_call, log_every=log_every, label=label)
   evaluate = make_evaluate(config)
   eval_batch = eval_batch or batch_size
   test_acc = evaluate(params, test, eval_batch)
@@ -341,27 +381,35 @@ def train_grid(config: ModelConfig, train: dict, test: dict, *, lrs: Sequence[fl
               for d in niah]
   return [{"lr": lr, "seed": s, "final_train_loss": float(loss[m]), "final_train_accuracy": float(acc[m]),
            "test_accuracy": float(test_acc[m]), "niah": [float(a[m]) for a in niah_acc]}
-          for m, (lr, s) in enumerate(models)]
+          for m, (lr, s) in enumerate((lr, s) for lr in lrs for s in seeds)]
 
 
 def make_evaluate(config: ModelConfig):
   """(stacked params, data, batch) -> answer accuracy of every model on `data` ([models] float64), in
-  batches of `batch` rows (the last one padded with repeated rows that do not count, so one shape compiles)."""
+  batches of `batch` rows (the last one padded with repeated rows that do not count, so one shape compiles):
+  the project's eval step (`training.make_eval_step`) with the training loss, `answer_loss`, vmapped over
+  the models."""
 
-  def correct_per_row(params, batch):  # one model -> [B]
-    _, correct = answer_loss(params, batch, config, per_row=True)
-    return correct
+  @functools.cache
+  def program(num_answers: int):  # (stacked params, rows, valid [batch] bool) -> correct answers [models]
+    eval_step = training.make_eval_step(config, None, loss_fn=answer_loss(num_answers))
 
-  count = jax.jit(jax.vmap(correct_per_row, in_axes=(0, None)))
+    def correct(params, data, valid):  # one model
+      batch = step_batch(data)
+      batch["loss_mask"] &= valid[:, None]
+      return eval_step(params, batch)["correct"]
+
+    return jax.jit(jax.vmap(correct, in_axes=(0, None, None)))
 
   def evaluate(params, data: dict, batch: int) -> np.ndarray:
-    n = data["inputs"].shape[0]
+    n, num_answers = data["answers"].shape
     batch = min(batch, n)
+    count = program(num_answers)
     correct = 0.0
     for i in range(0, n, batch):
       rows = np.arange(i, i + batch) % n
-      got = np.asarray(count(params, {k: v[rows] for k, v in data.items()}), np.float64)  # [models, batch]
-      correct = correct + got[:, :n - i].sum(axis=1)
+      got = count(params, {k: v[rows] for k, v in data.items()}, np.arange(batch) < n - i)  # [models]
+      correct = correct + np.asarray(got, np.float64)
     return correct / data["answers"].size
 
   return evaluate

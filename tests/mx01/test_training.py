@@ -127,3 +127,18 @@ def test_batch_without_segment_ids_is_one_document_per_row(params):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
   # Two documents per row differ from one: the test would catch a mask that ignores segments.
   assert abs(float(_loss_and_grad(params, _batch(cfg), config=cfg.model)[0][0]) - float(l1)) > 1e-4
+
+
+def test_batch_with_explicit_targets_splits_like_next_token_rows():
+  # {"tokens" [B, L], "targets" [B, L]} (targets that are not the next input, e.g. recipes/retrieval.py's
+  # answers) gives the step the same (inputs, targets, mask) as next-token rows of those values.
+  tokens = jax.random.randint(jax.random.key(0), (3, 9), 0, 50)
+  mask = jax.random.bernoulli(jax.random.key(1), 0.5, (3, 8))
+  rows = {"tokens": tokens, "loss_mask": mask}
+  explicit = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+  for a, b in zip(training.split_batch(explicit), training.split_batch(rows)):
+    assert (a is None and b is None) or np.array_equal(a, b)
+  _, _, _, every = training.split_batch({"tokens": tokens[:, :-1], "targets": tokens[:, 1:]})
+  assert every.shape == (3, 8) and bool(jnp.all(every))
+  with pytest.raises(ValueError, match="segment_ids"):
+    training.split_batch(dict(explicit, segment_ids=jnp.ones((3, 8), jnp.int32)))
