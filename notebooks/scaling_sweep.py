@@ -32,7 +32,7 @@ ROOT = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "scaling" / "f
 if ROOT is None:
   raise RuntimeError(f"run this notebook from inside the repository (cwd {Path.cwd()} is not)")
 sys.path.insert(0, str(ROOT))
-FIGURES = ROOT / "notebooks" / "figures"
+FIGURES = Path(os.environ.get("MX01_SWEEP_FIGURES", ROOT / "notebooks" / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 SWEEP_CSV = Path(os.environ.get("MX01_SWEEP_CSV", ROOT / "results" / "sweep.csv"))
 
@@ -44,7 +44,9 @@ import numpy as np
 
 from scaling import data, fit
 
-N_BOOTSTRAP = 100
+# Bootstrap resamples of the frontier fits (the L(N, D) fits take a fifth as many); the tests, which only
+# check that every cell runs, ask for fewer.
+N_BOOTSTRAP = int(os.environ.get("MX01_SWEEP_BOOTSTRAP", "100"))
 LOSS_COLUMN = "eval_loss"  # held-out loss; "final_loss" for the training loss
 COLORS = {"softmax": "C3", "lightning": "C0", "hybrid": "C2"}
 
@@ -151,7 +153,8 @@ for arch, rs in sorted(by_arch.items()):
     continue
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    p = fit.fit_parametric(n, d, loss, num_starts=32, n_bootstrap=20, bootstrap_starts=1)
+    p = fit.fit_parametric(n, d, loss, num_starts=32, n_bootstrap=max(2, N_BOOTSTRAP // 5),
+                             bootstrap_starts=1)
   param_fits[arch] = p
   print(f"{arch:9s} E={p.estimates['E']}  alpha={p.estimates['alpha']}  beta={p.estimates['beta']}  "
         f"a={p.estimates['a']}")

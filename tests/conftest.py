@@ -11,6 +11,18 @@ if _HOST_DEVICES_FLAG not in _os.environ.get("XLA_FLAGS", ""):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_HOST_DEVICES_FLAG}=8").strip()
 
 
+# ---- CPU compilation without LLVM's optimisation ----------------------------
+# The tests' models are tiny: XLA's CPU compile (LLVM's optimisation of every fusion) is most of their time,
+# running the programs a small part.  Unoptimised LLVM code and the older loop emitters (no MLIR fusion
+# pipeline) compile about 4x faster (CPU backend only).  The HLO passes are the same; float results may differ
+# from an optimised build in the last bits, far inside the tolerances against numpy, torch or stored values.
+# Bit-for-bit comparisons stay between programs compiled with the same flags: the recipe subprocesses inherit
+# them through the environment (tests that set XLA_FLAGS keep them).  Flags set by the caller win.
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+  if _flag.split("=")[0] not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_flag}").strip()
+
+
 # ---- one compilation cache for the whole run ---------------------------------
 # Many tests compile the same programs: the recipe tests start `python -m recipes.pretrain` processes
 # (kill and resume, two processes, a failed save and its resume) on the configs their in-process

@@ -5,6 +5,7 @@ resumed, equal one process.  Needs 8 host devices (tests/conftest.py)."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +53,12 @@ LAYOUTS = {
                  "--config.parallel.expert=2", "--config.parallel.fsdp=true"],
     "data_x_sequence": ["--config.parallel.data=2", "--config.parallel.sequence=4"],
 }
+
+
+def _xla_flags(devices):
+  """The run's XLA_FLAGS (tests/conftest.py's compile flags) with `devices` host devices."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def _need_devices(n):
@@ -128,7 +135,7 @@ def test_kill_and_resume_on_a_mesh_is_bit_exact(dte_run, tmp_path):
   from mx01 import checkpoint as ckpt_lib
   ref_dir, _ = dte_run
   cmd = [sys.executable, "-m", "recipes.pretrain", *SMALL, *LAYOUTS["dte_fsdp"], f"--config.train.run_dir={tmp_path}"]
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=_xla_flags(8))
   killed = subprocess.run(cmd, cwd=REPO, env=dict(env, **{ckpt_lib.KILL_DURING_SAVE_ENV: "2"}), capture_output=True,
                           text=True, timeout=600)
   assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -151,7 +158,7 @@ def test_two_processes_stop_together_on_a_failed_save_then_resume_to_equal_one(d
   #    data-iterator state.
   from mx01 import checkpoint as ckpt_lib
   ref_dir, _ = dte_run
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=_xla_flags(4))
   run_dir = tmp_path / "multi"
   cmd = [sys.executable, "-m", "recipes.pretrain", *SMALL, *LAYOUTS["dte_fsdp"], "--config.train.checkpoint_every=1",
          f"--config.train.run_dir={run_dir}", "--num_processes=2"]

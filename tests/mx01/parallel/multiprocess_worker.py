@@ -5,9 +5,12 @@ Prints "RESULT <sharded loss> <single-device loss>" on success.
 """
 
 import os
+import re
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# 4 devices, whatever count the caller's XLA_FLAGS ask for; its other flags (the tests' compile flags) stay.
+os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+                           + " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402
 

@@ -24,7 +24,6 @@ def _free_port() -> int:
 def test_two_process_sharded_step():
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)  # the worker asks for 4 devices itself
   cmd = [sys.executable, "-m", "tests.mx01.parallel.multiprocess_worker", f"localhost:{port}"]
   procs = [subprocess.Popen(cmd + [str(i)], cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
