@@ -196,6 +196,26 @@ def test_step_loss_is_the_full_logits_loss_at_the_answers():
   assert float(metrics["tokens"]) == 15 and round(float(metrics["correct"]) * 15) == int(ref_correct)
 
 
+def test_answer_loss_on_a_data_by_sequence_mesh_equals_one_device():
+  # The hook on each device's piece of rows and sequence (data 2 x sequence 4: the sequence layout hands a
+  # device two non-adjacent pieces of a row, so its answers sit anywhere in its piece, or none at all) sums
+  # to the one-device loss and correct count.  float32: 1e-5 relative.
+  from mx01.parallel import mesh as mesh_lib
+  from mx01.config import ParallelConfig
+  from mx01.parallel import step as step_lib
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 host devices (tests/conftest.py sets them)")
+  cfg = _tiny_config("hybrid")
+  data = mqar_dataset(4, 32, 3, 64, 7)
+  params = model_lib.init(cfg, jax.random.key(4))
+  hook, batch = retrieval.answer_loss(3), retrieval.step_batch(data)
+  loss_ref, m_ref = jax.jit(training.make_loss(cfg, training.trivial_mesh(), loss_fn=hook))(params, batch)
+  pm = mesh_lib.build_mesh(ParallelConfig(data=2, sequence=4))
+  loss, m = jax.jit(training.make_loss(cfg, pm, loss_fn=hook))(step_lib.shard_params(params, pm, cfg), batch)
+  np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+  assert float(m["tokens"]) == float(m_ref["tokens"]) == 12 and float(m["correct"]) == float(m_ref["correct"])
+
+
 @pytest.mark.slow
 def test_grid_equals_the_train_step_on_each_model_alone():
   # fit_grid (vmap of make_train_step over the stacked models, scanned, two calls of 2 steps) == each model
