@@ -626,14 +626,16 @@ def _convert(source, config: ModelConfig, shardings, progress=None) -> dict:
   # parameter being placed.
   rows = _top_rows(config) + [row for i in range(config.num_layers) for row in _layer_rows(config, i)]
   weights = sum(int(np.prod(row.shape, dtype=np.int64)) * _reader(row, released, source)[0].itemsize for row in rows)
-  done, where = [0], [""]
+  done, where = 0, ""
 
   def place(shape, kind, reader, sharding):
     """One array of `shape` in `sharding`, from reader (see `_reader`) of the stored array."""
     # Weights are stored [.., out, in] and ours are [.., in, out]: the stored order goes to the devices
     # and is transposed there, into the target sharding.
+    nonlocal done
     transpose = kind != "vector"
-    staging.begin(int(np.prod(shape, dtype=np.int64)) * reader[0].itemsize)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * reader[0].itemsize  # stored bytes
+    staging.begin(nbytes)
     stored_shape, stored_sharding = shape, sharding
     if transpose:
       stored_shape, stored_sharding = _swap_last(shape), _stored_sharding(sharding, len(shape))
@@ -646,9 +648,9 @@ def _convert(source, config: ModelConfig, shardings, progress=None) -> dict:
                                             lambda idx: _read(reader, _concrete(idx, stored_shape), staging))
     array = _on_device(sharding, dtype.name, transpose)(stored)
     staging.track(array)
-    done[0] += int(np.prod(shape, dtype=np.int64)) * reader[0].itemsize
+    done += nbytes
     if progress is not None:
-      progress(where[0], done[0], weights)
+      progress(where, done, weights)
     return array
 
   def place_stacked(rows, sharding):
@@ -679,7 +681,7 @@ def _convert(source, config: ModelConfig, shardings, progress=None) -> dict:
   period, repeats = model_lib.scan_plan(config)
   params = {}
   for row in _top_rows(config):
-    where[0] = "/".join(row.path)
+    where = "/".join(row.path)
     _set(params, row.path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, row.path)))
   # Scanned layers: each stacked leaf [repeats, ...] is built directly from the layers' tensors, so no
   # per-layer copy is stacked on the devices afterwards.
@@ -688,12 +690,12 @@ def _convert(source, config: ModelConfig, shardings, progress=None) -> dict:
     per_rep = [_layer_rows(config, rep * period + j) for rep in range(repeats)]
     for rows in zip(*per_rep):
       path = slot + rows[0].path
-      where[0] = "/".join(path)
+      where = "/".join(path)
       _set(params, path, place_stacked(rows, pick(shardings, path)))
   for i in range(period * repeats, config.num_layers):
     for row in _layer_rows(config, i):
       path = (f"layers_{i}",) + row.path
-      where[0] = "/".join(path)
+      where = "/".join(path)
       _set(params, path, place(row.shape, row.kind, _reader(row, released, source), pick(shardings, path)))
   staging.drain()
   return params

@@ -59,9 +59,22 @@ class _Static(NamedTuple):
   interpret: bool
 
 
+def _launch(st: _Static, backward: bool) -> dict:
+  """The launch settings of the forward or the backward kernels (a backward dK/dV sweep also takes block_k)."""
+  if backward:
+    return dict(seq_len=st.seq_len, block=st.bwd_block, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
+                num_stages=st.bwd_num_stages, interpret=st.interpret)
+  return dict(seq_len=st.seq_len, block=st.block, block_v=st.block_v, num_warps=st.num_warps,
+              num_stages=st.num_stages, interpret=st.interpret)
+
+
 def _forward(q, k, v, log_decay, seg, init, st: _Static):
-  return lightning_forward(q, k, v, log_decay, seg, init, seq_len=st.seq_len, block=st.block, block_v=st.block_v,
-                           num_warps=st.num_warps, num_stages=st.num_stages, interpret=st.interpret)
+  return lightning_forward(q, k, v, log_decay, seg, init, **_launch(st, False))
+
+
+def _backward(q, k, v, log_decay, seg, init, grad_out, grad_state, st: _Static):
+  return lightning_backward(q, k, v, log_decay, seg, init, grad_out, grad_state, block_k=st.bwd_block_k,
+                            **_launch(st, True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -76,10 +89,7 @@ def _core_fwd(q, k, v, log_decay, seg, init, st):
 def _core_bwd(st, residuals, cotangents):
   q, k, v, log_decay, seg, init = residuals
   grad_out, grad_state = cotangents
-  dq, dk, dv, d_init = lightning_backward(
-      q, k, v, log_decay, seg, init, grad_out, grad_state, seq_len=st.seq_len, block=st.bwd_block,
-      block_k=st.bwd_block_k, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
-      num_stages=st.bwd_num_stages, interpret=st.interpret)
+  dq, dk, dv, d_init = _backward(q, k, v, log_decay, seg, init, grad_out, grad_state, st)
   d_init = None if init is None else d_init.astype(init.dtype)
   return dq, dk, dv, jnp.zeros_like(log_decay), None, d_init
 
@@ -108,14 +118,6 @@ def _combine(local, chunk_decay, init, enters):
   return states_in.reshape(rows, h, dk, dv), final
 
 
-def _launch(st: _Static, backward: bool):
-  if backward:
-    return dict(seq_len=st.seq_len, block=st.bwd_block, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
-                num_stages=st.bwd_num_stages, interpret=st.interpret)
-  return dict(seq_len=st.seq_len, block=st.block, block_v=st.block_v, num_warps=st.num_warps,
-              num_stages=st.num_stages, interpret=st.interpret)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _split_core(q, k, v, log_decay, seg, chunk_decay, enters, init, st: _Static):
   return _split_fwd(q, k, v, log_decay, seg, chunk_decay, enters, init, st)[0]
@@ -137,10 +139,7 @@ def _split_bwd(st, residuals, cotangents):
   init0 = jnp.zeros_like(grad_final) if init is None else init.astype(jnp.float32)
   _, transpose = jax.vjp(lambda local, s0: _combine(local, chunk_decay, s0, enters), jnp.zeros_like(d_in), init0)
   d_end, d_init = transpose((d_in, grad_final.astype(jnp.float32)))
-  dq, dk, dv, _ = lightning_backward(
-      q, k, v, log_decay, seg, states_in, grad_out, d_end, seq_len=st.seq_len, block=st.bwd_block,
-      block_k=st.bwd_block_k, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
-      num_stages=st.bwd_num_stages, interpret=st.interpret)
+  dq, dk, dv, _ = _backward(q, k, v, log_decay, seg, states_in, grad_out, d_end, st)
   d_init = None if init is None else d_init.astype(init.dtype)
   return dq, dk, dv, jnp.zeros_like(log_decay), None, jnp.zeros_like(chunk_decay), None, d_init
 
