@@ -27,8 +27,8 @@ import os
 import time
 import zlib
 
-# The load's device peak is the parameters plus the largest leaf in stored order (a scanned stack of expert
-# weights: 23.6 GiB for 8 layers of the paper's shape); jax's default preallocation of 75% leaves too little.
+# The load's device peak is the parameters plus one layer's weight in stored order: 92.2 GiB for the full
+# 8-layer slice of the paper's shape (BENCHMARKS.md), close to the 104 GiB jax's default 75% leaves on an H200.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402  (after the memory fraction)
@@ -114,13 +114,13 @@ def _shardings(cfg, expert_parallel: bool):
 def _check(loaded: dict, cfg) -> None:
   """A few slices of the loaded params equal the written tensors (transposed where ours are [in, out])."""
   last = cfg.num_layers - 1
+  period, repeats = model.scan_plan(cfg)
   for path, name, transposed in (
       (("embed", "embedding"), "model.embed_tokens.weight", False),
       (("layers_0", "moe", "wi_gate"), "model.layers.0.block_sparse_moe.experts.0.w1.weight", True),
       ((f"layers_{last}", "moe", "wo"), f"model.layers.{last}.block_sparse_moe.experts.0.w2.weight", True),
       ((f"layers_{last}", "input_norm", "scale"), f"model.layers.{last}.input_layernorm.weight", False)):
     layer = int(path[0].split("_")[1]) if path[0].startswith("layers_") else None
-    period, repeats = model.scan_plan(cfg)
     index = ()
     if layer is None:
       got = loaded
