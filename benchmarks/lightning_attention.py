@@ -20,6 +20,11 @@ ours/floor.  `--dry_run` prints those rows and their floors without a GPU.
 
     python benchmarks/lightning_attention.py --rows issue --out issue.json [--variants plain,packed]
         [--num_splits 4,8,16]   # each case at each split count (tuning LightningConfig.num_splits)
+        [--tune]                # each case at every setting of TUNE_FWD (forward) or TUNE_BWD (fwd+bwd)
+
+`--tune` fills the per-shape table: row by row, the forward at each tile/launch setting of TUNE_FWD (and,
+where the sequence is split, at half and twice the split count the default chooses), then forward+backward
+at each backward setting of TUNE_BWD; the JSON keeps every timing and the table the fastest per row.
 """
 
 from __future__ import annotations
@@ -82,6 +87,15 @@ ISSUE_ROWS = [(16, 8192, 16), (4, 32768, 16), (1, 131072, 16), (1, 1 << 20, 16),
 VARIANTS = ("plain", "packed", "ragged")
 HBM_BYTES_PER_S = 4.29e12     # H200 HBM3e copy bandwidth the floors assume
 RAGGED_CUT = 37               # tokens the "ragged" variant drops: its length is not a multiple of any block
+# Settings `--tune` times per issue row, as overrides of pk.DEFAULT_CONFIG: the forward's tiles and launch
+# (TUNE_FWD, forward cases) and the backward's (TUNE_BWD, forward+backward cases, forward at the default).
+# Block 128 holds a [128, 128] f32 score tile; value tile 64 doubles the programs (and the reads of q, k).
+TUNE_FWD = (dict(), dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(block_v=64),
+            dict(block_v=64, num_warps=4), dict(block_size=128, bwd_block_size=64),
+            dict(block_size=128, bwd_block_size=64, block_v=64), dict(block_size=32, num_warps=4))
+TUNE_BWD = (dict(), dict(bwd_num_stages=1), dict(bwd_num_stages=3), dict(bwd_num_warps=4), dict(bwd_block_k=64),
+            dict(bwd_block_v=64), dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4),
+            dict(bwd_block_size=32, bwd_num_warps=4))
 MEAN_DOC = 4096               # mean document length of the "packed" variant
 
 
@@ -456,12 +470,11 @@ def markdown(results, fla, ceil):
 
 def run_issue(args, cases):
   """Times ours on the issue rows (forward, then forward+backward), fla beside it; writes JSON and the table."""
-  fla = [] if args.skip_fla else fla_in_subprocess(cases, args.out, args.fla_budget_s)
+  fla = [] if args.skip_fla or args.tune else fla_in_subprocess(cases, args.out, args.fla_budget_s)
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk
   from mx01 import lightning as ref
-  splits = args.num_splits or [None]
   results = []
   meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=pk.DEFAULT_CONFIG.__dict__,
               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), head_dim=HEAD_DIM, hbm_bytes_per_s=HBM_BYTES_PER_S,
@@ -474,25 +487,73 @@ def run_issue(args, cases):
     b, t, h = case["b"], case["t"], case["h"]
     q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
     seg = jnp.asarray(segment_ids_of(doc_lengths(b, t))) if case["variant"] == "packed" else None
-    for num_splits in splits:  # None: the default config's own choice
-      config = dataclasses.replace(pk.DEFAULT_CONFIG, num_splits=num_splits)
+    for overrides in case_settings(args, case):
+      config = dataclasses.replace(pk.DEFAULT_CONFIG, **overrides)
       fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
                                 interpret=args.interpret)
-      entry = dict(impl="pallas", **case, num_splits=num_splits, floor_ms=floor_ms(b, t, h, case["backward"]))
+      entry = dict(impl="pallas", **case, num_splits=config.num_splits, floor_ms=floor_ms(b, t, h, case["backward"]))
+      if args.tune:
+        entry.update(overrides=overrides)
+      t0 = time.perf_counter()
       try:
         entry.update(ms=time_jax(fwd_bwd, q, k, v, do, budget_s=0.3) if case["backward"] else
                      time_jax(fwd, q, k, v, budget_s=0.3))
       except Exception as e:  # noqa: BLE001
         entry.update(error=repr(e)[:300])
+      entry.update(wall_s=round(time.perf_counter() - t0, 2))  # compile + timing: what a tuning sweep costs
       results.append(entry)
       print("pallas", entry, flush=True)
       del fwd, fwd_bwd
       jax.clear_caches()
       dump()
     del q, k, v, do, seg
-  table = issue_table(results, fla)
+  table = tune_table(results) if args.tune else issue_table(results, fla)
   dump(table=table)
   print(table)
+
+
+def default_splits(b, t, h):
+  """The split count pk.DEFAULT_CONFIG chooses for a [b, t, h, HEAD_DIM] case (1: no split)."""
+  from pallas_kernels.lightning import api
+  cfg = api.DEFAULT_CONFIG
+  block = min(cfg.block_size, max(16, api._pow2_ceil(t)))
+  return api._num_splits(cfg, b, t, h, HEAD_DIM, min(cfg.block_v, HEAD_DIM), block, False)
+
+
+def case_settings(args, case):
+  """The config overrides one case is timed at: --num_splits values, the --tune grid, or the default alone."""
+  if args.num_splits:
+    return [dict(num_splits=n) for n in args.num_splits]
+  if not args.tune:
+    return [dict()]
+  if case["backward"]:
+    return [dict(o) for o in TUNE_BWD]
+  settings = [dict(o) for o in TUNE_FWD]
+  auto = default_splits(case["b"], case["t"], case["h"])
+  if auto > 1:  # the split count too: half and twice the default's choice
+    settings += [dict(num_splits=auto // 2), dict(num_splits=auto * 2)]
+  return settings
+
+
+def tune_table(results):
+  """Markdown: per case, the default setting's time, the fastest setting and its gain."""
+  by_case = {}
+  for e in results:
+    by_case.setdefault(case_key(e), []).append(e)
+  fmt = lambda v: "-" if v is None else f"{v:.2f}"
+  lines = ["| pass | b x t x h | variant | default ms | best ms | best setting | gain | best/floor | settings failed |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for key in sorted(by_case, key=lambda k: (_row_order(dict(b=k[0], t=k[1], h=k[2], variant=k[3])), k[4])):
+    entries = by_case[key]
+    timed = [e for e in entries if "ms" in e]
+    default = next((e["ms"] for e in timed if not e.get("overrides")), None)
+    best = min(timed, key=lambda e: e["ms"]) if timed else None
+    gain = None if best is None or default is None else default / best["ms"]
+    b, t, h, variant, backward = key
+    lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {b}x{t}x{h} | {variant} | {fmt(default)} | "
+                 f"{fmt(best and best['ms'])} | {best and (best.get('overrides') or 'default')} | {fmt(gain)} | "
+                 f"{fmt(best and best['ms'] / best['floor_ms'])} | {len(entries) - len(timed)} |")
+  return "\n".join(lines)
 
 
 def _splits_list(text):
@@ -515,6 +576,8 @@ def main():
   parser.add_argument("--num_splits", type=_splits_list, default=None,
                       help="comma-separated LightningConfig.num_splits to time each case at (default: the config's "
                            "own choice)")
+  parser.add_argument("--tune", action="store_true",
+                      help="with --rows issue: time every case at each setting of TUNE_FWD / TUNE_BWD, row by row")
   parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
   parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU checks)")
   parser.add_argument("--quick", action="store_true", help="fewer lengths")
@@ -544,6 +607,10 @@ def main():
     except ValueError as e:
       parser.error(str(e))
     cases = [dict(c, backward=p == "fwd_bwd") for p in passes for c in base]
+    if args.tune:  # row by row (forward, then forward+backward), so a sweep cut short has whole rows
+      cases.sort(key=lambda c: (_row_order(c), VARIANTS.index(c["variant"]), c["backward"]))
+      if args.num_splits:
+        parser.error("--tune chooses its own split counts; leave out --num_splits")
     if args.dry_run:
       fake = [dict(c, impl="pallas", num_splits=n) for c in cases for n in args.num_splits or [None]]
       print(f"{len(cases)} cases")

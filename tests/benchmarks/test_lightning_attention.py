@@ -88,9 +88,61 @@ def test_issue_run_times_ours_on_cpu(monkeypatch, tmp_path):
   import types
   monkeypatch.setattr(bench, "HEAD_DIM", 16)
   cases = [dict(b=1, t=40, h=2, variant="packed", backward=False)]
-  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=[2], interpret=True)
+  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=[2], interpret=True,
+                               tune=False)
   bench.run_issue(args, cases)
   data = json.load(open(args.out))
   (entry,) = data["results"]
   assert "error" not in entry and entry["ms"] > 0 and entry["num_splits"] == 2
   assert "| fwd | 1x40x2 | packed | 2 |" in data["table"]
+
+
+def test_tune_times_every_setting_and_tables_the_fastest(monkeypatch, tmp_path):
+  """--tune at a toy size in interpret mode: each case at each setting of its pass, the fastest per case."""
+  import json
+  import types
+  monkeypatch.setattr(bench, "HEAD_DIM", 16)
+  monkeypatch.setattr(bench, "TUNE_FWD", (dict(), dict(block_size=16)))
+  monkeypatch.setattr(bench, "TUNE_BWD", (dict(), dict(bwd_block_size=16, bwd_num_warps=4)))
+  cases = [dict(b=1, t=40, h=2, variant="plain", backward=False), dict(b=1, t=40, h=2, variant="plain", backward=True)]
+  args = types.SimpleNamespace(skip_fla=False, out=str(tmp_path / "tune.json"), num_splits=None, interpret=True,
+                               tune=True)
+  bench.run_issue(args, cases)  # fla is not run when tuning
+  data = json.load(open(args.out))
+  assert data["fla"] == []
+  got = [(e["backward"], e["overrides"]) for e in data["results"]]
+  assert got == [(False, {}), (False, {"block_size": 16}), (True, {}),
+                 (True, {"bwd_block_size": 16, "bwd_num_warps": 4})]
+  assert all("error" not in e and e["ms"] > 0 and e["wall_s"] >= e["ms"] / 1e3 for e in data["results"])
+  lines = [line for line in data["table"].splitlines() if "| 1x40x2 |" in line]
+  assert len(lines) == 2 and lines[0].startswith("| fwd |") and lines[1].startswith("| fwd+bwd |")
+
+
+def test_tune_table_picks_the_fastest_setting():
+  case = dict(b=16, t=8192, h=16, variant="plain", backward=False)
+  floor = bench.floor_ms(16, 8192, 16, False)
+  entries = [dict(case, ms=1.4, overrides={}, floor_ms=floor), dict(case, ms=1.0, overrides={"num_warps": 4},
+             floor_ms=floor), dict(case, error="smem", overrides={"block_size": 128}, floor_ms=floor)]
+  (row,) = [line for line in bench.tune_table(entries).splitlines() if "16x8192x16" in line]
+  assert row == (f"| fwd | 16x8192x16 | plain | 1.40 | 1.00 | {{'num_warps': 4}} | 1.40 | {1.0 / floor:.2f} | 1 |")
+
+
+def test_tune_adds_split_counts_only_where_the_default_splits():
+  args = types_ns(tune=True, num_splits=None)
+  split_row = dict(b=1, t=131072, h=16, variant="plain", backward=False)
+  auto = bench.default_splits(1, 131072, 16)
+  assert auto > 1
+  settings = bench.case_settings(args, split_row)
+  assert settings[:len(bench.TUNE_FWD)] == [dict(o) for o in bench.TUNE_FWD]
+  assert settings[len(bench.TUNE_FWD):] == [dict(num_splits=auto // 2), dict(num_splits=auto * 2)]
+  assert bench.default_splits(64, 2048, 64) == 1
+  assert bench.case_settings(args, dict(b=64, t=2048, h=64, variant="plain", backward=False)) == [
+      dict(o) for o in bench.TUNE_FWD]
+  assert bench.case_settings(args, dict(split_row, backward=True)) == [dict(o) for o in bench.TUNE_BWD]
+  assert bench.case_settings(types_ns(tune=False, num_splits=[2, 4]), split_row) == [dict(num_splits=2),
+                                                                                     dict(num_splits=4)]
+
+
+def types_ns(**kw):
+  import types
+  return types.SimpleNamespace(**kw)
