@@ -45,7 +45,9 @@ def bench_one(cfg, seq: int, batch: int, steps: int, warmup: int, docs_per_row: 
   # process-wide and never resets, so it cannot tell one row from the previous ones).
   print(f"  {name} @ {seq} x {batch}: compiling", flush=True)
   t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, data).compile()  # timed below too: one compilation per row
+  lowered = step.lower(params, opt_state, data)  # Pallas/Mosaic kernels build their code here
+  print(f"  lowered in {time.perf_counter() - t0:.1f} s", flush=True)
+  compiled = lowered.compile()  # timed below too: one compilation per row
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   step_bytes = 0

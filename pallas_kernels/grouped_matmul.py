@@ -38,13 +38,20 @@ class GroupedMatmulTiling:
 DEFAULT_TILING = GroupedMatmulTiling()
 
 
+_TILE_ARGS = ("block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n")
+
+
+@functools.lru_cache(maxsize=None)
 def _kernels():
   if jax.default_backend() != "gpu":
     raise ValueError(f"moe_impl='ragged_mosaic' runs jax's Mosaic GPU kernels, which need a Hopper GPU "
                      f"(backend here: {jax.default_backend()!r}); use moe_impl='ragged', 'capacity' or 'dense'")
   # Imported on demand: the Mosaic GPU modules need a CUDA jaxlib.
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
-  return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
+  # Under jit, equal calls (every MoE layer has the same shapes) reuse one traced kernel, so a train step
+  # lowers each kernel once rather than once per layer and pass.
+  return (jax.jit(ragged_dot_mgpu.ragged_dot, static_argnames=_TILE_ARGS + ("transpose_rhs",)),
+          jax.jit(transposed_ragged_dot_mgpu.transposed_ragged_dot, static_argnames=_TILE_ARGS))
 
 
 def _tile_kwargs(t: GroupedMatmulTiling) -> dict:
