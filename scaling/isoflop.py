@@ -7,8 +7,9 @@
 The plan, in a fixed order:
 
 1. Learning-rate check on the smallest budget (`BUDGETS[0]`): per kind, its smallest, middle and largest
-   width (`lr_check_sizes`) at each rate of `LR_GRID`; that budget's other sizes then run at the rate of
-   the nearest checked width.
+   width (`lr_check_sizes`) at each rate of `LR_GRID`, and past the grid's edge where the best rate sits on
+   it (`lr_check_rates`: doubling or halving up to `LR_EXTEND` times); that budget's other sizes then run at
+   the rate of the nearest checked width.
 2. Per budget (ascending), per kind: `sizes_per_budget` presets `isoflop_{kind}_{size}` (mx01/presets.py)
    around a first guess of the optimum (20 tokens per parameter), at the rate the check found best for that
    kind and the nearest checked width (the base rate until the check is complete, with a note).
@@ -40,7 +41,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mx01 import config as config_lib
 from mx01 import presets
@@ -54,6 +55,9 @@ SEQ_LEN = 2048
 SIZES_PER_BUDGET = 5
 BASE_LR = 3e-3
 LR_GRID = (1.5e-3, 3e-3, 6e-3)
+# Where a width's best checked rate sits at an edge of the grid, the check goes on past it, doubling (or
+# halving) at most this many times, so the chosen rate is bracketed rather than clipped by the grid.
+LR_EXTEND = 2
 TOKENS_PER_PARAM_GUESS = 20.0  # centres each budget's sizes; the fits find the real optimum
 EVAL_TOKENS = 1_000_000
 H200_PEAK_FLOPS = 790e12  # bf16 dense, the figure the plan's estimates assume
@@ -187,25 +191,55 @@ def lr_check_sizes(sizes: Sequence[str]) -> List[str]:
   return list(dict.fromkeys([sizes[0], sizes[len(sizes) // 2], sizes[-1]]))
 
 
+def lr_check_rates(rows: Sequence[dict], kind: str, size: str, lr_grid: Sequence[float] = LR_GRID,
+                   extend: int = LR_EXTEND) -> Tuple[List[float], Optional[float]]:
+  """(the rates the check runs at this kind and width, the best of them or None while some are not measured).
+
+  The rates are `lr_grid`, extended while the best measured rate is the highest (or lowest) so far: twice
+  the highest (half the lowest) is added, up to `extend` times each way (a grid of one rate is not extended).  A run without a finite held-out
+  loss (diverged) counts as measured and worst.
+  """
+  measured = {}  # rate -> held-out loss (inf: diverged)
+  for r in _budget_rows(rows, kind, BUDGETS[0], seed=0):
+    if r["size"] == size:
+      loss = _float(r, "eval_loss")
+      measured[float(r["learning_rate"])] = math.inf if loss is None else loss
+
+  def loss_at(lr):
+    return next((v for x, v in measured.items() if math.isclose(x, lr)), None)
+
+  rates, up, down = sorted(lr_grid), 0, 0
+  while True:
+    losses = [loss_at(lr) for lr in rates]
+    if any(v is None for v in losses):
+      return rates, None
+    i = min(range(len(rates)), key=losses.__getitem__)
+    if len(lr_grid) == 1:  # one rate: no check to extend
+      return rates, rates[0]
+    if i == len(rates) - 1 and up < extend:
+      rates, up = rates + [rates[-1] * 2], up + 1
+    elif i == 0 and down < extend:
+      rates, down = [rates[0] / 2] + rates, down + 1
+    else:
+      return rates, rates[i]
+
+
 def chosen_learning_rates(rows: Sequence[dict], kinds: Sequence[str], lr_grid: Sequence[float] = LR_GRID,
                           sizes_per_budget: int = SIZES_PER_BUDGET, seq_len: int = SEQ_LEN) -> Dict[tuple, float]:
   """{(kind, size): learning rate} from the check on BUDGETS[0]: the lowest held-out loss per kind and width.
 
   Sizes not checked take the rate of the nearest checked width (in log hidden size).  A kind whose check is
-  not complete (some size lacks a rate of `lr_grid`) gets no entry.
+  not complete (some width still has rates to run, `lr_check_rates`) gets no entry.
   """
   out = {}
   check_sizes = lr_check_sizes(sizes_for_budget(BUDGETS[0], sizes_per_budget, seq_len))
   for kind in kinds:
     best = {}
     for size in check_sizes:
-      losses = {}
-      for r in _budget_rows(rows, kind, BUDGETS[0], seed=0):
-        if r["size"] == size and _float(r, "eval_loss") is not None:
-          losses[float(r["learning_rate"])] = _float(r, "eval_loss")
-      if not all(any(math.isclose(lr, x) for x in losses) for lr in lr_grid):
+      _, best_rate = lr_check_rates(rows, kind, size, lr_grid)
+      if best_rate is None:
         break
-      best[size] = min(losses, key=losses.get)
+      best[size] = best_rate
     else:
       for size in presets.ISOFLOP_SIZES:
         width = presets.ISOFLOP_SIZES[size][0]
@@ -255,7 +289,8 @@ def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = 
       checked = []
       if math.isclose(budget, BUDGETS[0]):
         checked = lr_check_sizes(sizes)
-        points += [Point(kind, s, budget, lr, 0, "lr") for s in checked for lr in lr_grid]
+        for s in checked:
+          points += [Point(kind, s, budget, lr, 0, "lr") for lr in lr_check_rates(rows, kind, s, lr_grid)[0]]
       for s in (s for s in sizes if s not in checked):
         lr = lrs.get((kind, s))
         if lr is None:

@@ -81,9 +81,10 @@ def test_run_plan_resumes_checks_lr_adds_seeds_and_stops_on_time(tmp_path):
   all_rows = isoflop.read_rows(out)
   assert len(all_rows) == len(first) + len(rows) == len(calls)
   assert len({r["key"] for r in all_rows}) == len(all_rows)
-  # 3 checked sizes x 3 rates and 2 more sizes at 1e15, 5 sizes at 3e15 at the checked rate, one second seed
-  # per budget.
-  assert len(all_rows) == 9 + 2 + 5 + 2
+  # 3 checked sizes x 3 rates, plus 1.2e-2 at each (the fake loss is best at the grid's top edge, 6e-3), and
+  # 2 more sizes at 1e15; 5 sizes at 3e15 at the checked rate; one second seed per budget.
+  assert len(all_rows) == 9 + 3 + 2 + 5 + 2
+  assert {float(r["learning_rate"]) for r in all_rows if r["phase"] == "lr"} == {1.5e-3, 3e-3, 6e-3, 1.2e-2}
   grid = [r for r in all_rows if r["phase"] == "grid"]
   assert len(grid) == 7 and {float(r["learning_rate"]) for r in grid} == {6e-3}
   seeds = [r for r in all_rows if r["phase"] == "seed"]
@@ -92,6 +93,33 @@ def test_run_plan_resumes_checks_lr_adds_seeds_and_stops_on_time(tmp_path):
     same = [r for r in all_rows if r["budget"] == s["budget"] and r["seed"] == "0"]
     assert s["size"] == min(same, key=lambda r: float(r["eval_loss"]))["size"]
   assert isoflop.run_plan([1e15, 3e15], **kw) == [] and len(calls) == len(all_rows)
+
+
+def _lr_rows(kind, size, losses):
+  return [dict(kind=kind, size=size, budget=str(isoflop.BUDGETS[0]), seed="0", learning_rate=str(lr),
+               eval_loss=str(loss)) for lr, loss in losses.items()]
+
+
+def test_lr_check_extends_past_the_edge_until_bracketed():
+  grid = (1.5e-3, 3e-3, 6e-3)
+  check = lambda losses, **kw: isoflop.lr_check_rates(_lr_rows("hybrid", "i64", losses), "hybrid", "i64", grid, **kw)
+  assert check({}) == ([1.5e-3, 3e-3, 6e-3], None)
+  assert check({1.5e-3: 2.0, 3e-3: 1.8}) == ([1.5e-3, 3e-3, 6e-3], None)  # one rate still to run
+  assert check({1.5e-3: 2.0, 3e-3: 1.8, 6e-3: 1.9}) == ([1.5e-3, 3e-3, 6e-3], 3e-3)  # bracketed
+  # Best at the top edge: twice the top is checked next, and the best of the four is chosen.
+  assert check({1.5e-3: 2.0, 3e-3: 1.8, 6e-3: 1.7}) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], None)
+  assert check({1.5e-3: 2.0, 3e-3: 1.8, 6e-3: 1.7, 1.2e-2: 1.75}) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], 6e-3)
+  # Still at the edge after LR_EXTEND doublings: the best measured rate, no further points.
+  losses = {1.5e-3: 2.0, 3e-3: 1.8, 6e-3: 1.7, 1.2e-2: 1.6, 2.4e-2: 1.5}
+  assert check(losses) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2], 2.4e-2)
+  assert check(losses, extend=1) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], 1.2e-2)
+  # Best at the bottom edge: half the lowest.
+  assert check({1.5e-3: 1.5, 3e-3: 1.8, 6e-3: 2.0}) == ([7.5e-4, 1.5e-3, 3e-3, 6e-3], None)
+  # A diverged run (no finite held-out loss) is measured and worst; other kinds' and widths' rows are ignored.
+  rows = _lr_rows("hybrid", "i64", {1.5e-3: 2.0, 3e-3: 1.8, 6e-3: float("nan")}) + _lr_rows(
+      "softmax", "i64", {6e-3: 0.1}) + _lr_rows("hybrid", "i128", {6e-3: 0.1})
+  assert isoflop.lr_check_rates(rows, "hybrid", "i64", grid) == ([1.5e-3, 3e-3, 6e-3], 3e-3)
+  assert isoflop.lr_check_rates(rows, "hybrid", "i64", (3e-3,)) == ([3e-3], 3e-3)  # one rate: nothing to extend
 
 
 def test_dry_run_prints_table_and_total(capsys, tmp_path):
