@@ -9,7 +9,7 @@ and the decode step (pallas kernel vs the XLA step) against batch size.
 Reports ms, achieved TFLOP/s and GB/s, each kernel's roofline floor from its
 flop count and minimum bytes, and ratios; prints markdown tables and writes JSON.
 
-    python benchmarks/lightning_attention.py --out results.json [--quick] [--sweep]
+    python benchmarks/lightning_attention.py --out results.json [--quick]
 
 `--rows issue` instead times a fixed table of shapes (ISSUE_ROWS, head dim 128,
 bf16), each plain, packed (random document lengths: segment_ids for us,
@@ -89,13 +89,12 @@ HBM_BYTES_PER_S = 4.29e12     # H200 HBM3e copy bandwidth the floors assume
 RAGGED_CUT = 37               # tokens the "ragged" variant drops: its length is not a multiple of any block
 # Settings `--tune` times per issue row, as overrides of pk.DEFAULT_CONFIG: the forward's tiles and launch
 # (TUNE_FWD, forward cases) and the backward's (TUNE_BWD, forward+backward cases, forward at the default).
-# Block 128 holds a [128, 128] f32 score tile; value tile 64 doubles the programs (and the reads of q, k).
-TUNE_FWD = (dict(), dict(num_stages=1), dict(num_stages=3), dict(num_warps=4), dict(block_v=64),
-            dict(block_v=64, num_warps=4), dict(block_size=128, bwd_block_size=64),
-            dict(block_size=128, bwd_block_size=64, block_v=64), dict(block_size=32, num_warps=4))
-TUNE_BWD = (dict(), dict(bwd_num_stages=1), dict(bwd_num_stages=3), dict(bwd_num_warps=4), dict(bwd_block_k=64),
-            dict(bwd_block_v=64), dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4),
-            dict(bwd_block_size=32, bwd_num_warps=4))
+# Around the defaults the first sweep chose (3 stages both ways); block 128 holds a [128, 128] f32 score tile
+# and, at head dim 128, fits only 2 stages in shared memory; value tile 64 doubles the reads of q and k.
+TUNE_FWD = (dict(), dict(num_stages=2), dict(num_stages=4), dict(num_warps=4), dict(block_v=64, num_warps=4),
+            dict(block_size=128, bwd_block_size=64, num_stages=2), dict(block_size=32, num_warps=4, num_stages=4))
+TUNE_BWD = (dict(), dict(bwd_num_stages=2), dict(bwd_num_stages=4), dict(bwd_block_k=64),
+            dict(bwd_block_k=64, bwd_num_stages=4), dict(bwd_block_size=32, bwd_num_warps=4, bwd_num_stages=4))
 MEAN_DOC = 4096               # mean document length of the "packed" variant
 
 
@@ -360,41 +359,6 @@ def add_roofline(entry, ceil, softmax=False):
                  vs_floor=entry["ms"] / floor_ms)
 
 
-def sweep_configs(ceil, results):
-  """A few block/tile/warp choices at 8k; returns the best forward and backward settings."""
-  import jax.numpy as jnp
-  import pallas_kernels as pk
-  from mx01 import lightning as ref
-  b, t, h = shapes([8192])[0]
-  q, k, v, do = make_inputs(b, t, h, HEAD_DIM, jnp.bfloat16)
-  log_decay = jnp.asarray(ref.minimax_log_decay(h, 0, 80))
-  fwd_opts = [dict(block_size=64, block_v=64, num_warps=4, num_stages=2),
-              dict(block_size=64, block_v=128, num_warps=8, num_stages=2),
-              dict(block_size=128, block_v=64, num_warps=8, num_stages=2),
-              dict(block_size=64, block_v=64, num_warps=4, num_stages=3),
-              dict(block_size=32, block_v=64, num_warps=4, num_stages=2)]
-  best_fwd = None
-  for opt in fwd_opts:
-    cfg = pk.LightningConfig(**opt)
-    fwd, _ = linear_fns("pallas", log_decay, cfg)
-    e = record(results, "pallas-sweep", b, t, h, False, fwd, (q, k, v), ceil, config=opt)
-    if "ms" in e and (best_fwd is None or e["ms"] < best_fwd[0]):
-      best_fwd = (e["ms"], opt)
-  bwd_opts = [dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4, bwd_num_stages=2),
-              dict(bwd_block_k=128, bwd_block_v=128, bwd_num_warps=8, bwd_num_stages=2),
-              dict(bwd_block_k=64, bwd_block_v=128, bwd_num_warps=8, bwd_num_stages=2),
-              dict(bwd_block_k=64, bwd_block_v=64, bwd_num_warps=4, bwd_num_stages=2, bwd_block_size=32)]
-  best_bwd = None
-  for opt in bwd_opts:
-    cfg = pk.LightningConfig(**{**best_fwd[1], **opt}) if best_fwd else pk.LightningConfig(**opt)
-    _, fwd_bwd = linear_fns("pallas", log_decay, cfg)
-    e = record(results, "pallas-sweep", b, t, h, True, fwd_bwd, (q, k, v, do), ceil, config=opt)
-    if "ms" in e and (best_bwd is None or e["ms"] < best_bwd[0]):
-      best_bwd = (e["ms"], opt)
-  merged = {**(best_fwd[1] if best_fwd else {}), **(best_bwd[1] if best_bwd else {})}
-  return pk.LightningConfig(**merged)
-
-
 def bench_decode(ceil, results, batches):
   import jax
   import jax.numpy as jnp
@@ -581,7 +545,6 @@ def main():
   parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
   parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU checks)")
   parser.add_argument("--quick", action="store_true", help="fewer lengths")
-  parser.add_argument("--sweep", action="store_true", help="pick block/warp settings at 8k first")
   parser.add_argument("--fla-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--fla-cases", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--skip-fla", action="store_true")
@@ -651,7 +614,7 @@ def main():
   def dump():
     json.dump(dict(meta=meta, results=results, fla=fla), open(args.out, "w"), indent=1)
 
-  config = sweep_configs(ceil, results) if args.sweep else pk.DEFAULT_CONFIG
+  config = pk.DEFAULT_CONFIG
   meta["config"] = config.__dict__
   print("config", config, flush=True)
   dump()

@@ -81,11 +81,9 @@ class ModelConfig:
   # (GPU kernels); "auto" = pallas on GPU, xla elsewhere (mx01/ops.py).
   lightning_impl: Literal["auto", "reference", "xla", "pallas"] = "auto"
   # The Pallas kernels' tiles and launch parameters, used as given
-  # (pallas_kernels/lightning/config.py; block_size at most 128).  Forward tile
-  # 128, backward tile 64: what the model has run on GPUs (BENCHMARKS.md); a
-  # backward tile of 128 at head dim 128 needs more shared memory than an SM has.
-  lightning_kernel: LightningConfig = dataclasses.field(
-      default_factory=lambda: LightningConfig(block_size=128, bwd_block_size=64))
+  # (pallas_kernels/lightning/config.py: its defaults are the fastest of the
+  # H200 sweep; block_size at most 128).
+  lightning_kernel: LightningConfig = dataclasses.field(default_factory=LightningConfig)
   # Softmax attention: "xla" (einsum, materialises the scores), "pallas" (jax's
   # Pallas flash attention with segment ids), "cudnn" (unpacked rows only);
   # "auto" = pallas on GPU, xla elsewhere.

@@ -42,18 +42,22 @@ class LightningConfig:
 
   Every value is used as given (block_size and bwd_block_size at most
   MAX_BLOCK_SIZE, bwd_block_size at most block_size); a sequence shorter than
-  a block runs on a smaller block, which changes no result.
+  a block runs on a smaller block, which changes no result.  Each pipeline
+  stage holds one block of every tile a kernel reads in shared memory (227 KiB
+  per SM on Hopper): at head dim 128, block 128 takes at most 2 stages.
   """
-  # Defaults: fastest of a small sweep on an H100 at head dim 128, bf16 (BENCHMARKS.md).
+  # Defaults: the fastest at the issue rows of `benchmarks/lightning_attention.py --rows issue --tune` on an
+  # H200, head dim 128, bf16 (BENCHMARKS.md, "per-shape sweep"): three pipeline stages beat two by 7-16% in
+  # both passes at 15 of 16 rows; block 128, value tile 64, 4 warps and block 32 were slower at every row but one.
   block_size: int = 64
   block_v: int = 128
   num_warps: int = 8
-  num_stages: int = 2
+  num_stages: int = 3
   bwd_block_size: Optional[int] = None
   bwd_block_k: int = 128
   bwd_block_v: int = 128
   bwd_num_warps: int = 8
-  bwd_num_stages: int = 2
+  bwd_num_stages: int = 3
   decode_block_v: int = 64
   decode_num_warps: int = 4
   num_splits: Optional[int] = None
