@@ -1,18 +1,19 @@
 """Associative recall (MQAR) study: softmax vs lightning vs hybrid, by context length and model size.
 
-The study on one GPU, in twelve calls of under 10 minutes each (the minutes are `--dry_run`'s estimate at an
-assumed 30 TFLOP/s, float32; `--config.model.compute_dtype=bfloat16` is the lever if slower; every call
-trains 4 learning rates x 3 seeds per point; the s parts of one kind append to one CSV, and a call cut off
-before its end is resumed by running it again):
+The study on one GPU, in four parts of about 10 minutes of GPU time or more each (the minutes are `--dry_run`'s
+estimate at an assumed 30 TFLOP/s, float32; `--config.model.compute_dtype=bfloat16` is the lever if slower);
+every part trains 4 learning rates x 3 seeds per point, the three kinds in parallel processes sharing the
+GPU (`bash benchmarks/gpu_suite.sh mqar_xs` ... `mqar_s_long`); the parts of one kind and size append to one
+CSV (results/mqar/KIND-SIZE.csv), and a part cut off before its end is resumed by running it again:
 
     for kind in softmax lightning hybrid; do
-      python -m recipes.retrieval --kinds $kind --sizes xs --out runs/retrieval/$kind-xs.csv                 # ~7 min
-      python -m recipes.retrieval --kinds $kind --sizes s --lengths 64,128 --out runs/retrieval/$kind-s.csv   # ~6 min
-      python -m recipes.retrieval --kinds $kind --sizes s --lengths 256,512 --out runs/retrieval/$kind-s.csv  # ~8 min
-      python -m recipes.retrieval --kinds $kind --sizes s --lengths 1024 --out runs/retrieval/$kind-s.csv     # ~5 min
+      python -m recipes.retrieval --kinds $kind --sizes xs --out results/mqar/$kind-xs.csv                 # ~7 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 64,128 --out results/mqar/$kind-s.csv   # ~6 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 256,512 --out results/mqar/$kind-s.csv  # ~8 min
+      python -m recipes.retrieval --kinds $kind --sizes s --lengths 1024 --out results/mqar/$kind-s.csv     # ~5 min
     done
-    python -m recipes.retrieval --merge runs/retrieval/*-xs.csv runs/retrieval/*-s.csv \
-        --out runs/retrieval/study.csv                   # runs, summary (mean, SE, best LR), plot
+    python -m recipes.retrieval --merge results/mqar/*-xs.csv results/mqar/*-s.csv \
+        --out results/mqar/study.csv                     # runs, summary (mean, SE, best LR), plot
     python -m recipes.retrieval --dry_run                # the grid, its steps, tokens, FLOPs, minutes; trains nothing
     python -m recipes.retrieval --cpu-smoke              # minutes on CPU (2 cores): tiny vocabulary, data, budget
 

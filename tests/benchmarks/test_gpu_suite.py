@@ -77,7 +77,7 @@ def test_every_stage_uses_real_code_and_the_one_flag_spelling():
   assert checked >= 10
 
 
-@pytest.mark.parametrize("stage", ["train_step", "sweep", "retrieval_xs"])
+@pytest.mark.parametrize("stage", ["train_step", "sweep", "mqar_xs"])
 def test_show_prints_the_command(stage):
   out = _run("show", stage)
   assert out.returncode == 0 and "python3" in out.stdout
