@@ -18,7 +18,19 @@ if _HOST_DEVICES_FLAG not in _os.environ.get("XLA_FLAGS", ""):
 # from an optimised build in the last bits, far inside the tolerances against numpy, torch or stored values.
 # Bit-for-bit comparisons stay between programs compiled with the same flags: the recipe subprocesses inherit
 # them through the environment (tests that set XLA_FLAGS keep them).  Flags set by the caller win.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+# Not on a machine with an NVIDIA driver: there the GPU tests' kernels are compiled as they run in training.
+# The loop-emitter flag exists up to jaxlib 0.10 (a later XLA aborts on an unknown flag).
+from importlib import metadata as _metadata
+
+
+def _cpu_compile_flags():
+  if _os.path.exists("/dev/nvidiactl"):
+    return ()
+  jaxlib = tuple(int(x) for x in _metadata.version("jaxlib").split(".")[:2])
+  return ("--xla_backend_optimization_level=0",) + (("--xla_cpu_use_fusion_emitters=false",) if jaxlib < (0, 11) else ())
+
+
+for _flag in _cpu_compile_flags():
   if _flag.split("=")[0] not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_flag}").strip()
 
