@@ -69,7 +69,8 @@ class ModelConfig:
   # jax.lax.ragged_dot), "ragged_mosaic" (dropless, jax's Hopper kernels),
   # "ragged_tokamax" (dropless, the tokamax library's ragged_dot; optional, GPU),
   # "dense" (every expert on every token: the reference); "auto" = capacity when
-  # capacity_factor is set, else ragged on accelerators and dense on CPU.
+  # capacity_factor is set, else ragged_mosaic on Hopper GPUs, ragged on other
+  # accelerators and dense on CPU (mx01/ops.py).
   moe_impl: Literal["auto", "capacity", "ragged", "ragged_mosaic", "ragged_tokamax", "dense"] = "auto"
   router_aux_loss_coef: float = 0.001
   # "per_layer": mean over layers of E*sum_e f_e*P_e (GShard/Switch per layer);

@@ -150,7 +150,29 @@ def test_moe_impl_config_errors():
         cfg = dataclasses.replace(CFG, moe_impl="ragged_tokamax")
         ops.moe_op(cfg)(x, p, config=cfg)
   assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=1.25)) == "capacity"
-  assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=None)) in ("ragged", "dense")
+  assert ops.moe_impl(dataclasses.replace(CFG, capacity_factor=None)) in ("ragged", "ragged_mosaic", "dense")
+
+
+@pytest.mark.parametrize("backend,hopper,capacity,want", [
+    ("cpu", False, None, "dense"), ("gpu", True, None, "ragged_mosaic"), ("gpu", False, None, "ragged"),
+    ("tpu", False, None, "ragged"), ("gpu", True, 1.25, "capacity"), ("cpu", False, 1.25, "capacity")])
+def test_moe_auto_picks_each_platforms_fast_path(monkeypatch, backend, hopper, capacity, want):
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(ops, "_on_hopper", lambda: hopper)
+  assert ops.moe_impl(dataclasses.replace(CFG, moe_impl="auto", capacity_factor=capacity)) == want
+  assert ops.moe_impl(dataclasses.replace(CFG, moe_impl="ragged", capacity_factor=None)) == "ragged"  # as given
+
+
+def test_hopper_is_compute_capability_9(monkeypatch):
+  class Dev:
+    def __init__(self, cc):
+      self.compute_capability = cc
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+  for cc, want in (("9.0", True), ("8.0", False), ("10.0", False)):
+    monkeypatch.setattr(ops.jax, "devices", lambda cc=cc: [Dev(cc)])
+    assert ops._on_hopper() is want
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: "cpu")
+  assert ops._on_hopper() is False
 
 
 def test_aux_loss_formula():
