@@ -300,24 +300,26 @@ def make_inputs(b, t, h, d, dtype):
 
 
 def linear_fns(impl, log_decay, config=None, segment_ids=None, interpret=False):
+  """(fwd(q, k, v), fwd_bwd(q, k, v, do)) of one implementation, jitted; the segment ids are an argument of the
+  compiled functions, not a constant folded into them (XLA takes seconds to constant-fold their index
+  computations at a million tokens)."""
   import jax
   import pallas_kernels
   from mx01 import lightning as ref
   if impl == "pallas":
-    attn = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                                                              config=config, interpret=interpret)
+    attn = lambda q, k, v, seg: pallas_kernels.lightning_attention(q, k, v, log_decay, segment_ids=seg,
+                                                                   config=config, interpret=interpret)
   else:
-    attn = lambda q, k, v: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256,
-                                                           segment_ids=segment_ids)
+    attn = lambda q, k, v, seg: ref.lightning_attention_chunked(q, k, v, log_decay, block_size=256, segment_ids=seg)
 
-  fwd = jax.jit(attn)
+  fwd_jit = jax.jit(attn)
 
   @jax.jit
-  def fwd_bwd(q, k, v, do):
-    (o, state), vjp = jax.vjp(attn, q, k, v)
+  def fwd_bwd_jit(q, k, v, do, seg):
+    (o, state), vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg), q, k, v)
     return vjp((do, jax.numpy.zeros_like(state)))
 
-  return fwd, fwd_bwd
+  return (lambda q, k, v: fwd_jit(q, k, v, segment_ids)), (lambda q, k, v, do: fwd_bwd_jit(q, k, v, do, segment_ids))
 
 
 def softmax_fns():
