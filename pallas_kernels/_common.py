@@ -1,10 +1,13 @@
-"""Small helpers shared by the lightning kernels (version shims, dots, decay tables)."""
+"""Small helpers shared by the lightning kernels (version shims, dots, decay tables, row layout)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 # Width of the per-head decay row handed to kernels: a power of two so the
 # Triton backend can load it; every entry holds the same log decay.
@@ -16,11 +19,67 @@ SQUEEZED = getattr(pl, "squeezed", None)
 
 def compiler_params(num_warps: int, num_stages: int):
   """Triton compiler params under whichever name this jax version uses."""
-  from jax.experimental.pallas import triton as pl_triton
   cls = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams", None)
   if cls is None:
     return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
   return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+class Rows(NamedTuple):
+  """How the sweep kernels walk a [b, t, h, d] array: each sequence as `splits` rows of `length` tokens.
+
+  One program per row walks it block by block (grid axis 0 = b * splits rows; row r is sequence r // splits,
+  tokens (r % splits) * length onwards).  `length` is a multiple of the block; rows past the sequence's
+  `seq_len` real tokens overhang the array's end, and there (`masked`) the kernels mask their loads and
+  stores instead of the caller padding q, k, v and slicing o (XLA copies of every tensor).
+  """
+  seq_len: int
+  length: int
+  splits: int = 1
+
+  @property
+  def masked(self) -> bool:
+    return self.splits * self.length != self.seq_len
+
+  def spec(self, width: int, tiled: bool = False) -> pl.BlockSpec:
+    """The BlockSpec of a [b, t, h, d] array on a (row, head, tile) grid: a row's tokens, one head, `width`
+    channels (the grid's third index picks the channel tile when `tiled`)."""
+    s = self.splits
+    return pl.BlockSpec((SQUEEZED, self.length, SQUEEZED, width),
+                        lambda r, h, x: (r // s, r % s, h, x if tiled else 0))
+
+
+def row_tokens(rows: Rows):
+  """Inside a kernel: the real tokens of this program's row (0 .. rows.length; static when not masked)."""
+  if not rows.masked:
+    return rows.length
+  return jnp.clip(rows.seq_len - (pl.program_id(0) % rows.splits) * rows.length, 0, rows.length)
+
+
+def row_blocks(rows: Rows, tokens, block: int):
+  """Blocks of a row holding real tokens (a loop bound; static when not masked)."""
+  return rows.length // block if not rows.masked else (tokens + block - 1) // block
+
+
+def _row_mask(start, block: int, tokens):
+  return ((start + jax.lax.iota(jnp.int32, block)) < tokens)[:, None]
+
+
+def load_block(ref, start, block: int, rows: Rows, tokens):
+  """ref[start:start + block, :] of a row view; rows past its real tokens read as 0 when the row may overhang."""
+  view = ref.at[pl.ds(pl.multiple_of(start, block), block), :]
+  if not rows.masked:
+    return view[...]
+  return pl_triton.load(view, mask=_row_mask(start, block, tokens), other=0)
+
+
+def store_block(ref, start, block: int, value, rows: Rows, tokens):
+  """ref[start:start + block, :] = value, the rows past the real tokens left alone when the row may overhang."""
+  view = ref.at[pl.ds(pl.multiple_of(start, block), block), :]
+  if not rows.masked:
+    view[...] = value
+  else:
+    pl_triton.store(view, value, mask=_row_mask(start, block, tokens))
 
 
 def check_backend(interpret: bool):

@@ -47,7 +47,7 @@ _TARGET_PROGRAMS = 132
 
 
 class _Static(NamedTuple):
-  seq_len: int
+  rows: cm.Rows
   block: int
   block_v: int
   num_warps: int
@@ -63,9 +63,9 @@ class _Static(NamedTuple):
 def _launch(st: _Static, backward: bool) -> dict:
   """The launch settings of the forward or the backward kernels (a backward dK/dV sweep also takes block_k)."""
   if backward:
-    return dict(seq_len=st.seq_len, block=st.bwd_block, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
+    return dict(rows=st.rows, block=st.bwd_block, block_v=st.bwd_block_v, num_warps=st.bwd_num_warps,
                 num_stages=st.bwd_num_stages, interpret=st.interpret)
-  return dict(seq_len=st.seq_len, block=st.block, block_v=st.block_v, num_warps=st.num_warps,
+  return dict(rows=st.rows, block=st.block, block_v=st.block_v, num_warps=st.num_warps,
               num_stages=st.num_stages, interpret=st.interpret)
 
 
@@ -100,7 +100,8 @@ _lightning_core.defvjp(_core_fwd, _core_bwd)
 
 # ---------------------------------------------------------------------------------------------- sequence split
 #
-# Rows q, k, v [b*n, L, h, d] are the n super-chunks of each sequence.  Forward: `local_states` (reads k, v)
+# The kernels see q, k, v [b, t, h, d] as b*n rows of L tokens (`_common.Rows`: the n super-chunks of each
+# sequence, the last ones overhanging t where it is not a multiple of n*L).  Forward: `local_states` (reads k, v)
 # gives each row's end state from zero; combine_chunk_states gives the state entering each row, kept only
 # where the row's first token continues the segment that holds it (`enters`); the forward kernel then runs
 # every row from that state and writes o once.  Backward, the mirror image: `local_incoming_grad` (reads q,
@@ -187,10 +188,6 @@ def _segment_index(segment_ids, b, t, t_pad):
   return jnp.pad(idx, ((0, 0), (0, t_pad - t)), constant_values=-1)
 
 
-def _pad_seq(x, t_pad):
-  return x if x.shape[1] == t_pad else jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, 0)))
-
-
 def _num_splits(cfg: LightningConfig, b, t, h, dv, block_v, block, interpret):
   if cfg.num_splits is not None:
     return cfg.num_splits
@@ -226,33 +223,28 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
   block_v = min(cfg.block_v, dv)
   splits = _num_splits(cfg, b, t, h, dv, block_v, block, interpret)
 
+  st = lambda rows: _Static(rows, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
+                            min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+  log_decay = log_decay.astype(jnp.float32)
+  # The kernels read q, k, v and write o in place: a length that is not a multiple of the block (or of the
+  # splits' rows) is masked inside them, with no padded copies.
   if splits == 1:
     t_pad = -(-t // block) * block
     seg = None if segment_ids is None else _segment_index(segment_ids, b, t, t_pad)
-    st = _Static(t, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
-                 min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
-    out, state = _lightning_core(_pad_seq(q, t_pad), _pad_seq(k, t_pad), _pad_seq(v, t_pad),
-                                 log_decay.astype(jnp.float32), seg, initial_state, st)
-    return out[:, :t], state
+    return _lightning_core(q, k, v, log_decay, seg, initial_state, st(cm.Rows(t, t_pad)))
 
-  # Super-chunks: each of `splits` pieces becomes its own row of chunk_len tokens (the last ones may be
-  # padding only); segment ids restart from 0 in every row, so each row's first segment owns its initial state.
+  # Super-chunks: each of `splits` pieces of chunk_len tokens is a row of its own (the last ones may be partly
+  # or wholly past the end); segment ids restart from 0 in every row, so each row's first segment owns its
+  # initial state.
   chunk_len = -(-t // (splits * block)) * block
   t_pad = splits * chunk_len
-  seg = None
-  if segment_ids is not None or t_pad != t:
-    ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-    seg = _segment_index(ids, b, t, t_pad)
-  rows = lambda x: _pad_seq(x, t_pad).reshape(b * splits, chunk_len, h, x.shape[-1])
-  row_seg = None
-  if seg is not None:
+  lengths = chunk_states.chunk_lengths(t, splits, chunk_len)
+  row_seg, bounds = None, None
+  if segment_ids is not None:
+    seg = _segment_index(segment_ids, b, t, t_pad).reshape(b, splits, chunk_len)
     per_row = seg.reshape(b * splits, chunk_len)
     row_seg = jnp.where(per_row >= 0, per_row - per_row[:, :1], -1)
-  lengths = chunk_states.chunk_lengths(t, splits, chunk_len)
-  bounds = None if segment_ids is None else chunk_states.chunk_boundaries(seg.reshape(b, splits, chunk_len), lengths)
+    bounds = chunk_states.chunk_boundaries(seg, lengths)
   chunk_decay, enters = chunk_states.chunk_transitions(log_decay, bounds, lengths)
-  st = _Static(chunk_len, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
-               min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
-  out, final_state = _split_core(rows(q), rows(k), rows(v), log_decay.astype(jnp.float32), row_seg, chunk_decay,
-                                 enters, initial_state, st)
-  return out.reshape(b, t_pad, h, dv)[:, :t], final_state
+  return _split_core(q, k, v, log_decay, row_seg, chunk_decay, enters, initial_state,
+                     st(cm.Rows(t, chunk_len, splits)))

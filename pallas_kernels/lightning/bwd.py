@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _common as cm
 
 
-def _dq_kernel(*refs, block, seq_len, num_blocks, has_seg, has_init, compute_dtype):
+def _dq_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   k_ref, v_ref, do_ref, ld_ref = refs[:4]
   rest = list(refs[4:])
   seg_ref = rest.pop(0) if has_seg else None
@@ -36,30 +36,31 @@ def _dq_kernel(*refs, block, seq_len, num_blocks, has_seg, has_init, compute_dty
   bk = k_ref.shape[-1]
   dv = v_ref.shape[-1]
   state0 = s0_ref[...].astype(jnp.float32) if has_init else jnp.zeros((bk, dv), jnp.float32)
+  tokens = cm.row_tokens(rows)
+  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
 
   def body(i, carry):
     state, prev_seg = carry
     start = i * block
-    rows = pl.ds(pl.multiple_of(start, block), block)
-    k = k_ref[rows, :]  # [C, bk]
-    v = v_ref[rows, :]  # [C, dv]
-    do = do_ref[rows, :]  # [C, dv]
-    seg = seg_ref[rows] if has_seg else None
+    k = load(k_ref, start)  # [C, bk]
+    v = load(v_ref, start)  # [C, dv]
+    do = load(do_ref, start)  # [C, dv]
+    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
     q_decay, k_decay, state_decay, same_seg, next_seg = cm.block_masks(
-        log_decay, seg, prev_seg, block, seq_len, start)
+        log_decay, seg, prev_seg, block, tokens, start)
     dscores = cm.dot(do, v, trans_b=True) * decay_ij  # [C, C]
     if has_seg:
       dscores = jnp.where(same_seg, dscores, 0.0)
     dq = cm.dot(dscores.astype(compute_dtype), k)
     dq += cm.dot((do * q_decay[:, None]).astype(compute_dtype), state.astype(compute_dtype), trans_b=True)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    cm.store_block(dq_ref, start, block, dq.astype(dq_ref.dtype), rows, tokens)
     state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
     return state, (next_seg if has_seg else prev_seg)
 
-  jax.lax.fori_loop(0, num_blocks, body, (state0, jnp.int32(0)))
+  jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, (state0, jnp.int32(0)))
 
 
-def _dkdv_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
+def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
   q_ref, k_ref, v_ref, do_ref, ld_ref = refs[:5]
   rest = list(refs[5:])
   seg_ref = rest.pop(0) if has_seg else None
@@ -68,22 +69,24 @@ def _dkdv_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
   log_decay = cm.read_log_decay(ld_ref)
   decay_ij = cm.intra_decay(log_decay, block)
   grad_state0 = dst_ref[...].astype(jnp.float32)  # [dk, bv]
+  tokens = cm.row_tokens(rows)
+  num_blocks = cm.row_blocks(rows, tokens, block)
+  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
 
   def body(j, grad_state):
     i = num_blocks - 1 - j
     start = i * block
-    rows = pl.ds(pl.multiple_of(start, block), block)
-    q = q_ref[rows, :]  # [C, dk]
-    k = k_ref[rows, :]
-    v = v_ref[rows, :]  # [C, bv]
-    do = do_ref[rows, :]
+    q = load(q_ref, start)  # [C, dk]
+    k = load(k_ref, start)
+    v = load(v_ref, start)  # [C, bv]
+    do = load(do_ref, start)
     if has_seg:
-      seg = seg_ref[rows]
+      seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)]
       prev_rows = pl.ds(pl.multiple_of(jnp.maximum(start - block, 0), block), block)
       prev_seg = jnp.where(i > 0, jnp.max(seg_ref[prev_rows]), 0)
     else:
       seg, prev_seg = None, None
-    q_decay, k_decay, state_decay, same_seg, _ = cm.block_masks(log_decay, seg, prev_seg, block, seq_len, start)
+    q_decay, k_decay, state_decay, same_seg, _ = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
     mask = decay_ij if not has_seg else jnp.where(same_seg, decay_ij, 0.0)
     scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
     dscores = cm.dot(do, v, trans_b=True) * mask
@@ -92,87 +95,79 @@ def _dkdv_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
     dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), gs)
     dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
     dk += cm.dot(v, gs, trans_b=True) * k_decay[:, None]
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
+    cm.store_block(dk_ref, start, block, dk.astype(dk_ref.dtype), rows, tokens)
     return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
 
   grad_state = jax.lax.fori_loop(0, num_blocks, body, grad_state0)
   ds0_ref[...] = grad_state
 
 
-def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, seq_len,
+def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, rows,
                        block, block_k, block_v, num_warps, num_stages, interpret):
-  """Gradients of the forward sweep (padded inputs, as `lightning_forward`).
+  """Gradients of the forward sweep (arrays and rows as `lightning_forward`).
 
-  grad_out [b, t_pad, h, dv]; grad_state [b, h, dk, dv] f32 (cotangent of the
-  final state).  Returns (dq, dk, dv in the input dtypes, d_initial_state f32).
+  grad_out [b, t, h, dv]; grad_state [b * splits, h, dk, dv] f32 (cotangent of
+  each row's end state).  Returns (dq, dk, dv in the input dtypes, d_initial_state
+  [b * splits, h, dk, dv] f32).
   """
-  b, t_pad, h, dk = q.shape
+  b, t, h, dk = q.shape
   dv = v.shape[-1]
-  assert t_pad % block == 0 and dk % block_k == 0 and dv % block_v == 0
+  assert t == rows.seq_len and rows.length % block == 0 and dk % block_k == 0 and dv % block_v == 0
   sq = cm.SQUEEZED
+  n = b * rows.splits
   has_seg = segment_index is not None
   has_init = initial_state is not None
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
   grad_out = grad_out.astype(v.dtype)
   decay = cm.decay_rows(log_decay)
   params = cm.compiler_params(num_warps, num_stages)
-  num_blocks = t_pad // block
+  seg_spec = pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0))
+  decay_spec = pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, xi: (hi, 0))
 
   # dQ: forward sweep over key tiles.
-  in_specs = [
-      pl.BlockSpec((sq, t_pad, sq, block_k), lambda bi, hi, ki: (bi, 0, hi, ki)),
-      pl.BlockSpec((sq, t_pad, sq, dv), lambda bi, hi, ki: (bi, 0, hi, 0)),
-      pl.BlockSpec((sq, t_pad, sq, dv), lambda bi, hi, ki: (bi, 0, hi, 0)),
-      pl.BlockSpec((sq, cm.DECAY_LANES), lambda bi, hi, ki: (hi, 0)),
-  ]
+  in_specs = [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv), decay_spec]
   args = [k, v, grad_out, decay]
   if has_seg:
-    in_specs.append(pl.BlockSpec((sq, t_pad), lambda bi, hi, ki: (bi, 0)))
+    in_specs.append(seg_spec)
     args.append(segment_index.astype(jnp.int32))
   if has_init:
-    in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda bi, hi, ki: (bi, hi, ki, 0)))
+    in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0)))
     args.append(initial_state.astype(jnp.float32))
   args, vary = cm.match_varying(args)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block=block, seq_len=seq_len, num_blocks=num_blocks, has_seg=has_seg,
-                        has_init=has_init, compute_dtype=compute_dtype),
-      out_shape=cm.out_struct((b, t_pad, h, dk), q.dtype, vary), grid=(b, h, dk // block_k),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((sq, t_pad, sq, block_k), lambda bi, hi, ki: (bi, 0, hi, ki)),
+      functools.partial(_dq_kernel, block=block, rows=rows, has_seg=has_seg, has_init=has_init,
+                        compute_dtype=compute_dtype),
+      out_shape=cm.out_struct((b, t, h, dk), q.dtype, vary), grid=(n, h, dk // block_k),
+      in_specs=in_specs, out_specs=rows.spec(block_k, tiled=True),
       compiler_params=params, interpret=interpret, name="lightning_bwd_dq")(*args)
 
   # dK, dV, d(initial state): reverse sweep over value tiles.
   num_v = dv // block_v
   dk_dtype = k.dtype if num_v == 1 else jnp.float32
-  in_specs = [
-      pl.BlockSpec((sq, t_pad, sq, dk), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((sq, t_pad, sq, dk), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
-      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
-      pl.BlockSpec((sq, cm.DECAY_LANES), lambda bi, hi, vi: (hi, 0)),
-  ]
+  in_specs = [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), rows.spec(block_v, tiled=True),
+              decay_spec]
   args = [q, k, v, grad_out, decay]
   if has_seg:
-    in_specs.append(pl.BlockSpec((sq, t_pad), lambda bi, hi, vi: (bi, 0)))
+    in_specs.append(seg_spec)
     args.append(segment_index.astype(jnp.int32))
-  in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)))
+  in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)))
   args.append(grad_state.astype(jnp.float32))
   args, vary = cm.match_varying(args)
   out_shape = [
-      cm.out_struct((num_v, b, t_pad, h, dk), dk_dtype, vary),
-      cm.out_struct((b, t_pad, h, dv), v.dtype, vary),
-      cm.out_struct((b, h, dk, dv), jnp.float32, vary),
+      cm.out_struct((num_v, b, t, h, dk), dk_dtype, vary),
+      cm.out_struct((b, t, h, dv), v.dtype, vary),
+      cm.out_struct((n, h, dk, dv), jnp.float32, vary),
   ]
+  s = rows.splits
   out_specs = [
-      pl.BlockSpec((sq, sq, t_pad, sq, dk), lambda bi, hi, vi: (vi, bi, 0, hi, 0)),
-      pl.BlockSpec((sq, t_pad, sq, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
-      pl.BlockSpec((sq, sq, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)),
+      pl.BlockSpec((sq, sq, rows.length, sq, dk), lambda ri, hi, vi: (vi, ri // s, ri % s, hi, 0)),
+      rows.spec(block_v, tiled=True),
+      pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)),
   ]
   dk_parts, dv_out, d_init = pl.pallas_call(
-      functools.partial(_dkdv_kernel, block=block, seq_len=seq_len, num_blocks=num_blocks, has_seg=has_seg,
-                        compute_dtype=compute_dtype),
-      out_shape=out_shape, grid=(b, h, num_v), in_specs=in_specs, out_specs=out_specs,
+      functools.partial(_dkdv_kernel, block=block, rows=rows, has_seg=has_seg, compute_dtype=compute_dtype),
+      out_shape=out_shape, grid=(n, h, num_v), in_specs=in_specs, out_specs=out_specs,
       compiler_params=params, interpret=interpret, name="lightning_bwd_dkdv")(*args)
   dk_out = dk_parts[0] if num_v == 1 else jnp.sum(dk_parts, axis=0).astype(k.dtype)
   return dq, dk_out, dv_out, d_init

@@ -15,8 +15,9 @@ One program per (row, head, value tile) walks the row block by block with
 `_common.block_masks`, the forward kernel's masks, so S_local is the state the
 forward sweep would end with.  On packed rows each sweep reads only the blocks
 of the segment it sums over (from the block where the last segment starts;
-up to the block where the first one ends).  Inputs are padded to a multiple
-of the block by the caller; `segment_index` is -1 on padding.
+up to the block where the first one ends).  Rows are `_common.Rows` views of
+the [b, t, h, d] inputs (a row's last block may overhang the array: masked);
+`segment_index` is [rows, length], -1 on padding.
 """
 
 from __future__ import annotations
@@ -30,44 +31,45 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _common as cm
 
 
-def _local_states_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
+def _local_states_kernel(*refs, block, rows, has_seg, compute_dtype):
   k_ref, v_ref, ld_ref = refs[:3]
   seg_ref, first_ref = refs[3:5] if has_seg else (None, None)
   state_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
   first = jnp.max(first_ref[...]) if has_seg else 0  # blocks before the last segment add nothing
+  tokens = cm.row_tokens(rows)
 
   def body(i, carry):
     state, prev_seg = carry
     start = i * block
-    rows = pl.ds(pl.multiple_of(start, block), block)
-    k = k_ref[rows, :]  # [C, dk]
-    v = v_ref[rows, :]  # [C, bv]
-    seg = seg_ref[rows] if has_seg else None
-    _, k_decay, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, seq_len, start)
+    k = cm.load_block(k_ref, start, block, rows, tokens)  # [C, dk]
+    v = cm.load_block(v_ref, start, block, rows, tokens)  # [C, bv]
+    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
+    _, k_decay, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
     state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
     return state, (next_seg if has_seg else prev_seg)
 
   state0 = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-  state, _ = jax.lax.fori_loop(first, num_blocks, body, (state0, jnp.int32(0)))
+  state, _ = jax.lax.fori_loop(first, cm.row_blocks(rows, tokens, block), body, (state0, jnp.int32(0)))
   state_ref[...] = state
 
 
-def _incoming_grad_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dtype):
+def _incoming_grad_kernel(*refs, block, rows, has_seg, compute_dtype):
   q_ref, do_ref, ld_ref = refs[:3]
   seg_ref, end_ref = refs[3:5] if has_seg else (None, None)
   grad_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
-  end = jnp.max(end_ref[...]) if has_seg else num_blocks  # blocks after the first segment add nothing
+  tokens = cm.row_tokens(rows)
+  # Blocks after the first segment add nothing.
+  end = jnp.max(end_ref[...]) if has_seg else cm.row_blocks(rows, tokens, block)
 
   def body(i, carry):
     grad, scale, prev_seg = carry  # scale = lambda^start while the first segment lasts, then 0
     start = i * block
-    rows = pl.ds(pl.multiple_of(start, block), block)
-    q = q_ref[rows, :]  # [C, dk]
-    do = do_ref[rows, :]  # [C, bv]
-    seg = seg_ref[rows] if has_seg else None
-    q_decay, _, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, seq_len, start)
+    q = cm.load_block(q_ref, start, block, rows, tokens)  # [C, dk]
+    do = cm.load_block(do_ref, start, block, rows, tokens)  # [C, bv]
+    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
+    q_decay, _, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
     grad += cm.dot((q * (q_decay * scale)[:, None]).astype(compute_dtype), do, trans_a=True)
     return grad, scale * state_decay, (next_seg if has_seg else prev_seg)
 
@@ -76,56 +78,53 @@ def _incoming_grad_kernel(*refs, block, seq_len, num_blocks, has_seg, compute_dt
   grad_ref[...] = grad
 
 
-def _row_sum(kernel, name, a, b, log_decay, segment_index, bound, *, seq_len, block, block_v, num_warps, num_stages,
+def _row_sum(kernel, name, a, b, log_decay, segment_index, bound, *, rows, block, block_v, num_warps, num_stages,
              interpret):
-  """Launches a [b, t_pad, h, da] x [b, t_pad, h, db] -> [b, h, da, db] float32 sweep.
+  """Launches a [batch, t, h, da] x [batch, t, h, db] -> [batch * splits, h, da, db] float32 sweep over `rows`.
 
   bound(segment_index, block) -> [rows] int32: the sweep's first or end block on packed rows."""
-  rows, t_pad, h, da = a.shape
+  batch, t, h, da = a.shape
   db = b.shape[-1]
-  assert t_pad % block == 0 and db % block_v == 0
+  assert t == rows.seq_len and rows.length % block == 0 and db % block_v == 0
   sq = cm.SQUEEZED
+  n = batch * rows.splits
   has_seg = segment_index is not None
-  in_specs = [
-      pl.BlockSpec((sq, t_pad, sq, da), lambda ri, hi, vi: (ri, 0, hi, 0)),
-      pl.BlockSpec((sq, t_pad, sq, block_v), lambda ri, hi, vi: (ri, 0, hi, vi)),
-      pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, vi: (hi, 0)),
-  ]
+  in_specs = [rows.spec(da), rows.spec(block_v, tiled=True),
+              pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, vi: (hi, 0))]
   args = [a, b.astype(a.dtype), cm.decay_rows(log_decay)]
   if has_seg:
-    in_specs += [pl.BlockSpec((sq, t_pad), lambda ri, hi, vi: (ri, 0)),
+    in_specs += [pl.BlockSpec((sq, rows.length), lambda ri, hi, vi: (ri, 0)),
                  pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, vi: (ri, 0))]
     segment_index = segment_index.astype(jnp.int32)
     # One value per row, repeated over DECAY_LANES lanes (a loadable power-of-two row, as the decays).
-    args += [segment_index, jnp.broadcast_to(bound(segment_index, block)[:, None], (rows, cm.DECAY_LANES))]
+    args += [segment_index, jnp.broadcast_to(bound(segment_index, block)[:, None], (n, cm.DECAY_LANES))]
   args, vary = cm.match_varying(args)
   compute_dtype = jnp.float32 if a.dtype == jnp.float32 else a.dtype
   return pl.pallas_call(
-      functools.partial(kernel, block=block, seq_len=seq_len, num_blocks=t_pad // block, has_seg=has_seg,
-                        compute_dtype=compute_dtype),
-      out_shape=cm.out_struct((rows, h, da, db), jnp.float32, vary), grid=(rows, h, db // block_v),
+      functools.partial(kernel, block=block, rows=rows, has_seg=has_seg, compute_dtype=compute_dtype),
+      out_shape=cm.out_struct((n, h, da, db), jnp.float32, vary), grid=(n, h, db // block_v),
       in_specs=in_specs, out_specs=pl.BlockSpec((sq, sq, da, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)),
       compiler_params=cm.compiler_params(num_warps, num_stages), interpret=interpret, name=name)(*args)
 
 
 def _last_segment_first_block(seg, block):
-  """[rows, t_pad] -> [rows]: the block holding the first token of each row's last segment (0 on padding-only rows)."""
+  """[rows, length] -> [rows]: the block holding the first token of each row's last segment (0 on padding-only rows)."""
   first_token = jnp.argmax(seg == jnp.max(seg, axis=1, keepdims=True), axis=1)
   return (first_token // block).astype(jnp.int32)
 
 
 def _first_segment_end_block(seg, block):
-  """[rows, t_pad] -> [rows]: blocks covering each row's first segment (ids start at 0; 0 on padding-only rows)."""
+  """[rows, length] -> [rows]: blocks covering each row's first segment (ids start at 0; 0 on padding-only rows)."""
   return (-(-jnp.sum(seg == 0, axis=1) // block)).astype(jnp.int32)
 
 
 def local_states(k, v, log_decay, segment_index, **launch):
   """Each row's end state from a zero start.
 
-  k [rows, t_pad, h, dk]; v [rows, t_pad, h, dv]; log_decay [h]; segment_index
-  [rows, t_pad] int32 running index from 0 per row, -1 on padding (or None:
-  `seq_len` real tokens per row).  Keywords: seq_len, block, block_v,
-  num_warps, num_stages, interpret.  Returns [rows, h, dk, dv] float32.
+  k [b, t, h, dk]; v [b, t, h, dv]; log_decay [h]; segment_index [b * splits,
+  rows.length] int32 running index from 0 per row, -1 on padding (or None: the
+  row's real tokens from `rows`).  Keywords: rows (a `_common.Rows`), block,
+  block_v, num_warps, num_stages, interpret.  Returns [b * splits, h, dk, dv] float32.
   """
   return _row_sum(_local_states_kernel, "lightning_local_states", k, v, log_decay, segment_index,
                   _last_segment_first_block, **launch)
@@ -134,8 +133,8 @@ def local_states(k, v, log_decay, segment_index, **launch):
 def local_incoming_grad(q, grad_out, log_decay, segment_index, **launch):
   """Cotangent of each row's incoming state from that row's outputs (the row's first segment only).
 
-  q [rows, t_pad, h, dk]; grad_out [rows, t_pad, h, dv]; other arguments as
-  `local_states`.  Returns [rows, h, dk, dv] float32.
+  q [b, t, h, dk]; grad_out [b, t, h, dv]; other arguments as `local_states`.
+  Returns [b * splits, h, dk, dv] float32.
   """
   return _row_sum(_incoming_grad_kernel, "lightning_local_incoming_grad", q, grad_out, log_decay, segment_index,
                   _first_segment_end_block, **launch)

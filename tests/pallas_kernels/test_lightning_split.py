@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import _common as cm
 from mx01 import lightning as ref
 from pallas_kernels.lightning import states
 from tests.pallas_kernels.test_lightning_kernels import MODES, SMALL, numpy_lightning, rel_err
@@ -86,7 +87,8 @@ def test_states_only_kernels_match_float64(interpret):
   ids[3] = 0  # a row that is one segment
   seg = row_index(ids)
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 1, 4))
-  launch = dict(seq_len=length, block=BLOCK, block_v=16, num_warps=4, num_stages=2, interpret=interpret)
+  launch = dict(rows=cm.Rows(length, length), block=BLOCK, block_v=16, num_warps=4, num_stages=2,
+                interpret=interpret)
   sweep = lambda fn, seg, **kw: jax.jit(functools.partial(fn, **{**launch, **kw}))(a, b, log_decay, seg)
   got = sweep(states.local_states, jnp.asarray(seg))
   assert got.shape == (rows, h, dk, dv) and got.dtype == jnp.float32
@@ -94,10 +96,22 @@ def test_states_only_kernels_match_float64(interpret):
   got = sweep(states.local_incoming_grad, jnp.asarray(seg))
   assert rel_err(got, float64_local_sums(a, b, log_decay, seg, last=False)) < STATE_TOL[dtype]
   np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
-  # Without segments the static seq_len masks the tail.
-  got = sweep(states.local_states, None, seq_len=40)
+  # Without segments the rows' real tokens mask the tail: 40 tokens read as one row of 48, its last block
+  # overhanging the arrays (masked loads), and as rows of 16 (3 per sequence, the third partly past the end).
   want = float64_local_sums(a, b, log_decay, np.where(np.arange(length) < 40, 0, -1)[None].repeat(rows, 0), True)
+  a40, b40 = a[:, :40], b[:, :40]
+  got = jax.jit(functools.partial(states.local_states, **{**launch, "rows": cm.Rows(40, length)}))(
+      a40, b40, log_decay, None)
   assert rel_err(got, want) < STATE_TOL[dtype]
+  got = jax.jit(functools.partial(states.local_states, **{**launch, "rows": cm.Rows(40, BLOCK, 3)}))(
+      a40, b40, log_decay, None)
+  assert got.shape == (rows * 3, h, dk, dv)
+  for piece in range(3):
+    sl = slice(piece * BLOCK, min((piece + 1) * BLOCK, 40))
+    real = np.zeros((rows, length), int) - 1
+    real[:, : sl.stop - sl.start] = 0
+    part = float64_local_sums(a[:, sl], b[:, sl], log_decay, real[:, : sl.stop - sl.start], True)
+    assert rel_err(got[piece::3], part) < STATE_TOL[dtype], piece
 
 
 # ---------------------------------------------------------------------------------------------- the split path
