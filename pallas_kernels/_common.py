@@ -118,11 +118,12 @@ def intra_decay(log_decay, block: int) -> jax.Array:
   return jnp.where(causal, jnp.exp(log_decay * jnp.where(causal, diff, 0.0)), 0.0)
 
 
-def block_masks(log_decay, seg, prev_seg, block: int, seq_len: int, start):
+def block_masks(log_decay, seg, prev_seg, block: int, tokens, start):
   """Decay factors and masks of one sequence block.
 
-  Without segments (seg is None) the valid length comes from the static
-  `seq_len`; with segments it is the count of non-negative ids (padding is -1).
+  Without segments (seg is None) the valid length comes from `tokens`, the
+  row's real tokens (`row_tokens`); with segments it is the count of
+  non-negative ids (padding is -1).
   Returns (q_decay [C], k_decay [C], state_decay scalar, same_seg [C, C] or
   None, segment entering the next block): q_decay_p = lambda^(p+1) on tokens that continue the
   incoming state, k_decay_s = lambda^(valid-1-s) on tokens of the block's last
@@ -130,7 +131,7 @@ def block_masks(log_decay, seg, prev_seg, block: int, seq_len: int, start):
   """
   pos = positions(block)
   if seg is None:
-    valid = jnp.minimum(block, seq_len - start).astype(jnp.float32)
+    valid = jnp.minimum(block, tokens - start).astype(jnp.float32)
   else:
     valid = jnp.sum((seg >= 0).astype(jnp.int32)).astype(jnp.float32)
   k_exp = valid - 1.0 - pos

@@ -196,8 +196,8 @@ def lr_check_rates(rows: Sequence[dict], kind: str, size: str, lr_grid: Sequence
   """(the rates the check runs at this kind and width, the best of them or None while some are not measured).
 
   The rates are `lr_grid`, extended while the best measured rate is the highest (or lowest) so far: twice
-  the highest (half the lowest) is added, up to `extend` times each way (a grid of one rate is not extended).  A run without a finite held-out
-  loss (diverged) counts as measured and worst.
+  the highest (half the lowest) is added, up to `extend` times each way (a grid of one rate is not extended).
+  A run without a finite held-out loss (diverged) counts as measured and worst.
   """
   measured = {}  # rate -> held-out loss (inf: diverged)
   for r in _budget_rows(rows, kind, BUDGETS[0], seed=0):

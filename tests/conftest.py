@@ -27,7 +27,8 @@ def _cpu_compile_flags():
   if _os.path.exists("/dev/nvidiactl"):
     return ()
   jaxlib = tuple(int(x) for x in _metadata.version("jaxlib").split(".")[:2])
-  return ("--xla_backend_optimization_level=0",) + (("--xla_cpu_use_fusion_emitters=false",) if jaxlib < (0, 11) else ())
+  loop_emitters = ("--xla_cpu_use_fusion_emitters=false",) if jaxlib < (0, 11) else ()
+  return ("--xla_backend_optimization_level=0",) + loop_emitters
 
 
 for _flag in _cpu_compile_flags():

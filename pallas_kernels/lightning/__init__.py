@@ -1,6 +1,6 @@
 """Lightning attention on Pallas GPU kernels.
 
-  api.py           lightning_attention: padding, custom_vjp wiring, sequence splits
+  api.py           lightning_attention: row layout, custom_vjp wiring, sequence splits
   fwd.py, bwd.py   the forward sweep and the two backward sweeps
   states.py        states-only sweeps of the sequence split (local end states; incoming-state gradient)
   decode.py        lightning_decode: one token against the running state

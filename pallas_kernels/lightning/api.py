@@ -1,4 +1,4 @@
-"""Lightning attention with Pallas kernels: padding, custom_vjp wiring, sequence splits.
+"""Lightning attention with Pallas kernels: the row layout, custom_vjp wiring, sequence splits.
 
 `lightning_attention` matches the recurrence of mx01/lightning.py (its reference):
 

@@ -79,7 +79,8 @@ class LightningConfig:
                           "for larger blocks")
     if self.bwd_block_size is not None and self.bwd_block_size > self.block_size:
       raise ConfigError(f"LightningConfig.bwd_block_size={self.bwd_block_size} exceeds block_size={self.block_size} "
-                        "(the backward sweeps run on the forward's padding); use at most block_size, or None")
+                        "(the backward sweeps walk the forward's rows, a multiple of its block); use at most "
+                        "block_size, or None")
     for name in ("num_warps", "bwd_num_warps", "decode_num_warps"):
       value = getattr(self, name)
       if value not in (1, 2, 4, 8, 16):
