@@ -68,7 +68,7 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--docs_per_row", type=int, default=4,
-                  help="documents packed in each row; 1 = rows without segment ids (attention_impl=cudnn needs it)")
+                  help="documents packed in each row; 1 = rows without segment ids")
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining runs after this many seconds")
   ap.add_argument("--out", default=None)
   args = flags_lib.parse_args(sys.argv[1:] if argv is None else argv, ap)

@@ -86,7 +86,8 @@ class ModelConfig:
   # H200 sweep; block_size at most 128).
   lightning_kernel: LightningConfig = dataclasses.field(default_factory=LightningConfig)
   # Softmax attention: "xla" (einsum, materialises the scores), "pallas" (jax's
-  # Pallas flash attention with segment ids), "cudnn" (unpacked rows only);
+  # Pallas flash attention with segment ids), "cudnn" (cuDNN's flash attention; packed rows in its ragged
+  # layout, up to ops.CUDNN_MAX_SEGMENTS documents a row, longer rows through the Pallas kernel);
   # "auto" = pallas on GPU, xla elsewhere.
   attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
   # Softmax attention: RoPE on the first `rotary_dim` dims of each head

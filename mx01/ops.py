@@ -12,6 +12,7 @@ backend, for tests), and "auto" is resolved in one function per op:
 
   LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
   ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
+                                     (cudnn: packed rows in cuDNN's ragged layout, up to 64 documents a row)
   MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | ragged_tokamax | dense
                                      auto: capacity with a capacity_factor; else (dropless) ragged_mosaic
                                      on Hopper GPUs, ragged on other accelerators, dense on CPU
@@ -70,11 +71,54 @@ def causal_attention(q, k, v, *, segment_ids=None):
   return out.reshape(b, t, h, d)
 
 
-def _cudnn_attention(q, k, v, *, segment_ids=None):
-  """cuDNN flash attention (jax.nn.dot_product_attention); rows must not be packed."""
-  if segment_ids is not None:
-    raise ValueError("attention_impl='cudnn' does not take packed rows (segment_ids); use 'pallas' or 'xla'")
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5, implementation="cudnn")
+# Packed rows through cuDNN: at most this many documents (runs of equal segment ids) per row go to cuDNN's
+# ragged layout, whose offset arrays have a static size; a batch with a longer row takes the fallback kernel
+# (both are compiled into the program; `lax.cond` picks one per call).
+CUDNN_MAX_SEGMENTS = 64
+
+
+def segment_runs(segment_ids, max_runs: int):
+  """The runs of equal ids in each row of segment_ids [batch, seq], in cuDNN's ragged layout.
+
+  Returns (offsets [batch, max_runs + 1] int32: each run's first position, then -1;
+  lengths [batch, max_runs] int32: each run's length, then -1; fits: bool, every row has at most max_runs runs).
+  Rows are cut into runs wherever the id changes, so padding (id 0 at a row's end) is a run of its own.
+  """
+  b, t = segment_ids.shape
+  is_start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  starts = jax.vmap(lambda row: jnp.nonzero(row, size=max_runs, fill_value=t)[0])(is_start)  # [b, max_runs]
+  ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, starts.dtype)], axis=1)
+  real = starts < t
+  lengths = jnp.where(real, ends - starts, -1).astype(jnp.int32)
+  offsets = jnp.concatenate([jnp.where(real, starts, -1), jnp.full((b, 1), -1, starts.dtype)], axis=1)
+  fits = jnp.all(jnp.sum(is_start, axis=1) <= max_runs)
+  return offsets.astype(jnp.int32), lengths, fits
+
+
+def _cudnn_attention(q, k, v, *, segment_ids=None, max_segments: int = CUDNN_MAX_SEGMENTS, fallback=None):
+  """cuDNN flash attention; packed rows through its ragged layout (segment offsets and lengths).
+
+  Packed rows use jax's cuDNN entry point with offsets (`jax._src.cudnn`: the public
+  `jax.nn.dot_product_attention` takes lengths but no offsets); rows of more than `max_segments`
+  documents go to `fallback` (default: the Pallas kernel).
+  """
+  scale = q.shape[-1] ** -0.5
+  if segment_ids is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+  offsets, lengths, fits = segment_runs(segment_ids, max_segments)
+
+  def packed(q, k, v, segment_ids):
+    del segment_ids
+    return cudnn_attention.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+        mask_type=cudnn_attention.MaskType.PADDING_CAUSAL)
+
+  def other(q, k, v, segment_ids):
+    return (fallback or _pallas_attention)(q, k, v, segment_ids=segment_ids)
+
+  return jax.lax.cond(fits, packed, other, q, k, v, segment_ids)
 
 
 def _pallas_attention(q, k, v, *, segment_ids=None, interpret: bool = False):
