@@ -192,14 +192,17 @@ def attention_impl(config: ModelConfig) -> str:
 def moe_impl(config: ModelConfig) -> str:
   """config.moe_impl with "auto" resolved: "capacity" when a capacity is set (token-drop training); otherwise
   dropless: jax's Mosaic GPU grouped matmuls on Hopper ("ragged_mosaic": the hybrid_moe_1b train step at 8k
-  runs at 36% MFU on an H200 against 15% with XLA's ragged_dot, BENCHMARKS.md), "ragged" on other
-  accelerators and "dense" on CPUs, where ragged_dot is slow."""
+  runs at 36% MFU on an H200 against 15% with XLA's ragged_dot, BENCHMARKS.md) where the sizes fit their
+  tiles (multiples of 128), "ragged" on other accelerators and sizes, and "dense" on CPUs, where ragged_dot is
+  slow."""
   if config.moe_impl == "auto":
     if config.capacity_factor is not None:
       return "capacity"
     if jax.default_backend() == "cpu":
       return "dense"
-    return "ragged_mosaic" if _on_hopper() else "ragged"
+    from pallas_kernels import grouped_matmul  # imports no kernel: the tile rule only
+    mosaic = _on_hopper() and grouped_matmul.fits(config.hidden_size, config.intermediate_size)
+    return "ragged_mosaic" if mosaic else "ragged"
   return config.moe_impl
 
 

@@ -38,6 +38,12 @@ class GroupedMatmulTiling:
 DEFAULT_TILING = GroupedMatmulTiling()
 
 
+def fits(*dims: int, tiling: GroupedMatmulTiling = DEFAULT_TILING) -> bool:
+  """Whether the kernels take a MoE whose hidden and intermediate sizes are `dims`: each is contracted in one
+  product (block_k must divide it) and produced by another (block_n must divide it)."""
+  return all(d % tiling.block_k == 0 and d % tiling.block_n == 0 for d in dims)
+
+
 _TILE_ARGS = ("block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n")
 
 
@@ -71,6 +77,10 @@ def _pad_rows(a):
 def grouped_matmul(x, w, group_sizes, tiling: GroupedMatmulTiling = DEFAULT_TILING):
   """x [m, k] (rows sorted by group), w [g, k, n], group_sizes [g] int32 summing to m -> [m, n] in x.dtype."""
   ragged_dot, _ = _kernels()
+  if not fits(x.shape[1], w.shape[2], tiling=tiling):
+    raise ValueError(f"moe_impl='ragged_mosaic' needs hidden and intermediate sizes (per device) that are "
+                     f"multiples of {tiling.block_k} and {tiling.block_n} (its tiles), got {x.shape[1]} and "
+                     f"{w.shape[2]}; use moe_impl='ragged' or 'capacity'")
   m = x.shape[0]
   return ragged_dot(_pad_rows(x), w.astype(x.dtype), group_sizes=group_sizes, **_tile_kwargs(tiling))[:m]
 

@@ -223,8 +223,12 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
   block_v = min(cfg.block_v, dv)
   splits = _num_splits(cfg, b, t, h, dv, block_v, block, interpret)
 
-  st = lambda rows: _Static(rows, block, block_v, cfg.num_warps, cfg.num_stages, bwd_block, min(cfg.bwd_block_k, dk),
-                            min(cfg.bwd_block_v, dv), cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+  # The stages are the tuned ones for 2-byte inputs; 4-byte inputs double every tile a stage holds, and at
+  # head dim 128 a third stage no longer fits one SM's shared memory (264,704 of 232,448 bytes, measured).
+  max_stages = 2 if jnp.dtype(q.dtype).itemsize > 2 else 8
+  st = lambda rows: _Static(rows, block, block_v, cfg.num_warps, min(cfg.num_stages, max_stages), bwd_block,
+                            min(cfg.bwd_block_k, dk), min(cfg.bwd_block_v, dv), cfg.bwd_num_warps,
+                            min(cfg.bwd_num_stages, max_stages), interpret)
   log_decay = log_decay.astype(jnp.float32)
   # The kernels read q, k, v and write o in place: a length that is not a multiple of the block (or of the
   # splits' rows) is masked inside them, with no padded copies.

@@ -44,7 +44,9 @@ class LightningConfig:
   MAX_BLOCK_SIZE, bwd_block_size at most block_size); a sequence shorter than
   a block runs on a smaller block, which changes no result.  Each pipeline
   stage holds one block of every tile a kernel reads in shared memory (227 KiB
-  per SM on Hopper): at head dim 128, block 128 takes at most 2 stages.
+  per SM on Hopper): at head dim 128, block 128 takes at most 2 stages, and
+  float32 inputs run on at most 2 stages whatever is asked (their tiles are
+  twice as large).
   """
   # Defaults: the fastest at the issue rows of `benchmarks/lightning_attention.py --rows issue --tune` on an
   # H200, head dim 128, bf16 (BENCHMARKS.md, "per-shape sweep"): three pipeline stages beat two by 7-16% in

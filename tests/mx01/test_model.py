@@ -159,7 +159,11 @@ def test_moe_impl_config_errors():
 def test_moe_auto_picks_each_platforms_fast_path(monkeypatch, backend, hopper, capacity, want):
   monkeypatch.setattr(ops.jax, "default_backend", lambda: backend)
   monkeypatch.setattr(ops, "_on_hopper", lambda: hopper)
-  assert ops.moe_impl(dataclasses.replace(CFG, moe_impl="auto", capacity_factor=capacity)) == want
+  big = dataclasses.replace(CFG, hidden_size=256, intermediate_size=384)  # the Mosaic kernels' tiles: 128
+  assert ops.moe_impl(dataclasses.replace(big, moe_impl="auto", capacity_factor=capacity)) == want
+  # CFG's sizes (32, 24) do not fit the Mosaic kernels' tiles: dropless on Hopper is then ragged_dot.
+  small = ops.moe_impl(dataclasses.replace(CFG, moe_impl="auto", capacity_factor=capacity))
+  assert small == ("ragged" if want == "ragged_mosaic" else want)
   assert ops.moe_impl(dataclasses.replace(CFG, moe_impl="ragged", capacity_factor=None)) == "ragged"  # as given
 
 
