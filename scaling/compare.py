@@ -200,9 +200,9 @@ def fit_kind(rows: Sequence[dict], kind: str, *, convention: str = "causal", n_b
     errors["parametric"] = str(e)
 
   # L(C) through the budget minima (each budget's lowest-loss run).
-  c_min, l_min = _budget_minima(c, budget, loss)
+  c_min, l_min = budget_minima(c, budget, loss)
   base = _power_theta(c_min, l_min)
-  samples = residual_bootstrap(lambda l: _power_theta(*_budget_minima(c, budget, l)), pred, resid, n_bootstrap,
+  samples = residual_bootstrap(lambda l: _power_theta(*budget_minima(c, budget, l)), pred, resid, n_bootstrap,
                                seed) if n_bootstrap else None
   lc = fit_lib.LossComputeFit(form="power", a=float(base[0]), b=float(base[1]), c=0.0,
                               estimates=fit_lib._estimates(("a", "b", "c"), base, samples, level),
@@ -218,7 +218,7 @@ def _parametric_theta(n, d, loss, grid) -> np.ndarray:
   return theta
 
 
-def _budget_minima(c, budget, loss):
+def budget_minima(c, budget, loss):
   """Per budget: the lowest loss and that run's compute (under the paper's convention it differs per size)."""
   cs, ls = [], []
   for b in np.unique(budget):

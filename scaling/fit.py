@@ -378,7 +378,12 @@ def group_by_compute(compute, tolerance_dex: float = 0.1) -> np.ndarray:
   return labels
 
 
-def _profile(c, n, d, loss, min_runs: int) -> IsoFlopProfile:
+def isoflop_profile(c, n, d, loss, min_runs: int = 3) -> IsoFlopProfile:
+  """One budget's IsoFLOP profile: the parabola of loss in ln N (and ln D) and its minimum, or why it is unusable.
+
+  c, n, d, loss: [runs] of one budget.  `used` is False with fewer than max(3, min_runs) distinct sizes, a
+  parabola opening downwards or a minimum outside the sampled sizes (`reason` says which).
+  """
   c_mean = float(np.exp(np.mean(np.log(c))))
   nan3 = (math.nan,) * 3
   if np.unique(n).size < max(3, min_runs):
@@ -418,7 +423,7 @@ def fit_isoflop(n, d, compute, loss, *, budgets=None, tolerance_dex: float = 0.1
   groups = [np.flatnonzero(labels == g) for g in np.unique(labels)]
 
   def fit_once(groups_idx):
-    profiles = [_profile(compute[i], n[i], d[i], loss[i], min_runs) for i in groups_idx]
+    profiles = [isoflop_profile(compute[i], n[i], d[i], loss[i], min_runs) for i in groups_idx]
     used = [p for p in profiles if p.used]
     if len(used) < 2:
       reasons = "; ".join(f"C={p.compute:.3g}: {p.reason}" for p in profiles if not p.used)

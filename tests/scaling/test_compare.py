@@ -59,6 +59,15 @@ def test_power_law_residual_bootstrap_covers_truth_and_differs_from_run_resampli
   assert covered >= 3
 
 
+def test_budget_minima_take_each_budgets_lowest_run():
+  c = np.array([1.0e15, 1.1e15, 0.9e15, 3e15, 3.2e15])
+  budget = np.array([1e15, 1e15, 1e15, 3e15, 3e15])
+  loss = np.array([2.0, 1.8, 1.9, 1.5, 1.6])
+  cs, ls = compare.budget_minima(c, budget, loss)
+  np.testing.assert_allclose(cs, [1.1e15, 3e15])
+  np.testing.assert_allclose(ls, [1.8, 1.5])
+
+
 def test_verdicts():
   assert compare.verdict_sign(-0.2, -0.1) == compare.SUPPORTS
   assert compare.verdict_sign(0.1, 0.2) == compare.CONTRADICTS

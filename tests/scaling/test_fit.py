@@ -128,6 +128,17 @@ def test_approach1_envelope_recovers_exponents():
   assert len(res.frontier_compute) == 16 and np.all(np.diff(res.frontier_compute) > 0)
 
 
+def test_isoflop_profile_reports_why_a_budget_is_unusable():
+  n = np.array([1e6, 2e6, 4e6, 8e6])
+  d, c = 1e15 / (6 * n), np.full(4, 1e15)
+  loss = 2.0 + (np.log(n) - np.log(3e6)) ** 2
+  p = fit.isoflop_profile(c, n, d, loss)
+  assert p.used and p.n_opt == pytest.approx(3e6, rel=1e-6) and p.loss_opt == pytest.approx(2.0)
+  assert fit.isoflop_profile(c[:2], n[:2], d[:2], loss[:2]).reason == "2 distinct sizes (needs 3)"
+  edge = fit.isoflop_profile(c, n, d, 2.0 + (np.log(n) - np.log(3e7)) ** 2)
+  assert not edge.used and "outside" in edge.reason
+
+
 def test_isoflop_grouping():
   labels = fit.group_by_compute([1e18, 1.1e18, 1e19, 0.95e19, 3e19])
   assert list(labels) == [0, 0, 1, 1, 2]
