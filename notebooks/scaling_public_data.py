@@ -26,6 +26,7 @@
 # and compare with the published estimates.  Figures go to `notebooks/figures/`.
 
 # %%
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ ROOT = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "scaling" / "f
 if ROOT is None:
   raise RuntimeError(f"run this notebook from inside the repository (cwd {Path.cwd()} is not)")
 sys.path.insert(0, str(ROOT))
-FIGURES = ROOT / "notebooks" / "figures"
+FIGURES = Path(os.environ.get("MX01_PUBLIC_FIGURES", ROOT / "notebooks" / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 
 import matplotlib
