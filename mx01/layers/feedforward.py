@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from mx01.config import ModelConfig
-from mx01.layers.activations import silu_gate
 from mx01.layers.linear import in_dtype, linear
 from mx01.layers.param import param
 
@@ -62,4 +61,4 @@ class DenseMLP(nn.Module):
     wo = param(self, "wo", init, (i, d), ("mlp", "embed"), pd, shards)
     x = x.astype(cd)
     # wo contracts this device's slice of "mlp": partial sums, added over the devices that split it.
-    return shards.psum(linear(silu_gate(linear(x, wi_gate), linear(x, wi_up)), wo), "mlp"), None
+    return shards.psum(linear(jax.nn.silu(linear(x, wi_gate)) * linear(x, wi_up), wo), "mlp"), None

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mx01.config import ModelConfig
-from mx01.layers.activations import silu
 from mx01.layers.linear import Linear
 from mx01.layers.norms import RMSNorm
 from mx01.lightning import minimax_log_decay
@@ -67,7 +66,7 @@ class LightningAttentionLayer(nn.Module):
     # Fused projection laid out [hidden, heads * (q|k|v) * head_dim], as the released checkpoint: a
     # column split keeps each head's q, k, v together.
     qkv = dense(3 * cfg.num_heads * d, ("embed", "heads"), cfg, self.ops, "qkv_proj")(x)
-    qkv = silu(qkv).reshape(b, t, h, 3 * d)
+    qkv = jax.nn.silu(qkv).reshape(b, t, h, 3 * d)
     q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
     # The decay depends on the global head index: this device's heads of the layer's [num_heads] decays.
     log_decay = jax.lax.dynamic_slice_in_dim(layer_log_decay(layer_idx, cfg.num_heads, cfg.num_layers),

@@ -30,8 +30,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from mx01.layers.activations import silu_gate
-
 
 def route(x, router_kernel, top_k: int):
   """x [tokens, hidden] -> (probs [tokens, E] f32, expert_idx [tokens, k] i32, weights [tokens, k] f32)."""
@@ -114,7 +112,7 @@ def swiglu(x, wi_gate, wi_up, wo):
   Also every expert at once on per-expert buffers: x [E, n, hidden] with wi_* [E, hidden, I],
   wo [E, I, hidden] (matmul batches over the leading expert axis).
   """
-  h = silu_gate(x @ wi_gate, x @ wi_up)
+  h = jax.nn.silu(x @ wi_gate) * (x @ wi_up)
   return h @ wo
 
 
@@ -137,7 +135,7 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, *, grouped_dot=_
   token_of = order // k
   group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
   xs = x[token_of]
-  h = silu_gate(grouped_dot(xs, wi_gate, group_sizes), grouped_dot(xs, wi_up, group_sizes))
+  h = jax.nn.silu(grouped_dot(xs, wi_gate, group_sizes)) * grouped_dot(xs, wi_up, group_sizes)
   ys = grouped_dot(h, wo, group_sizes)
   ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
   return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token_of].add(ys).astype(x.dtype)

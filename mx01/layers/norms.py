@@ -5,33 +5,22 @@ over all heads, under tensor parallelism): each device holds its slice of x
 and of the scale, and the sum of squares is added over the devices first.
 """
 
-import functools
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mx01.layers.param import param
 from mx01.ops import ONE_DEVICE, LocalShards
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
-def _rms_norm(x, scale, eps, shards, axis):
+def rms_norm(x, scale, eps: float, *, shards: LocalShards = ONE_DEVICE, axis: Optional[str] = None):
+  """x [..., d], scale [d] -> [..., d] in x.dtype; d is this device's slice of logical axis `axis`."""
   x32 = x.astype(jnp.float32)
   sum_sq = shards.psum(jnp.sum(x32 * x32, axis=-1, keepdims=True), axis)
   mean_sq = sum_sq / (x.shape[-1] * shards.ways(axis))
   y = x32 * jnp.reciprocal(jnp.sqrt(mean_sq + eps))
   return (scale.astype(jnp.float32) * y).astype(x.dtype)
-
-
-def rms_norm(x, scale, eps: float, *, shards: LocalShards = ONE_DEVICE, axis: Optional[str] = None):
-  """x [..., d], scale [d] -> [..., d] in x.dtype; d is this device's slice of logical axis `axis`.
-
-  Rematerialised: the backward pass keeps x (in its own dtype) and recomputes the float32 copies, the
-  mean square and the normalised values, rather than keeping two float32 [..., d] tensors per norm.
-  """
-  return _rms_norm(x, scale, eps, shards, axis)
 
 
 class RMSNorm(nn.Module):
