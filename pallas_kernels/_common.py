@@ -118,37 +118,51 @@ def intra_decay(log_decay, block: int) -> jax.Array:
   return jnp.where(causal, jnp.exp(log_decay * jnp.where(causal, diff, 0.0)), 0.0)
 
 
-def block_masks(log_decay, seg, prev_seg, block: int, tokens, start):
-  """Decay factors and masks of one sequence block.
+def segment_starts(segment_index: jax.Array, block: int) -> jax.Array:
+  """[rows, length] running segment index -> [rows, length] int32: where each token's segment starts, as an
+  offset in the token's block of `block` tokens, or -1 when the segment comes in from before the block.
 
-  Without segments (seg is None) the valid length comes from `tokens`, the
-  row's real tokens (`row_tokens`); with segments it is the count of
-  non-negative ids (padding is -1).
-  Returns (q_decay [C], k_decay [C], state_decay scalar, same_seg [C, C] or
-  None, segment entering the next block): q_decay_p = lambda^(p+1) on tokens that continue the
-  incoming state, k_decay_s = lambda^(valid-1-s) on tokens of the block's last
-  segment, state_decay = lambda^valid (0 if a segment starts in the block).
+  A row's first segment always counts as coming in (it owns the row's incoming state).  Segments are
+  contiguous, so for tokens i >= j of one block "same segment" is just  j >= starts[i]: the kernels mask with
+  this one column of offsets instead of comparing segment ids in two layouts, and read the block's last
+  segment start as one scalar (its last real token's entry) instead of reducing over the block.
+  """
+  rows, length = segment_index.shape
+  pos = jax.lax.broadcasted_iota(jnp.int32, (rows, length), 1)
+  change = jnp.concatenate(
+      [jnp.zeros((rows, 1), bool), segment_index[:, 1:] != segment_index[:, :-1]], axis=1)
+  seg_start = jax.lax.cummax(jnp.where(change, pos, 0), axis=1)
+  block_start = (pos // block) * block
+  return jnp.where((seg_start > 0) & (seg_start >= block_start), seg_start - block_start, -1).astype(jnp.int32)
+
+
+def block_masks(log_decay, decay_ij, starts_ref, block: int, tokens, start):
+  """Decay factors and the intra-block mask of the block at `start` of a row with `tokens` real tokens.
+
+  starts_ref: the row's `segment_starts` (None without segments); decay_ij: `intra_decay` (or None where the
+  caller needs no intra-block product).
+  Returns (q_decay [C], k_decay [C], state_decay scalar, decay [C, C] or None): q_decay_p = lambda^(p+1) on
+  tokens that continue the incoming state, k_decay_s = lambda^(valid-1-s) on real tokens of the block's last
+  segment, state_decay = lambda^valid (0 if a segment starts in the block), decay = decay_ij zeroed between
+  tokens of different segments.
   """
   pos = positions(block)
-  if seg is None:
-    valid = jnp.minimum(block, tokens - start).astype(jnp.float32)
-  else:
-    valid = jnp.sum((seg >= 0).astype(jnp.int32)).astype(jnp.float32)
-  k_exp = valid - 1.0 - pos
+  valid = jnp.minimum(block, tokens - start)
+  valid_f = jnp.asarray(valid, jnp.float32)
+  k_exp = valid_f - 1.0 - pos
   k_decay = jnp.where(k_exp >= 0, jnp.exp(log_decay * jnp.maximum(k_exp, 0.0)), 0.0)
   q_decay = jnp.exp(log_decay * (pos + 1.0))
-  state_decay = jnp.exp(log_decay * valid)
-  if seg is None:
-    return q_decay, k_decay, state_decay, None, None
-  last_seg = jnp.max(seg)
-  q_decay = jnp.where(seg == prev_seg, q_decay, 0.0)
-  k_decay = jnp.where(seg == last_seg, k_decay, 0.0)
-  # A block made only of padding (-1) leaves the state as it is.
-  padding_only = last_seg < 0
-  state_decay = jnp.where((last_seg == prev_seg) | padding_only, state_decay, 0.0)
-  same_seg = seg[:, None] == seg[None, :]
-  next_prev_seg = jnp.where(padding_only, prev_seg, last_seg)
-  return q_decay, k_decay, state_decay, same_seg, next_prev_seg
+  state_decay = jnp.exp(log_decay * valid_f)
+  if starts_ref is None:
+    return q_decay, k_decay, state_decay, decay_ij
+  starts = starts_ref[pl.ds(pl.multiple_of(start, block), block)]  # [C]
+  last_start = starts_ref[start + valid - 1]  # start of the block's last segment (-1: it came in)
+  q_decay = jnp.where(starts < 0, q_decay, 0.0)
+  k_decay = jnp.where(pos >= last_start.astype(jnp.float32), k_decay, 0.0)
+  state_decay = jnp.where(last_start < 0, state_decay, 0.0)
+  if decay_ij is not None:
+    decay_ij = jnp.where(jax.lax.iota(jnp.int32, block)[None, :] >= starts[:, None], decay_ij, 0.0)
+  return q_decay, k_decay, state_decay, decay_ij
 
 
 def _varying_axes(x) -> frozenset:

@@ -27,7 +27,7 @@ from pallas_kernels import _common as cm
 def _dq_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   k_ref, v_ref, do_ref, ld_ref = refs[:4]
   rest = list(refs[4:])
-  seg_ref = rest.pop(0) if has_seg else None
+  starts_ref = rest.pop(0) if has_seg else None  # [length] segment_starts
   s0_ref = rest.pop(0) if has_init else None
   (dq_ref,) = rest
 
@@ -39,31 +39,25 @@ def _dq_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   tokens = cm.row_tokens(rows)
   load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
 
-  def body(i, carry):
-    state, prev_seg = carry
+  def body(i, state):
     start = i * block
     k = load(k_ref, start)  # [C, bk]
     v = load(v_ref, start)  # [C, dv]
     do = load(do_ref, start)  # [C, dv]
-    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
-    q_decay, k_decay, state_decay, same_seg, next_seg = cm.block_masks(
-        log_decay, seg, prev_seg, block, tokens, start)
-    dscores = cm.dot(do, v, trans_b=True) * decay_ij  # [C, C]
-    if has_seg:
-      dscores = jnp.where(same_seg, dscores, 0.0)
+    q_decay, k_decay, state_decay, decay = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+    dscores = cm.dot(do, v, trans_b=True) * decay  # [C, C]
     dq = cm.dot(dscores.astype(compute_dtype), k)
     dq += cm.dot((do * q_decay[:, None]).astype(compute_dtype), state.astype(compute_dtype), trans_b=True)
     cm.store_block(dq_ref, start, block, dq.astype(dq_ref.dtype), rows, tokens)
-    state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
-    return state, (next_seg if has_seg else prev_seg)
+    return state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
 
-  jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, (state0, jnp.int32(0)))
+  jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, state0)
 
 
 def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
   q_ref, k_ref, v_ref, do_ref, ld_ref = refs[:5]
   rest = list(refs[5:])
-  seg_ref = rest.pop(0) if has_seg else None
+  starts_ref = rest.pop(0) if has_seg else None
   dst_ref, dk_ref, dv_ref, ds0_ref = rest
 
   log_decay = cm.read_log_decay(ld_ref)
@@ -80,14 +74,7 @@ def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
     k = load(k_ref, start)
     v = load(v_ref, start)  # [C, bv]
     do = load(do_ref, start)
-    if has_seg:
-      seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)]
-      prev_rows = pl.ds(pl.multiple_of(jnp.maximum(start - block, 0), block), block)
-      prev_seg = jnp.where(i > 0, jnp.max(seg_ref[prev_rows]), 0)
-    else:
-      seg, prev_seg = None, None
-    q_decay, k_decay, state_decay, same_seg, _ = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
-    mask = decay_ij if not has_seg else jnp.where(same_seg, decay_ij, 0.0)
+    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
     scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
     dscores = cm.dot(do, v, trans_b=True) * mask
     gs = grad_state.astype(compute_dtype)
@@ -120,6 +107,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   has_init = initial_state is not None
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
   grad_out = grad_out.astype(v.dtype)
+  starts = cm.segment_starts(segment_index.astype(jnp.int32), block) if has_seg else None
   decay = cm.decay_rows(log_decay)
   params = cm.compiler_params(num_warps, num_stages)
   seg_spec = pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0))
@@ -130,7 +118,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   args = [k, v, grad_out, decay]
   if has_seg:
     in_specs.append(seg_spec)
-    args.append(segment_index.astype(jnp.int32))
+    args.append(starts)
   if has_init:
     in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0)))
     args.append(initial_state.astype(jnp.float32))
@@ -150,7 +138,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   args = [q, k, v, grad_out, decay]
   if has_seg:
     in_specs.append(seg_spec)
-    args.append(segment_index.astype(jnp.int32))
+    args.append(starts)
   in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)))
   args.append(grad_state.astype(jnp.float32))
   args, vary = cm.match_varying(args)

@@ -25,7 +25,7 @@ from pallas_kernels import _common as cm
 def _fwd_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   q_ref, k_ref, v_ref, ld_ref = refs[:4]
   rest = list(refs[4:])
-  seg_ref = rest.pop(0) if has_seg else None
+  starts_ref = rest.pop(0) if has_seg else None  # [length] segment_starts
   s0_ref = rest.pop(0) if has_init else None
   o_ref, state_ref = rest
 
@@ -37,26 +37,19 @@ def _fwd_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   tokens = cm.row_tokens(rows)
   load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
 
-  def body(i, carry):
-    state, prev_seg = carry
+  def body(i, state):
     start = i * block
     q = load(q_ref, start)  # [C, dk]
     k = load(k_ref, start)
     v = load(v_ref, start)  # [C, bv]
-    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
-    q_decay, k_decay, state_decay, same_seg, next_seg = cm.block_masks(
-        log_decay, seg, prev_seg, block, tokens, start)
-    scores = cm.dot(q, k, trans_b=True) * decay_ij  # [C, C]
-    if has_seg:
-      scores = jnp.where(same_seg, scores, 0.0)
+    q_decay, k_decay, state_decay, decay = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+    scores = cm.dot(q, k, trans_b=True) * decay  # [C, C]
     out = cm.dot(scores.astype(compute_dtype), v)
     out += cm.dot((q * q_decay[:, None]).astype(compute_dtype), state.astype(compute_dtype))
     cm.store_block(o_ref, start, block, out.astype(o_ref.dtype), rows, tokens)
-    state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
-    return state, (next_seg if has_seg else prev_seg)
+    return state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
 
-  state, _ = jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, (state0, jnp.int32(0)))
-  state_ref[...] = state
+  state_ref[...] = jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, state0)
 
 
 def lightning_forward(q, k, v, log_decay, segment_index, initial_state, *, rows, block, block_v,
@@ -64,8 +57,8 @@ def lightning_forward(q, k, v, log_decay, segment_index, initial_state, *, rows,
   """Runs the forward sweep over the rows `rows` (a `_common.Rows`) makes of each sequence.
 
   q, k [b, t, h, dk]; v [b, t, h, dv]; log_decay [h]; segment_index
-  [b * splits, rows.length] int32 running index starting at 0 per row, -1 on padding (or
-  None); initial_state [b * splits, h, dk, dv] (or None).
+  [b * splits, rows.length] int32 running index starting at 0 per row (or None; the padding past each row's
+  real tokens comes from `rows`, and the index there is ignored); initial_state [b * splits, h, dk, dv] (or None).
   Returns (out [b, t, h, dv] q.dtype, state [b * splits, h, dk, dv] f32: each row's end state).
   """
   b, t, h, dk = q.shape
@@ -83,7 +76,7 @@ def lightning_forward(q, k, v, log_decay, segment_index, initial_state, *, rows,
   args = [q, k, v, cm.decay_rows(log_decay)]
   if has_seg:
     in_specs.append(pl.BlockSpec((sq, rows.length), lambda ri, hi, vi: (ri, 0)))
-    args.append(segment_index.astype(jnp.int32))
+    args.append(cm.segment_starts(segment_index.astype(jnp.int32), block))
   if has_init:
     in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)))
     args.append(initial_state.astype(jnp.float32))

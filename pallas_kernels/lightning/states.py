@@ -12,7 +12,7 @@ rows is small, and these two sweeps produce it while reading half the inputs:
   which the transposed combination turns into every row's end-state cotangent.
 
 One program per (row, head, value tile) walks the row block by block with
-`_common.block_masks`, the forward kernel's masks, so S_local is the state the
+`_common.block_masks`, the forward kernel's masks (from `_common.segment_starts`), so S_local is the state the
 forward sweep would end with.  On packed rows each sweep reads only the blocks
 of the segment it sums over (from the block where the last segment starts;
 up to the block where the first one ends).  Rows are `_common.Rows` views of
@@ -33,30 +33,26 @@ from pallas_kernels import _common as cm
 
 def _local_states_kernel(*refs, block, rows, has_seg, compute_dtype):
   k_ref, v_ref, ld_ref = refs[:3]
-  seg_ref, first_ref = refs[3:5] if has_seg else (None, None)
+  starts_ref, first_ref = refs[3:5] if has_seg else (None, None)
   state_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
   first = jnp.max(first_ref[...]) if has_seg else 0  # blocks before the last segment add nothing
   tokens = cm.row_tokens(rows)
 
-  def body(i, carry):
-    state, prev_seg = carry
+  def body(i, state):
     start = i * block
     k = cm.load_block(k_ref, start, block, rows, tokens)  # [C, dk]
     v = cm.load_block(v_ref, start, block, rows, tokens)  # [C, bv]
-    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
-    _, k_decay, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
-    state = state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
-    return state, (next_seg if has_seg else prev_seg)
+    _, k_decay, state_decay, _ = cm.block_masks(log_decay, None, starts_ref, block, tokens, start)
+    return state * state_decay + cm.dot((k * k_decay[:, None]).astype(compute_dtype), v, trans_a=True)
 
   state0 = jnp.zeros((k_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-  state, _ = jax.lax.fori_loop(first, cm.row_blocks(rows, tokens, block), body, (state0, jnp.int32(0)))
-  state_ref[...] = state
+  state_ref[...] = jax.lax.fori_loop(first, cm.row_blocks(rows, tokens, block), body, state0)
 
 
 def _incoming_grad_kernel(*refs, block, rows, has_seg, compute_dtype):
   q_ref, do_ref, ld_ref = refs[:3]
-  seg_ref, end_ref = refs[3:5] if has_seg else (None, None)
+  starts_ref, end_ref = refs[3:5] if has_seg else (None, None)
   grad_ref = refs[-1]
   log_decay = cm.read_log_decay(ld_ref)
   tokens = cm.row_tokens(rows)
@@ -64,18 +60,16 @@ def _incoming_grad_kernel(*refs, block, rows, has_seg, compute_dtype):
   end = jnp.max(end_ref[...]) if has_seg else cm.row_blocks(rows, tokens, block)
 
   def body(i, carry):
-    grad, scale, prev_seg = carry  # scale = lambda^start while the first segment lasts, then 0
+    grad, scale = carry  # scale = lambda^start while the first segment lasts, then 0
     start = i * block
     q = cm.load_block(q_ref, start, block, rows, tokens)  # [C, dk]
     do = cm.load_block(do_ref, start, block, rows, tokens)  # [C, bv]
-    seg = seg_ref[pl.ds(pl.multiple_of(start, block), block)] if has_seg else None
-    q_decay, _, state_decay, _, next_seg = cm.block_masks(log_decay, seg, prev_seg, block, tokens, start)
+    q_decay, _, state_decay, _ = cm.block_masks(log_decay, None, starts_ref, block, tokens, start)
     grad += cm.dot((q * (q_decay * scale)[:, None]).astype(compute_dtype), do, trans_a=True)
-    return grad, scale * state_decay, (next_seg if has_seg else prev_seg)
+    return grad, scale * state_decay
 
   grad0 = jnp.zeros((q_ref.shape[-1], do_ref.shape[-1]), jnp.float32)
-  grad, _, _ = jax.lax.fori_loop(0, end, body, (grad0, jnp.float32(1.0), jnp.int32(0)))
-  grad_ref[...] = grad
+  grad_ref[...] = jax.lax.fori_loop(0, end, body, (grad0, jnp.float32(1.0)))[0]
 
 
 def _row_sum(kernel, name, a, b, log_decay, segment_index, bound, *, rows, block, block_v, num_warps, num_stages,
@@ -97,7 +91,8 @@ def _row_sum(kernel, name, a, b, log_decay, segment_index, bound, *, rows, block
                  pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, vi: (ri, 0))]
     segment_index = segment_index.astype(jnp.int32)
     # One value per row, repeated over DECAY_LANES lanes (a loadable power-of-two row, as the decays).
-    args += [segment_index, jnp.broadcast_to(bound(segment_index, block)[:, None], (n, cm.DECAY_LANES))]
+    args += [cm.segment_starts(segment_index, block),
+             jnp.broadcast_to(bound(segment_index, block)[:, None], (n, cm.DECAY_LANES))]
   args, vary = cm.match_varying(args)
   compute_dtype = jnp.float32 if a.dtype == jnp.float32 else a.dtype
   return pl.pallas_call(

@@ -241,6 +241,25 @@ def test_chunked_prefill_then_decode(interpret):
 # ---------------------------------------------------------------------------------------------- chunk states
 
 
+@pytest.mark.parametrize("block", [4, 16])
+def test_segment_starts_match_numpy(block):
+  """The kernels' per-token segment starts (offset in the token's block, -1 when the segment came in from an
+  earlier block or is the row's first) against a plain loop, on packed rows with length-1 documents."""
+  from pallas_kernels import _common
+  seg = np.asarray(pk.chunk_states.segment_index(packed_segments(5, 3, 70)))
+  got = np.asarray(_common.segment_starts(jnp.asarray(seg), block))
+  want = np.full(seg.shape, -1)
+  for r in range(seg.shape[0]):
+    start = 0
+    for p in range(seg.shape[1]):
+      if p > 0 and seg[r, p] != seg[r, p - 1]:
+        start = p
+      if start > 0 and start // block == p // block:
+        want[r, p] = start - p // block * block
+  np.testing.assert_array_equal(got, want)
+  assert (got >= 0).any() and (got < 0).any()
+
+
 def test_combine_chunk_states_matches_sequential():
   rng = np.random.default_rng(4)
   b, n, h, dk, dv = 2, 5, 3, 4, 6

@@ -74,28 +74,33 @@ def float64_local_sums(a, b, log_decay, seg, last):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_states_only_kernels_match_float64(interpret):
-  """Rows as the split makes them: packed, one ending in padding, one of padding only, one unpacked.
-  (bf16 inputs go through the same sweeps in the split-path cases below.)"""
+  """Rows as the split makes them from one sequence of 133 tokens cut into 4 rows of 48: packed, unpacked, packed
+  and ending in padding inside a block (37 real tokens), padding only (the kernels take the padding from the rows'
+  real tokens, `_common.Rows`, and -1 in the segment index).  (bf16 inputs go through the same sweeps in the
+  split-path cases below.)"""
   dtype = jnp.float32
   rows, length, h, dk, dv = 4, 3 * BLOCK, 2, 16, 32
+  seq_len = 2 * length + 37
   rng = np.random.default_rng(3)
   a = jnp.asarray(rng.standard_normal((rows, length, h, dk)), dtype)
   b = jnp.asarray(rng.standard_normal((rows, length, h, dv)), dtype)
   ids = np.array(edge_segments(1, rows, length, BLOCK))
-  ids[1, 37:] = -1  # tail padding inside a block
-  ids[2] = -1  # a split made only of padding
-  ids[3] = 0  # a row that is one segment
+  ids[1] = 0  # a row that is one segment
+  ids[2, 37:] = -1  # tail padding inside a block
+  ids[3] = -1  # a split made only of padding
   seg = row_index(ids)
+  as_sequence = lambda x: x.reshape(1, rows * length, *x.shape[2:])[:, :seq_len]
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 1, 4))
-  launch = dict(rows=cm.Rows(length, length), block=BLOCK, block_v=16, num_warps=4, num_stages=2,
+  launch = dict(rows=cm.Rows(seq_len, length, rows), block=BLOCK, block_v=16, num_warps=4, num_stages=2,
                 interpret=interpret)
-  sweep = lambda fn, seg, **kw: jax.jit(functools.partial(fn, **{**launch, **kw}))(a, b, log_decay, seg)
+  sweep = lambda fn, seg: jax.jit(functools.partial(fn, **launch))(as_sequence(a), as_sequence(b), log_decay, seg)
   got = sweep(states.local_states, jnp.asarray(seg))
   assert got.shape == (rows, h, dk, dv) and got.dtype == jnp.float32
   assert rel_err(got, float64_local_sums(a, b, log_decay, seg, last=True)) < STATE_TOL[dtype]
+  np.testing.assert_array_equal(np.asarray(got[3]), 0.0)
   got = sweep(states.local_incoming_grad, jnp.asarray(seg))
   assert rel_err(got, float64_local_sums(a, b, log_decay, seg, last=False)) < STATE_TOL[dtype]
-  np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
+  np.testing.assert_array_equal(np.asarray(got[3]), 0.0)
   # Without segments the rows' real tokens mask the tail: 40 tokens read as one row of 48, its last block
   # overhanging the arrays (masked loads), and as rows of 16 (3 per sequence, the third partly past the end).
   want = float64_local_sums(a, b, log_decay, np.where(np.arange(length) < 40, 0, -1)[None].repeat(rows, 0), True)
