@@ -19,6 +19,10 @@ ways (`ModelConfig.moe_impl`), none with a dense one-hot dispatch matmul:
   "ragged_mosaic"  the same with jax's Hopper (Mosaic GPU) ragged-dot kernels;
   "dense"     every expert on every token (the reference; fastest on CPUs for
               a handful of experts).
+
+Tokens reach the expert slots and come back through gathers only, forward and
+backward (`take_rows`: each gather's gradient is the gather by the inverse map,
+not the scatter-add autodiff would make).
 """
 
 from __future__ import annotations
@@ -116,6 +120,36 @@ def swiglu(x, wi_gate, wi_up, wo):
   return h @ wo
 
 
+@jax.custom_vjp
+def take_rows(x, index, inverse):
+  """x [n, d] -> [m, d]: row index[i] of x, zeros where index[i] is n (out of range).
+
+  `inverse` [n, r] lists, for each row j of x, the positions i with index[i] == j (m where there are fewer
+  than r): the gradient is then the gather  dx[j] = sum_r dy[inverse[j, r]]  instead of the scatter-add
+  autodiff makes of a gather (colliding atomic adds on a GPU).  The MoE dispatch and combine are such pairs of
+  gathers: tokens to expert slots and back.
+  """
+  del inverse
+  return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+  return take_rows(x, index, inverse), inverse
+
+
+def _take_rows_bwd(inverse, dy):
+  rows = jnp.take(dy, inverse, axis=0, mode="fill", fill_value=0)  # [n, r, d]
+  return jnp.sum(rows, axis=1, dtype=jnp.float32).astype(dy.dtype), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _inverse_permutation(order):
+  """order [m] a permutation -> its inverse [m] (where each element went)."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+
+
 def _ragged_dot(x, w, group_sizes):
   return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
 
@@ -131,14 +165,13 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, *, grouped_dot=_
   t, k = expert_idx.shape
   e = wi_gate.shape[0]
   flat_expert = expert_idx.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)
-  token_of = order // k
+  order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)  # sorted place -> assignment (token * k + choice)
+  where = _inverse_permutation(order)  # assignment -> sorted place
   group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-  xs = x[token_of]
+  xs = take_rows(x, order // k, where.reshape(t, k))  # [t * k, hidden], grouped by expert
   h = jax.nn.silu(grouped_dot(xs, wi_gate, group_sizes)) * grouped_dot(xs, wi_up, group_sizes)
-  ys = grouped_dot(h, wo, group_sizes)
-  ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-  return jnp.zeros((t, x.shape[-1]), jnp.float32).at[token_of].add(ys).astype(x.dtype)
+  ys = take_rows(grouped_dot(h, wo, group_sizes), where, order[:, None]).reshape(t, k, -1)  # back in token order
+  return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
 
 
 def _tokamax_ragged_dot(x, w, group_sizes):
@@ -183,13 +216,17 @@ def experts_capacity(x, expert_idx, weights, positions, wi_gate, wi_up, wo, *, c
   e, d = wi_gate.shape[0], x.shape[-1]
   chex.assert_shape([expert_idx, weights, positions], (t, k))
   dt = x.dtype
-  slot = jnp.minimum(positions, capacity)  # `capacity` is out of range: mode="drop" discards it
-  token_of = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
-  buf = jnp.zeros((e, capacity, d), dt).at[expert_idx, slot].set(x[token_of], mode="drop")  # [E, C, hidden]
-  out = swiglu(buf, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt))  # [E, C, hidden]
-  kept = positions < capacity
-  gathered = out[expert_idx, jnp.minimum(positions, capacity - 1)].astype(jnp.float32)  # [t, k, hidden]
-  return jnp.sum(gathered * (weights * kept)[..., None], axis=1).astype(dt)
+  slots = e * capacity
+  # Each kept assignment's slot in the flattened buffers (`slots`, out of range, for dropped ones), and the
+  # inverse maps: the token and the assignment that fill each slot (t and t * k for empty slots).
+  slot = jnp.where(positions < capacity, expert_idx * capacity + positions, slots).astype(jnp.int32)  # [t, k]
+  assignment = jnp.arange(t * k, dtype=jnp.int32)
+  assignment_of_slot = jnp.full((slots,), t * k, jnp.int32).at[slot.reshape(-1)].set(assignment, mode="drop")
+  token_of_slot = jnp.where(assignment_of_slot < t * k, assignment_of_slot // k, t)
+  buf = take_rows(x, token_of_slot, slot).reshape(e, capacity, d)  # [E, C, hidden]; empty slots are zeros
+  out = swiglu(buf, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt)).reshape(slots, d)
+  gathered = take_rows(out, slot.reshape(-1), assignment_of_slot[:, None]).reshape(t, k, d)  # dropped: zeros
+  return jnp.sum(gathered.astype(jnp.float32) * weights[..., None], axis=1).astype(dt)
 
 
 def experts_grouped_mosaic(x, expert_idx, weights, wi_gate, wi_up, wo):

@@ -73,11 +73,13 @@ def test_moe_grouped_equals_dense_reference():
   y1, s1 = forward(p, moe_lib.experts_grouped)
   y2, s2 = forward(p, moe_lib.experts_dense_reference)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
-  grad = jax.jit(jax.grad(lambda p, experts_fn: forward(p, experts_fn)[0].sum()), static_argnums=1)
-  g1 = grad(p, moe_lib.experts_grouped)
-  g2 = grad(p, moe_lib.experts_dense_reference)
+  w = jax.random.normal(jax.random.key(4), x.shape)
+  loss = lambda p, x, experts_fn: jnp.sum(moe_lib.moe_forward(x, p, config=CFG, experts_fn=experts_fn)[0] * w)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  (g1, dx1), (g2, dx2) = grad(p, x, moe_lib.experts_grouped), grad(p, x, moe_lib.experts_dense_reference)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4)
+  np.testing.assert_allclose(dx1, dx2, atol=1e-4)  # through the dispatch's gather-only gradient (take_rows)
 
 
 def test_moe_capacity_drops_in_priority_order():
@@ -119,16 +121,43 @@ def test_moe_capacity_impl_equals_dense_with_drops(capacity_factor):
   if capacity_factor < 1:
     assert int(jnp.sum(pos < cap)) < int(jnp.sum(mask)) * 2  # some assignments really are dropped
 
-  run = jax.jit(lambda cfg, p: moe_lib.moe_forward(x, p, config=cfg, token_mask=mask), static_argnums=0)
+  # Each config's experts as the model runs them (mx01/ops.py's MOE table: "capacity" -> capacity buffers).
+  forward = lambda cfg, p, x: ops.MOE[cfg.moe_impl](cfg, False)(x, p, config=cfg, token_mask=mask)
+  run = jax.jit(lambda cfg, p: forward(cfg, p, x), static_argnums=0)
   (y1, s1), (y2, s2) = run(cfg_cap, p), run(cfg_ref, p)
   np.testing.assert_allclose(y1, y2, atol=1e-5)
   np.testing.assert_allclose(s1["tokens_per_expert"], s2["tokens_per_expert"])
   w = jax.random.normal(jax.random.key(6), y1.shape)
-  grad = jax.jit(jax.grad(lambda cfg, p: jnp.sum(run(cfg, p)[0] * w), argnums=1), static_argnums=0)
-  g1 = grad(cfg_cap, p)
-  g2 = grad(cfg_ref, p)
+  loss = lambda cfg, p, x: jnp.sum(forward(cfg, p, x)[0] * w)
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+  (g1, dx1), (g2, dx2) = grad(cfg_cap, p, x), grad(cfg_ref, p, x)
   for k in ("wi_gate", "wi_up", "wo", "router"):
     np.testing.assert_allclose(g1[k], g2[k], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(dx1, dx2, atol=1e-4, rtol=1e-4)
+
+
+def test_take_rows_gradient_is_the_gather_transpose():
+  """take_rows' gather-only gradient against autodiff of a plain gather, with repeated, missing and
+  out-of-range (zero) rows, in float32 and bfloat16."""
+  rng = np.random.default_rng(0)
+  n, m, d = 7, 12, 5
+  index = rng.integers(0, n + 1, size=m)  # n: a zero row
+  index[:2] = n - 1  # a row taken twice or more
+  inverse = np.full((n, m), m)
+  for j in range(n):
+    hits = np.flatnonzero(index == j)
+    inverse[j, :len(hits)] = hits
+  inverse = inverse[:, :max(1, (inverse < m).sum(1).max())]
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+    x = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    w = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
+    f = lambda take, x: jnp.sum(take(x).astype(jnp.float32) * w)
+    plain = lambda x: jnp.take(x, jnp.asarray(index), axis=0, mode="fill", fill_value=0)
+    ours = lambda x: moe_lib.take_rows(x, jnp.asarray(index), jnp.asarray(inverse))
+    np.testing.assert_array_equal(ours(x), plain(x))
+    got, want = jax.grad(lambda x: f(ours, x))(x), jax.grad(lambda x: f(plain, x))(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
 def test_moe_impl_config_errors():
