@@ -217,16 +217,38 @@ def experts_capacity(x, expert_idx, weights, positions, wi_gate, wi_up, wo, *, c
   chex.assert_shape([expert_idx, weights, positions], (t, k))
   dt = x.dtype
   slots = e * capacity
-  # Each kept assignment's slot in the flattened buffers (`slots`, out of range, for dropped ones), and the
-  # inverse maps: the token and the assignment that fill each slot (t and t * k for empty slots).
-  slot = jnp.where(positions < capacity, expert_idx * capacity + positions, slots).astype(jnp.int32)  # [t, k]
+  # Each kept assignment's place in the flattened buffers; dropped ones go out of range (`slots`).
+  slot = jnp.where(positions < capacity, expert_idx * capacity + positions, slots)
+  slot, assignment_of_slot = slot_maps(slot, slots)
+  buf = to_slots(x, slot, assignment_of_slot).reshape(e, capacity, d)  # [E, C, hidden]; empty slots are zeros
+  out = swiglu(buf, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt))
+  return from_slots(out.reshape(slots, d), slot, assignment_of_slot, weights).astype(dt)
+
+
+def slot_maps(slot, num_slots: int):
+  """slot [t, k]: each assignment's (token, choice) place among `num_slots` expert slots, out of range when
+  dropped -> (slot as int32, assignment_of_slot [num_slots] int32: token * k + choice filling each slot, t * k
+  for an empty one).  Kept assignments must have distinct slots."""
+  t, k = slot.shape
+  slot = slot.astype(jnp.int32)
   assignment = jnp.arange(t * k, dtype=jnp.int32)
-  assignment_of_slot = jnp.full((slots,), t * k, jnp.int32).at[slot.reshape(-1)].set(assignment, mode="drop")
+  assignment_of_slot = jnp.full((num_slots,), t * k, jnp.int32).at[slot.reshape(-1)].set(assignment, mode="drop")
+  return slot, assignment_of_slot
+
+
+def to_slots(x, slot, assignment_of_slot):
+  """Dispatch: x [t, hidden] -> [num_slots, hidden], each slot the token assigned to it (zeros when empty)."""
+  t, k = slot.shape
   token_of_slot = jnp.where(assignment_of_slot < t * k, assignment_of_slot // k, t)
-  buf = take_rows(x, token_of_slot, slot).reshape(e, capacity, d)  # [E, C, hidden]; empty slots are zeros
-  out = swiglu(buf, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt)).reshape(slots, d)
-  gathered = take_rows(out, slot.reshape(-1), assignment_of_slot[:, None]).reshape(t, k, d)  # dropped: zeros
-  return jnp.sum(gathered.astype(jnp.float32) * weights[..., None], axis=1).astype(dt)
+  return take_rows(x, token_of_slot, slot)
+
+
+def from_slots(out, slot, assignment_of_slot, weights):
+  """Combine: out [num_slots, hidden] -> [t, hidden] float32, sum over each token's kept assignments of
+  weights [t, k] x its slot's row (dropped assignments add nothing)."""
+  t, k = slot.shape
+  gathered = take_rows(out, slot.reshape(-1), assignment_of_slot[:, None]).reshape(t, k, -1)
+  return jnp.sum(gathered.astype(jnp.float32) * weights[..., None], axis=1)
 
 
 def experts_grouped_mosaic(x, expert_idx, weights, wi_gate, wi_up, wo):

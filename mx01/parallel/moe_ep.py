@@ -183,13 +183,12 @@ def moe_expert_parallel(x, params, *, config: ModelConfig, pmesh: ParallelMesh, 
 def _dispatch_compute_combine(xf, expert_idx, weights, keep, params, *, slots, e_total, e_local, ep, expert_axes,
                               etp_axes):
   """Steps 5-6 with expert parallelism: xf [n, d], expert_idx/weights/keep [n, k] -> y [n, d]."""
-  n_tok, top_k = expert_idx.shape
   d = xf.shape[-1]
   # 5. Dispatch into [E, slots, d]; dropped assignments go out of range and are discarded.
   slot = _dispatch_slots(expert_idx, keep, e_total)
-  dest = jnp.where(keep, expert_idx, e_total)
-  token_of = jnp.broadcast_to(jnp.arange(n_tok)[:, None], (n_tok, top_k))
-  send = jnp.zeros((e_total, slots, d), xf.dtype).at[dest, slot].set(xf[token_of], mode="drop")
+  flat_slot, assignment_of_slot = moe_lib.slot_maps(
+      jnp.where(keep, expert_idx * slots + slot, e_total * slots), e_total * slots)
+  send = moe_lib.to_slots(xf, flat_slot, assignment_of_slot).reshape(e_total, slots, d)
   if expert_axes:
     # [E, slots, d] -> [E (= source rank x local expert), slots, d]: block r now comes from EP rank r.
     recv = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True)
@@ -208,5 +207,4 @@ def _dispatch_compute_combine(xf, expert_idx, weights, keep, params, *, slots, e
     out = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True)  # back in our send layout
 
   # 6. Combine with the routing weights.
-  gathered = out[jnp.minimum(dest, e_total - 1), slot].astype(jnp.float32)  # [n, k, d]
-  return jnp.sum(gathered * weights[..., None], axis=1).astype(dt)
+  return moe_lib.from_slots(out.reshape(e_total * slots, d), flat_slot, assignment_of_slot, weights).astype(dt)
