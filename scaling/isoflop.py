@@ -156,8 +156,10 @@ def run_config(point: Point, corpus: Corpus = Corpus(), *, run_root="runs/isoflo
 
 
 # Fields that do not change a run's result: where it lives, how often it logs and checkpoints, prefetch depth.
+# Config values that change no result: where a run writes and logs, and the lightning kernels' launch settings
+# (tiles, warps, pipeline stages: the same sums in another order; a retuned default must not orphan the CSV).
 _NOT_IN_KEY = {"train": ("run_dir", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing",
-                         "tensorboard"), "data": ("prefetch", "source")}
+                         "tensorboard"), "data": ("prefetch", "source"), "model": ("lightning_kernel",)}
 
 
 def point_key(config: Config, corpus: Corpus) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -49,6 +50,14 @@ def test_point_key_tracks_result_changing_values_only(tmp_path):
                 isoflop.Point("softmax", "i128", 1e15, 3e-3), isoflop.Point("hybrid", "i128", 3e15, 3e-3)):
     assert isoflop.point_key(isoflop.run_config(other), isoflop.Corpus()) != key
   assert isoflop.point_key(isoflop.run_config(p), isoflop.Corpus(fingerprint="abc")) != key
+  # The lightning kernels' launch settings change no result: a retuned default keeps every point's key.
+  cfg = isoflop.run_config(p)
+  tiles = dataclasses.replace(cfg.model.lightning_kernel, block_size=128, num_stages=2)
+  retuned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lightning_kernel=tiles))
+  assert isoflop.point_key(retuned, isoflop.Corpus()) == key
+  # ... while the model itself does.
+  other_model = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_size=cfg.model.block_size * 2))
+  assert isoflop.point_key(other_model, isoflop.Corpus()) != key
 
 
 def _fake_loss(cfg):
