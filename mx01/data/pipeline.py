@@ -119,8 +119,9 @@ class DataPipeline:
                         "every row streams its own documents: use a larger corpus or a smaller batch")
     self.host_rows = range(process_index * self.host_batch_size, (process_index + 1) * self.host_batch_size)
     self.row_sources = {r: sources_lib.SubsetSource(self.source, train_idx[r::batch]) for r in self.host_rows}
-    self.eval_source = (sources_lib.SubsetSource(self.source, eval_idx[process_index::process_count])
-                        if len(eval_idx) >= process_count else None)
+    # Every host reads the whole held-out stream and keeps its rows of each global batch (`eval_batches`), so
+    # the held-out loss is the same whatever the number of hosts.
+    self.eval_source = sources_lib.SubsetSource(self.source, eval_idx) if len(eval_idx) else None
     for r in self.host_rows:  # a row whose documents are all empty could never be packed
       self._require_tokens(self.row_sources[r], "training")
     if self.eval_source is not None:
@@ -167,14 +168,16 @@ class DataPipeline:
     return it
 
   def eval_batches(self, num_batches: Optional[int] = None) -> list[dict[str, np.ndarray]]:
-    """The first `num_batches` (default train.eval_batches) batches of the held-out stream (repeated if short)."""
+    """This host's rows of the first `num_batches` (default train.eval_batches) global batches of the held-out
+    stream (repeated if short): the same global batches on any number of hosts."""
     n = self.config.train.eval_batches if num_batches is None else num_batches
     if self.eval_source is None or n == 0:
       return []
     ds = self._rows(self.eval_source, shuffle_seed=None, repeat=True)
-    ds = ds.batch(self.host_batch_size, drop_remainder=True, batch_fn=stack_rows)
+    ds = ds.batch(self.config.train.batch_size, drop_remainder=True, batch_fn=stack_rows)
     it = iter(ds)
-    return [next(it) for _ in range(n)]
+    rows = slice(self.host_rows.start, self.host_rows.stop)
+    return [{k: v[rows] for k, v in next(it).items()} for _ in range(n)]
 
 
 __all__ = ["DataPipeline", "packing_efficiency"]

@@ -146,6 +146,11 @@ def test_pipeline_batches_hosts_and_resume(tmp_path):
   assert not held & (k0 | k1)
   ev = data.eval_batches(2)
   assert len(ev) == 2 and ev[0]["tokens"].shape == (4, 33)
+  # The held-out batches too are the one-host batches, split by rows (the held-out loss does not depend on
+  # the number of hosts).
+  for whole, a, b in zip(ev, h0.eval_batches(2), h1.eval_batches(2)):
+    for k in ("tokens", "segment_ids"):
+      np.testing.assert_array_equal(whole[k], np.concatenate([a[k], b[k]]))
 
 
 def test_shuffle_seed_changes_order(tmp_path):
