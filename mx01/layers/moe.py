@@ -166,11 +166,11 @@ def experts_grouped(x, expert_idx, weights, wi_gate, wi_up, wo, *, grouped_dot=_
   e = wi_gate.shape[0]
   flat_expert = expert_idx.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)  # sorted place -> assignment (token * k + choice)
-  where = _inverse_permutation(order)  # assignment -> sorted place
+  place = _inverse_permutation(order)  # assignment -> sorted place
   group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-  xs = take_rows(x, order // k, where.reshape(t, k))  # [t * k, hidden], grouped by expert
+  xs = take_rows(x, order // k, place.reshape(t, k))  # [t * k, hidden], grouped by expert
   h = jax.nn.silu(grouped_dot(xs, wi_gate, group_sizes)) * grouped_dot(xs, wi_up, group_sizes)
-  ys = take_rows(grouped_dot(h, wo, group_sizes), where, order[:, None]).reshape(t, k, -1)  # back in token order
+  ys = take_rows(grouped_dot(h, wo, group_sizes), place, order[:, None]).reshape(t, k, -1)  # back in token order
   return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
 
 
