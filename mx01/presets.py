@@ -7,7 +7,7 @@
   (`RESEARCH_SIZES`: 20m, 100m, 400m, 1b).
 * `sweep_{kind}_{size}`, `sweep_{kind}_moe_{size}`: the scaling sweep's small
   models (`SWEEP_SIZES`: s1 ... s7; recipes/sweep.py).
-* `isoflop_{kind}_{size}`: the IsoFLOP study's models (`ISOFLOP_SIZES`: i64 ... i768, every one 8
+* `isoflop_{kind}_{size}`: the IsoFLOP study's models (`ISOFLOP_SIZES`: i32 ... i768, every one 8
   layers deep, context 2048; scaling/isoflop.py).
 * `retrieval_{kind}_{size}`: the associative-recall study's models
   (`RETRIEVAL_SIZES`: xs, s; recipes/retrieval.py).
@@ -51,6 +51,8 @@ SWEEP_SIZES = {
 # hybrid has exactly one 7:1 period; width alone sets the size.  Multi-head attention (kv heads = heads) and a
 # SwiGLU of 8/3 * hidden (rounded to 32) keep N close to the paper's 12 l d^2 (Table 1).
 ISOFLOP_SIZES = {
+    "i32": (32, 8, 2, 16),  # below the budgets' grids: only where a profile's minimum sits at its small end
+    "i48": (48, 8, 3, 16),
     "i64": (64, 8, 2, 32),
     "i96": (96, 8, 3, 32),
     "i128": (128, 8, 2, 64),

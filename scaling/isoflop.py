@@ -12,7 +12,10 @@ The plan, in a fixed order:
    the rate of the nearest checked width.
 2. Per budget (ascending), per kind: `sizes_per_budget` presets `isoflop_{kind}_{size}` (mx01/presets.py)
    around a first guess of the optimum (20 tokens per parameter), at the rate the check found best for that
-   kind and the nearest checked width (the base rate until the check is complete, with a note).
+   kind and the nearest checked width (the base rate until the check is complete, with a note). Where a
+   kind's lowest loss at a budget sits at an end of these sizes, the next size past that end follows
+   (`edge_sizes`, up to `SIZE_EXTEND` each way; below i64 from the sizes kept for this), so every profile's
+   minimum is bracketed.
 3. Once a (kind, budget) profile is complete in the CSV, a second seed at its lowest-loss size
    (`extra_seed_points`) and, with `seed_neighbours`, its neighbours.
 
@@ -58,6 +61,11 @@ LR_GRID = (1.5e-3, 3e-3, 6e-3)
 # Where a width's best checked rate sits at an edge of the grid, the check goes on past it, doubling (or
 # halving) at most this many times, so the chosen rate is bracketed rather than clipped by the grid.
 LR_EXTEND = 2
+# The budgets' grids take their sizes from i64 up; the smaller ISOFLOP_SIZES serve only the extension past a
+# grid's end: where a kind's lowest held-out loss at a budget sits at an end of its sizes, the next size
+# beyond that end is added, at most SIZE_EXTEND times each way (`edge_sizes`), so the minimum is bracketed.
+GRID_SIZES = tuple(list(presets.ISOFLOP_SIZES)[list(presets.ISOFLOP_SIZES).index("i64"):])
+SIZE_EXTEND = 2
 TOKENS_PER_PARAM_GUESS = 20.0  # centres each budget's sizes; the fits find the real optimum
 EVAL_TOKENS = 1_000_000
 H200_PEAK_FLOPS = 790e12  # bf16 dense, the figure the plan's estimates assume
@@ -120,11 +128,11 @@ def model_config(kind: str, size: str):
 
 
 def sizes_for_budget(budget: float, n: int = SIZES_PER_BUDGET, seq_len: int = SEQ_LEN) -> List[str]:
-  """`n` consecutive sizes of `ISOFLOP_SIZES` centred on the one nearest 20 tokens per parameter.
+  """`n` consecutive sizes of `GRID_SIZES` centred on the one nearest 20 tokens per parameter.
 
   Judged on the hybrid model, so every kind gets the same sizes at a budget (profiles compare size for size).
   """
-  names = list(presets.ISOFLOP_SIZES)
+  names = list(GRID_SIZES)
   if not 1 <= n <= len(names):
     raise ValueError(f"sizes per budget must be in [1, {len(names)}], got {n}")
 
@@ -250,6 +258,40 @@ def chosen_learning_rates(rows: Sequence[dict], kinds: Sequence[str], lr_grid: S
   return out
 
 
+def profile(rows: Sequence[dict], kind: str, budget: float, sizes: Sequence[str]) -> Tuple[List[str], Dict[str, tuple]]:
+  """The (kind, budget) profile so far: (its sizes in order, the budget's grid `sizes` and any size measured
+  beyond either end; {size: (lowest seed-0 held-out loss, its rate)} of the sizes measured, a diverged run
+  counting as infinite loss)."""
+  by_size = {}
+  for r in _budget_rows(rows, kind, budget, seed=0):
+    loss = _float(r, "eval_loss")
+    loss = math.inf if loss is None else loss
+    by_size[r["size"]] = min(by_size.get(r["size"], (math.inf, math.inf)), (loss, float(r["learning_rate"])))
+  order = list(presets.ISOFLOP_SIZES)
+  lo, hi = order.index(sizes[0]), order.index(sizes[-1])
+  while lo > 0 and order[lo - 1] in by_size:
+    lo -= 1
+  while hi < len(order) - 1 and order[hi + 1] in by_size:
+    hi += 1
+  return order[lo:hi + 1], by_size
+
+
+def edge_sizes(rows: Sequence[dict], kind: str, budget: float, sizes: Sequence[str],
+               extend: int = SIZE_EXTEND) -> List[str]:
+  """The size to add next to the (kind, budget) profile: once every size of it is measured, the one past the end
+  where its lowest loss sits, while fewer than `extend` sizes were added at that end ([] otherwise)."""
+  prof, by_size = profile(rows, kind, budget, sizes)
+  if not all(s in by_size for s in prof):
+    return []
+  order = list(presets.ISOFLOP_SIZES)
+  best = order.index(min(prof, key=lambda s: by_size[s][0]))
+  if best == order.index(prof[0]) and best > 0 and order.index(sizes[0]) - best < extend:
+    return [order[best - 1]]
+  if best == order.index(prof[-1]) and best < len(order) - 1 and best - order.index(sizes[-1]) < extend:
+    return [order[best + 1]]
+  return []
+
+
 def extra_seed_points(rows: Sequence[dict], kinds: Sequence[str], budgets: Sequence[float], *, seed: int = 1,
                       neighbours: int = 0, lr_grid: Sequence[float] = LR_GRID,
                       sizes_per_budget: int = SIZES_PER_BUDGET, seq_len: int = SEQ_LEN) -> List[Point]:
@@ -265,16 +307,13 @@ def extra_seed_points(rows: Sequence[dict], kinds: Sequence[str], budgets: Seque
     for kind in kinds:
       if math.isclose(budget, BUDGETS[0]) and (kind, sizes[0]) not in checked:
         continue  # the smallest budget's profile is complete only with every checked rate
-      by_size = {}  # size -> (lowest loss, its rate)
-      for r in _budget_rows(rows, kind, budget, seed=0):
-        loss = _float(r, "eval_loss")
-        if loss is not None:
-          by_size[r["size"]] = min(by_size.get(r["size"], (math.inf, 0.0)), (loss, float(r["learning_rate"])))
-      if not all(s in by_size for s in sizes):
-        continue
-      i = min(range(len(sizes)), key=lambda j: by_size[sizes[j]][0])
-      for j in range(max(0, i - neighbours), min(len(sizes), i + neighbours + 1)):
-        out.append(Point(kind, sizes[j], budget, by_size[sizes[j]][1], seed, "seed"))
+      prof, by_size = profile(rows, kind, budget, sizes)
+      if not all(s in by_size for s in prof) or edge_sizes(rows, kind, budget, sizes):
+        continue  # the profile is not complete yet, or its minimum is still at an end being extended
+      i = min(range(len(prof)), key=lambda j: by_size[prof[j]][0])
+      for j in range(max(0, i - neighbours), min(len(prof), i + neighbours + 1)):
+        if math.isfinite(by_size[prof[j]][1]):
+          out.append(Point(kind, prof[j], budget, by_size[prof[j]][1], seed, "seed"))
   return out
 
 
@@ -300,6 +339,11 @@ def plan(budgets: Sequence[float], kinds: Sequence[str], rows: Sequence[dict] = 
           if notes is not None and f"lr:{kind}" not in notes:
             notes.append(f"lr:{kind}")
         points.append(Point(kind, s, budget, lr, 0, "grid"))
+      # Past an end of the grid where the kind's minimum sits there (once its rates are chosen).
+      prof, _ = profile(rows, kind, budget, sizes)
+      for s in [s for s in prof if s not in sizes] + edge_sizes(rows, kind, budget, sizes):
+        if (kind, s) in lrs:
+          points.append(Point(kind, s, budget, lrs[(kind, s)], 0, "grid"))
   if second_seeds:
     points += extra_seed_points(rows, kinds, budgets, neighbours=seed_neighbours, lr_grid=lr_grid,
                                 sizes_per_budget=sizes_per_budget, seq_len=seq_len)

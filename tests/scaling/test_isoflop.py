@@ -131,6 +131,45 @@ def test_lr_check_extends_past_the_edge_until_bracketed():
   assert isoflop.lr_check_rates(rows, "hybrid", "i64", (3e-3,)) == ([3e-3], 3e-3)  # one rate: nothing to extend
 
 
+def _profile_rows(kind, budget, losses, lr=3e-3):
+  return [dict(kind=kind, size=size, budget=str(budget), seed="0", learning_rate=str(lr), eval_loss=str(loss))
+          for size, loss in losses.items()]
+
+
+def test_profile_extends_past_an_end_until_the_minimum_is_bracketed():
+  budget = isoflop.BUDGETS[1]
+  sizes = isoflop.sizes_for_budget(budget)
+  order = list(isoflop.presets.ISOFLOP_SIZES)
+  lo, hi = order.index(sizes[0]), order.index(sizes[-1])
+  edge = lambda losses, **kw: isoflop.edge_sizes(_profile_rows("softmax", budget, losses), "softmax", budget,
+                                                 sizes, **kw)
+  bowl = {s: 2.0 + abs(i - 2) * 0.1 for i, s in enumerate(sizes)}
+  assert edge(bowl) == []  # interior minimum
+  assert edge({s: 2.0 for s in sizes[:-1]}) == []  # a size still to run
+  falling = {s: 2.0 + i * 0.1 for i, s in enumerate(sizes)}  # best at the small end
+  assert edge(falling) == [order[lo - 1]]
+  assert edge({**falling, order[lo - 1]: 1.9}) == [order[lo - 2]]  # still at the end: one more
+  assert edge({**falling, order[lo - 1]: 1.9, order[lo - 2]: 1.8}) == []  # SIZE_EXTEND = 2 reached
+  assert edge({**falling, order[lo - 1]: 2.5}) == []  # bracketed now
+  rising = {s: 2.0 - i * 0.1 for i, s in enumerate(sizes)}  # best at the large end
+  assert edge(rising) == [order[hi + 1]] and edge(rising, extend=0) == []
+  # The profile takes in the added sizes; a diverged run counts as measured and worst.
+  prof, by = isoflop.profile(_profile_rows("softmax", budget, {**falling, order[lo - 1]: float("nan")}),
+                             "softmax", budget, sizes)
+  assert prof == [order[lo - 1]] + list(sizes) and by[order[lo - 1]][0] == math.inf
+  assert edge({**falling, order[lo - 1]: float("nan")}) == []
+  # The plan adds the edge size at the kind's chosen rate, and holds back the second seed meanwhile.
+  lr_rows = [r for s in isoflop.lr_check_sizes(isoflop.sizes_for_budget(isoflop.BUDGETS[0]))
+             for r in _lr_rows("softmax", s, {1.5e-3: 2.0, 3e-3: 1.8, 6e-3: 1.9})]
+  rows = lr_rows + _profile_rows("softmax", budget, falling)
+  points = isoflop.plan([budget], ["softmax"], rows)
+  assert [p.size for p in points if p.phase == "grid"] == list(sizes) + [order[lo - 1]]
+  assert all(p.learning_rate == 3e-3 for p in points) and not [p for p in points if p.phase == "seed"]
+  seeds = [p for p in isoflop.plan([budget], ["softmax"], rows + _profile_rows("softmax", budget, {order[lo - 1]: 2.5}))
+           if p.phase == "seed"]
+  assert [p.size for p in seeds] == [sizes[0]]
+
+
 def test_dry_run_prints_table_and_total(capsys, tmp_path):
   assert sweep.main(["--plan", "isoflop", "--dry_run", "--budgets", "1e15,3e16", "--out", str(tmp_path / "x.csv")]) == 0
   text = capsys.readouterr().out
