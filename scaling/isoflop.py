@@ -24,8 +24,8 @@ the CSV also records the paper's Table-1 count (`flops.paper_training_flops`).  
 hash of every config value that changes its result (`point_key`: model, optimiser, steps, batch, context,
 seed, data and the corpus fingerprint; not run_dir, logging or checkpoint cadence), so a point already in the
 CSV is skipped, and a run cut off mid-training resumes from its last checkpoint under run_root.  Before each
-point the runner checks that its estimated time fits in what is left of `--time_budget_s` and stops cleanly
-if not.  The estimate is FLOPs / (790 TFLOP/s x MFU) + a fixed overhead per run (compilation, evaluation,
+point the runner checks that its estimated time fits in what is left of `--time_budget_s`; if not, it runs
+the first later point that fits and whose config is final, and stops cleanly when none does.  The estimate is FLOPs / (790 TFLOP/s x MFU) + a fixed overhead per run (compilation, evaluation,
 checkpoints) + a fixed cost per step; once the CSV has measured runs, a fit of their wall times replaces
 the assumptions.
 
@@ -432,7 +432,10 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
              seq_len: int = SEQ_LEN, batch_size: Optional[int] = None, eval_tokens: int = EVAL_TOKENS, dry_run: bool = False,
              train_fn: Optional[Callable] = None,
              log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> List[dict]:
-  """Runs the plan's points not yet in `out`, in order, until done or the next would overrun the time budget.
+  """Runs the plan's points not yet in `out`, in order, until done or none left would fit the time budget.
+
+  When the next point would overrun the budget, a later one that fits runs instead if its config is final
+  (not a grid point still at the base rate), so the end of a device call is not left idle.
 
   The plan is rebuilt after every run, so learning rates chosen by the check and second-seed points appear
   as soon as their inputs are in the CSV.  Returns the rows added (dry_run: prints the table, adds none).
@@ -471,14 +474,25 @@ def run_plan(budgets: Sequence[float], kinds: Sequence[str], out, *, corpus: Cor
     if not pending:
       log(f"plan complete for budgets {', '.join(f'{b:.0e}' for b in sorted(budgets))}")
       break
+    cost, elapsed = CostModel.from_rows(rows), clock() - start
+    estimate = lambda p, cfg: cost.seconds(**{k: describe(p, cfg)[k] for k in ("compute", "steps")})
     point, cfg, key = pending[0]
-    entry = describe(point, cfg)
-    est = CostModel.from_rows(rows).seconds(entry["compute"], entry["steps"])
-    elapsed = clock() - start
+    est = estimate(point, cfg)
     if elapsed + est > time_budget_s:
-      log(f"stopping: next point {point.name} needs ~{est:.0f} s, {time_budget_s - elapsed:.0f} s of the time "
-          f"budget left; {len(pending)} point(s) pending")
-      break
+      # Fill the time left with a later point that fits, if its config is final: any but a grid point still
+      # at the base rate while the learning-rate check is incomplete (its key changes once the check ends).
+      chosen = chosen_learning_rates(rows, kinds, lr_grid, sizes_per_budget, seq_len)
+      fits = [(p, c, k) for p, c, k in pending[1:] if (p.phase != "grid" or (p.kind, p.size) in chosen)
+              and elapsed + estimate(p, c) <= time_budget_s]
+      if not fits:
+        log(f"stopping: next point {point.name} needs ~{est:.0f} s, {time_budget_s - elapsed:.0f} s of the time "
+            f"budget left; {len(pending)} point(s) pending")
+        break
+      point, cfg, key = fits[0]
+      est = estimate(point, cfg)
+      log(f"filling the {time_budget_s - elapsed:.0f} s left with {point.name} (~{est:.0f} s); the next point in "
+          f"order, {pending[0][0].name}, needs more")
+    entry = describe(point, cfg)
     log(f"[{len(added) + 1}] {point.name}: N={entry['n_params']:,} D={entry['tokens']:,} C={entry['compute']:.3g} "
         f"({cfg.train.steps} steps, est. {est:.0f} s)")
     t0 = clock()

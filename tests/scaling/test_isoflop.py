@@ -104,6 +104,51 @@ def test_run_plan_resumes_checks_lr_adds_seeds_and_stops_on_time(tmp_path):
   assert isoflop.run_plan([1e15, 3e15], **kw) == [] and len(calls) == len(all_rows)
 
 
+def test_run_plan_fills_the_time_left_with_a_later_final_point(tmp_path):
+  """When the next point would overrun the budget, the first later point that fits runs instead, never a grid
+  point still at the base rate (its key changes once the learning-rate check is done)."""
+  out, calls, logs = tmp_path / "iso.csv", [], []
+  t = [0.0]
+
+  def train(cfg, resume, log):
+    calls.append(cfg)
+    t[0] += 1e9  # the run ends the call's time
+    return {"final_train_loss": 2.0, "eval_loss": 2.0, "tokens_per_sec": 1.0, "mfu": None}
+
+  cost = isoflop.CostModel()
+  est = {}
+  for p in isoflop.plan([1e15], ["hybrid"]):
+    est[p] = cost.seconds(**{k: isoflop.describe(p, isoflop.run_config(p))[k] for k in ("compute", "steps")})
+  first = next(iter(est))
+  budget = (min(e for p, e in est.items() if p.phase == "lr") + est[first]) / 2
+  assert min(est.values()) < budget < est[first]
+  isoflop.run_plan([1e15], ["hybrid"], out, run_root=tmp_path / "runs", time_budget_s=budget, train_fn=train,
+                   log=logs.append, clock=lambda: t[0])
+  assert len(calls) == 1 and any(line.startswith("filling") for line in logs)
+  (ran,) = [p for p in est if isoflop.run_config(p, run_root=tmp_path / "runs").train.run_dir == calls[0].train.run_dir]
+  assert ran != first and ran.phase == "lr" and est[ran] <= budget
+  assert ran == next(p for p in est if p.phase == "lr" and p != first and est[p] <= budget)
+
+  # Every rate of the check done but the first width's: only grid points at the base rate would fit, so the
+  # call stops rather than run a point whose config is not final.
+  out2, calls[:], logs[:] = tmp_path / "iso2.csv", [], []
+  done = [p for p in est if p.phase == "lr" and p.size != first.size]
+  cols = isoflop.CSV_COLUMNS
+  with open(out2, "w") as f:
+    f.write(",".join(cols) + "\n")
+    for p in done:
+      row = dict(isoflop.describe(p, isoflop.run_config(p)), key=isoflop.point_key(isoflop.run_config(p),
+                 isoflop.Corpus()), eval_loss=2.0 + abs(math.log(p.learning_rate / 3e-3)), final_loss=2.0,
+                 wall_time_s="")  # bracketed: best at the middle rate, so the check adds no rate
+      f.write(",".join(str(row.get(c, "")) for c in cols) + "\n")
+  grid = [p for p in est if p.phase == "grid"]
+  budget = (max(est[p] for p in grid) + est[first]) / 2
+  assert max(est[p] for p in grid) < budget < min(est[p] for p in est if p.size == first.size)
+  isoflop.run_plan([1e15], ["hybrid"], out2, run_root=tmp_path / "runs", time_budget_s=budget, train_fn=train,
+                   log=logs.append, clock=lambda: t[0])
+  assert calls == [] and any(line.startswith("stopping") for line in logs)
+
+
 def _lr_rows(kind, size, losses):
   return [dict(kind=kind, size=size, budget=str(isoflop.BUDGETS[0]), seed="0", learning_rate=str(lr),
                eval_loss=str(loss)) for lr, loss in losses.items()]
