@@ -119,8 +119,9 @@ def intra_decay(log_decay, block: int) -> jax.Array:
 
 
 def segment_starts(segment_index: jax.Array, block: int) -> jax.Array:
-  """[rows, length] running segment index -> [rows, length] int32: where each token's segment starts, as an
-  offset in the token's block of `block` tokens, or -1 when the segment comes in from before the block.
+  """[rows, length] segment ids (a new segment wherever the id changes) -> [rows, length] int32: where each
+  token's segment starts, as an offset in the token's block of `block` tokens, or -1 when the segment comes
+  in from before the block.  `length` is a multiple of `block`.
 
   A row's first segment always counts as coming in (it owns the row's incoming state).  Segments are
   contiguous, so for tokens i >= j of one block "same segment" is just  j >= starts[i]: the kernels mask with
@@ -128,12 +129,14 @@ def segment_starts(segment_index: jax.Array, block: int) -> jax.Array:
   segment start as one scalar (its last real token's entry) instead of reducing over the block.
   """
   rows, length = segment_index.shape
-  pos = jax.lax.broadcasted_iota(jnp.int32, (rows, length), 1)
+  assert length % block == 0, (length, block)
   change = jnp.concatenate(
       [jnp.zeros((rows, 1), bool), segment_index[:, 1:] != segment_index[:, :-1]], axis=1)
-  seg_start = jax.lax.cummax(jnp.where(change, pos, 0), axis=1)
-  block_start = (pos // block) * block
-  return jnp.where((seg_start > 0) & (seg_start >= block_start), seg_start - block_start, -1).astype(jnp.int32)
+  # The latest start at or before each token within its own block: a running max over `block` tokens only
+  # (a scan over the whole row would be as long as the row).
+  offsets = jax.lax.broadcasted_iota(jnp.int32, (rows, length // block, block), 2)
+  starts = jnp.where(change.reshape(rows, length // block, block), offsets, -1)
+  return jax.lax.cummax(starts, axis=2).reshape(rows, length).astype(jnp.int32)
 
 
 def block_masks(log_decay, decay_ij, starts_ref, block: int, tokens, start):

@@ -234,7 +234,10 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
   # splits' rows) is masked inside them, with no padded copies.
   if splits == 1:
     t_pad = -(-t // block) * block
-    seg = None if segment_ids is None else _segment_index(segment_ids, b, t, t_pad)
+    # One row per sequence: the kernels need only where the ids change (`_common.segment_starts`), so the ids
+    # go in as they are (the tail padding repeats the last id; the rows mask it anyway).
+    seg = None if segment_ids is None else jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)),
+                                                   mode="edge")
     return _lightning_core(q, k, v, log_decay, seg, initial_state, st(cm.Rows(t, t_pad)))
 
   # Super-chunks: each of `splits` pieces of chunk_len tokens is a row of its own (the last ones may be partly

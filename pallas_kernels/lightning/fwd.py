@@ -57,8 +57,9 @@ def lightning_forward(q, k, v, log_decay, segment_index, initial_state, *, rows,
   """Runs the forward sweep over the rows `rows` (a `_common.Rows`) makes of each sequence.
 
   q, k [b, t, h, dk]; v [b, t, h, dv]; log_decay [h]; segment_index
-  [b * splits, rows.length] int32 running index starting at 0 per row (or None; the padding past each row's
-  real tokens comes from `rows`, and the index there is ignored); initial_state [b * splits, h, dk, dv] (or None).
+  [b * splits, rows.length] int segment ids, a new segment wherever the id changes (or None; the padding past
+  each row's real tokens comes from `rows`, and the ids there are ignored); initial_state [b * splits, h, dk,
+  dv] (or None).
   Returns (out [b, t, h, dv] q.dtype, state [b * splits, h, dk, dv] f32: each row's end state).
   """
   b, t, h, dk = q.shape

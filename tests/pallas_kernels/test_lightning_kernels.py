@@ -246,7 +246,7 @@ def test_segment_starts_match_numpy(block):
   """The kernels' per-token segment starts (offset in the token's block, -1 when the segment came in from an
   earlier block or is the row's first) against a plain loop, on packed rows with length-1 documents."""
   from pallas_kernels import _common
-  seg = np.asarray(pk.chunk_states.segment_index(packed_segments(5, 3, 70)))
+  seg = np.asarray(pk.chunk_states.segment_index(packed_segments(5, 3, 80)))  # rows of whole blocks
   got = np.asarray(_common.segment_starts(jnp.asarray(seg), block))
   want = np.full(seg.shape, -1)
   for r in range(seg.shape[0]):
