@@ -41,7 +41,7 @@ import functools
 import json
 import os
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np

@@ -45,7 +45,7 @@ import shutil
 import site
 import sys
 import sysconfig
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mx01.data import sources as sources_lib
 

@@ -46,7 +46,6 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from mx01 import config as config_lib
 from mx01 import presets
 from mx01.config import Config
 from scaling import data as scaling_data

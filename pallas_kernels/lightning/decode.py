@@ -9,9 +9,6 @@ HBM bandwidth on the float32 state.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
