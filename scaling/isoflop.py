@@ -25,9 +25,9 @@ hash of every config value that changes its result (`point_key`: model, optimise
 seed, data and the corpus fingerprint; not run_dir, logging or checkpoint cadence), so a point already in the
 CSV is skipped, and a run cut off mid-training resumes from its last checkpoint under run_root.  Before each
 point the runner checks that its estimated time fits in what is left of `--time_budget_s`; if not, it runs
-the first later point that fits and whose config is final, and stops cleanly when none does.  The estimate is FLOPs / (790 TFLOP/s x MFU) + a fixed overhead per run (compilation, evaluation,
-checkpoints) + a fixed cost per step; once the CSV has measured runs, a fit of their wall times replaces
-the assumptions.
+the first later point that fits and whose config is final, and stops cleanly when none does.  The estimate
+is FLOPs / (790 TFLOP/s x MFU) + a fixed overhead per run (compilation, evaluation, checkpoints) + a fixed
+cost per step; once the CSV has measured runs, a fit of their wall times replaces the assumptions.
 
 Held-out loss: the corpus (scaling/corpus.py) names its files so that the data pipeline's own split
 (`mx01.data.sources.split_indices` at the manifest's eval_fraction) holds out exactly its held-out packages;
@@ -162,7 +162,6 @@ def run_config(point: Point, corpus: Corpus = Corpus(), *, run_root="runs/isoflo
   return dataclasses.replace(base, train=train, data=data)
 
 
-# Fields that do not change a run's result: where it lives, how often it logs and checkpoints, prefetch depth.
 # Config values that change no result: where a run writes and logs, and the lightning kernels' launch settings
 # (tiles, warps, pipeline stages: the same sums in another order; a retuned default must not orphan the CSV).
 _NOT_IN_KEY = {"train": ("run_dir", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing",
@@ -311,8 +310,7 @@ def extra_seed_points(rows: Sequence[dict], kinds: Sequence[str], budgets: Seque
         continue  # the profile is not complete yet, or its minimum is still at an end being extended
       i = min(range(len(prof)), key=lambda j: by_size[prof[j]][0])
       for j in range(max(0, i - neighbours), min(len(prof), i + neighbours + 1)):
-        if math.isfinite(by_size[prof[j]][1]):
-          out.append(Point(kind, prof[j], budget, by_size[prof[j]][1], seed, "seed"))
+        out.append(Point(kind, prof[j], budget, by_size[prof[j]][1], seed, "seed"))
   return out
 
 
