@@ -79,10 +79,11 @@ def hlo_index(hlo_text: str) -> dict:
 
 
 def summarise(events: list, steps: int, wall_s: float, top: int = 25, hlo: dict | None = None) -> dict:
-  by_cat, by_name, args_of = collections.Counter(), collections.Counter(), {}
+  by_cat, by_name, calls, args_of = collections.Counter(), collections.Counter(), collections.Counter(), {}
   for name, _, dur, args in events:
     by_cat[categorise(name)] += dur
     by_name[name] += dur
+    calls[name] += 1
     args_of.setdefault(name, args)
   total = sum(by_cat.values())
   # Busy time: union of the kernel intervals (streams may overlap).
@@ -99,6 +100,10 @@ def summarise(events: list, steps: int, wall_s: float, top: int = 25, hlo: dict 
       "by_category_ms_per_step": {c: per_step(v) for c, v in by_cat.most_common()},
       "by_category_share": {c: v / total for c, v in by_cat.most_common()} if total else {},
       "top_kernels_ms_per_step": [(n, per_step(v)) for n, v in by_name.most_common(top)],
+      # Launches of each top kernel per step and the time of one launch: XLA reuses one kernel for identical
+      # fusions (e.g. the same op in every layer), so a name's total may be many launches.
+      "top_kernels_calls_per_step": {n: calls[n] / steps for n, _ in by_name.most_common(top)},
+      "top_kernels_ms_per_call": {n: v / calls[n] / 1e3 for n, v in by_name.most_common(top)},
       # What each top kernel is: the trace's own args and, where the name matches an HLO
       # instruction of the compiled step, its shape/op, the jax op_name and the source line.
       "top_kernels_detail": {n: {"trace_args": {k: str(v)[:300] for k, v in args_of[n].items()},

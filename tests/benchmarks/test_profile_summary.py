@@ -25,3 +25,12 @@ def test_categories_busy_time_and_hlo_lookup():
   gemm = s["top_kernels_detail"]["nvjet_sm90_tst_128x160"]["hlo"]
   assert gemm[1].endswith("layers_0/mlp/dot_general") and gemm[2] == "model.py:12"
   assert s["top_kernels_detail"]["loop_multiply_fusion_4"]["hlo"][1] == "jit(step)/mul"
+
+
+def test_launch_counts_per_kernel():
+  # One fusion launched three times a step over two steps (as one kernel serves the same op in every layer).
+  events = [("loop_multiply_fusion_4", 10.0 * i, 4.0, {}) for i in range(6)] + [("lightning_fwd", 100.0, 9.0, {})]
+  s = ps.summarise(events, steps=2, wall_s=1e-4)
+  assert s["top_kernels_calls_per_step"] == {"loop_multiply_fusion_4": 3.0, "lightning_fwd": 0.5}
+  assert abs(s["top_kernels_ms_per_call"]["loop_multiply_fusion_4"] - 0.004) < 1e-12
+  assert abs(s["top_kernels_ms_per_step"][0][1] - 0.012) < 1e-12
