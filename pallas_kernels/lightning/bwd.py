@@ -75,14 +75,14 @@ def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
     v = load(v_ref, start)  # [C, bv]
     do = load(do_ref, start)
     q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
-    scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
-    dscores = cm.dot(do, v, trans_b=True) * mask
     gs = grad_state.astype(compute_dtype)
+    scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
     dv = cm.dot(scores.astype(compute_dtype), do, trans_a=True)
     dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), gs)
+    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
+    dscores = cm.dot(do, v, trans_b=True) * mask
     dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
     dk += cm.dot(v, gs, trans_b=True) * k_decay[:, None]
-    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
     cm.store_block(dk_ref, start, block, dk.astype(dk_ref.dtype), rows, tokens)
     return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
 
