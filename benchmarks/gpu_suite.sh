@@ -136,8 +136,16 @@ for name in "$@"; do
   if [ "$left" -lt 15 ]; then echo "=== [$name] skipped: deadline"; continue; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== [$name] gpus=$gpus start $(date -u +%T): $cmd"
+  # The GPU's busy fraction (share of each second a kernel ran) sampled beside the stage: below 100% there are
+  # idle gaps that another process sharing the GPU could fill; at 100% the GPU time-slices between them.
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 1000 \
+    > "$R/$name.gpu_busy.csv" 2> /dev/null &
+  sampler=$!
   CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" bash -c "$cmd" > "$R/$name.log" 2>&1
-  echo "=== [$name] rc=$? end $(date -u +%T)"
+  rc=$?
+  kill "$sampler" 2> /dev/null
+  busy=$(awk -F', *' '{s += $2; n++} END {if (n) printf "%.0f%% over %d samples", s / n, n}' "$R/$name.gpu_busy.csv")
+  echo "=== [$name] rc=$rc end $(date -u +%T); GPU busy ${busy:-not sampled}"
 done
 
 for f in "$R"/*.log; do echo "----- $(basename "$f") (tail)"; tail -n 30 "$f"; done > "$OUT/suite.log"
