@@ -27,8 +27,10 @@ import sys
 import tempfile
 
 
-def capture_triton_modules(variant: str, b: int = 2, t: int = 1024, h: int = 64, d: int = 128) -> dict:
-  """{kernel name: Triton IR text} of the lightning kernels in one forward+backward, lowered for CUDA.
+def capture_triton_modules(variant: str, b: int = 2, t: int = 1024, h: int = 64, d: int = 128,
+                           config=None) -> dict:
+  """{kernel name: Triton IR text} of the lightning kernels in one forward+backward, lowered for CUDA, with
+  `config` (a LightningConfig; None: the defaults) giving the tiles.
 
   b x h = 128 programs keeps the unsplit path (one row per sequence), as at the issue rows that fill the GPU.
   """
@@ -59,7 +61,8 @@ def capture_triton_modules(variant: str, b: int = 2, t: int = 1024, h: int = 64,
       segment_ids = jnp.broadcast_to((jnp.arange(t) // 300).astype(jnp.int32), (b, t))  # 4 documents a row
 
     def fwd_bwd(q, k, v, do):
-      out, vjp = jax.vjp(lambda q, k, v: api.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids)[0],
+      out, vjp = jax.vjp(lambda q, k, v: api.lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                                                                config=config)[0],
                          q, k, v)
       return out, vjp(do)
 
