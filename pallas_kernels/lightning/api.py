@@ -57,6 +57,7 @@ class _Static(NamedTuple):
   bwd_block_v: int
   bwd_num_warps: int
   bwd_num_stages: int
+  bwd_split_dkdv: bool
   interpret: bool
 
 
@@ -75,7 +76,7 @@ def _forward(q, k, v, log_decay, seg, init, st: _Static):
 
 def _backward(q, k, v, log_decay, seg, init, grad_out, grad_state, st: _Static):
   return lightning_backward(q, k, v, log_decay, seg, init, grad_out, grad_state, block_k=st.bwd_block_k,
-                            **_launch(st, True))
+                            split_dkdv=st.bwd_split_dkdv, **_launch(st, True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -228,7 +229,7 @@ def lightning_attention(q, k, v, log_decay, *, segment_ids=None, initial_state=N
   max_stages = 2 if jnp.dtype(q.dtype).itemsize > 2 else 8
   st = lambda rows: _Static(rows, block, block_v, cfg.num_warps, min(cfg.num_stages, max_stages), bwd_block,
                             min(cfg.bwd_block_k, dk), min(cfg.bwd_block_v, dv), cfg.bwd_num_warps,
-                            min(cfg.bwd_num_stages, max_stages), interpret)
+                            min(cfg.bwd_num_stages, max_stages), cfg.bwd_split_dkdv, interpret)
   log_decay = log_decay.astype(jnp.float32)
   # The kernels read q, k, v and write o in place: a length that is not a multiple of the block (or of the
   # splits' rows) is masked inside them, with no padded copies.

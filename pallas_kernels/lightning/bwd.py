@@ -11,6 +11,12 @@ Two sweeps over the sequence, each keeping its running state on chip:
       dK = (dO V^T * D)^T Q + (V G^T) * k_decay      (partial over value tiles)
       G  <- state_decay * G + (Q * q_decay)^T dO,
   and what is left in G at the start is d(initial_state).
+
+With `split_dkdv` the reverse sweep runs as two kernels, each carrying only the part of G it needs: a dV
+sweep over value tiles (G[:, tile]; it also returns d(initial_state)) and a dK sweep over key tiles
+(G[tile, :]).  Each forms one of the two [block, block] products and recomputes G's update, so the pair
+does about 20% more matmul work than the one sweep; in exchange a program holds one [block, block] product,
+one accumulator and half the state, and dK needs no sum of partials over value tiles.
 """
 
 from __future__ import annotations
@@ -90,9 +96,66 @@ def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
   ds0_ref[...] = grad_state
 
 
+def _dv_kernel(*refs, block, rows, has_seg, compute_dtype):
+  """dV and d(initial state) for one value tile: G[:, tile] carried in reverse, as `_dkdv_kernel` without dK."""
+  q_ref, k_ref, do_ref, ld_ref = refs[:4]
+  rest = list(refs[4:])
+  starts_ref = rest.pop(0) if has_seg else None
+  dst_ref, dv_ref, ds0_ref = rest
+
+  log_decay = cm.read_log_decay(ld_ref)
+  decay_ij = cm.intra_decay(log_decay, block)
+  tokens = cm.row_tokens(rows)
+  num_blocks = cm.row_blocks(rows, tokens, block)
+  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
+
+  def body(j, grad_state):  # [dk, bv]
+    start = (num_blocks - 1 - j) * block
+    q = load(q_ref, start)  # [C, dk]
+    k = load(k_ref, start)
+    do = load(do_ref, start)  # [C, bv]
+    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+    scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
+    dv = cm.dot(scores.astype(compute_dtype), do, trans_a=True)
+    dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), grad_state.astype(compute_dtype))
+    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
+    return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
+
+  ds0_ref[...] = jax.lax.fori_loop(0, num_blocks, body, dst_ref[...].astype(jnp.float32))
+
+
+def _dk_kernel(*refs, block, rows, has_seg, compute_dtype):
+  """dK for one key tile: G[tile, :] carried in reverse, as `_dkdv_kernel` without dV."""
+  q_ref, v_ref, do_ref, ld_ref = refs[:4]
+  rest = list(refs[4:])
+  starts_ref = rest.pop(0) if has_seg else None
+  dst_ref, dk_ref = rest
+
+  log_decay = cm.read_log_decay(ld_ref)
+  decay_ij = cm.intra_decay(log_decay, block)
+  tokens = cm.row_tokens(rows)
+  num_blocks = cm.row_blocks(rows, tokens, block)
+  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
+
+  def body(j, grad_state):  # [bk, dv]
+    start = (num_blocks - 1 - j) * block
+    q = load(q_ref, start)  # [C, bk]
+    v = load(v_ref, start)  # [C, dv]
+    do = load(do_ref, start)
+    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+    dscores = cm.dot(do, v, trans_b=True) * mask  # [C, C]
+    dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
+    dk += cm.dot(v, grad_state.astype(compute_dtype), trans_b=True) * k_decay[:, None]
+    cm.store_block(dk_ref, start, block, dk.astype(dk_ref.dtype), rows, tokens)
+    return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
+
+  jax.lax.fori_loop(0, num_blocks, body, dst_ref[...].astype(jnp.float32))
+
+
 def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, rows,
-                       block, block_k, block_v, num_warps, num_stages, interpret):
-  """Gradients of the forward sweep (arrays and rows as `lightning_forward`).
+                       block, block_k, block_v, num_warps, num_stages, interpret, split_dkdv=False):
+  """Gradients of the forward sweep (arrays and rows as `lightning_forward`); `split_dkdv`: the reverse sweep
+  as separate dV and dK kernels (module docstring).
 
   grad_out [b, t, h, dv]; grad_state [b * splits, h, dk, dv] f32 (cotangent of
   each row's end state).  Returns (dq, dk, dv in the input dtypes, d_initial_state
@@ -130,6 +193,10 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
       in_specs=in_specs, out_specs=rows.spec(block_k, tiled=True),
       compiler_params=params, interpret=interpret, name="lightning_bwd_dq")(*args)
 
+  if split_dkdv:
+    return (dq,) + _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, rows=rows, block=block,
+                                         block_k=block_k, block_v=block_v, params=params, interpret=interpret)
+
   # dK, dV, d(initial state): reverse sweep over value tiles.
   num_v = dv // block_v
   dk_dtype = k.dtype if num_v == 1 else jnp.float32
@@ -159,3 +226,46 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
       compiler_params=params, interpret=interpret, name="lightning_bwd_dkdv")(*args)
   dk_out = dk_parts[0] if num_v == 1 else jnp.sum(dk_parts, axis=0).astype(k.dtype)
   return dq, dk_out, dv_out, d_init
+
+
+def _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, *, rows, block, block_k, block_v, params,
+                          interpret):
+  """(dk, dv, d_initial_state) from the dV sweep over value tiles and the dK sweep over key tiles."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  sq = cm.SQUEEZED
+  n = b * rows.splits
+  has_seg = starts is not None
+  seg_spec = pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0))
+  decay_spec = pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, xi: (hi, 0))
+  grad_state = grad_state.astype(jnp.float32)
+  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
+  kernel_args = dict(block=block, rows=rows, has_seg=has_seg,
+                     compute_dtype=jnp.float32 if q.dtype == jnp.float32 else q.dtype)
+
+  in_specs = [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), decay_spec]
+  args = [q, k, grad_out, decay]
+  if has_seg:
+    in_specs.append(seg_spec)
+    args.append(starts)
+  args, vary = cm.match_varying(args + [grad_state])
+  dv_out, d_init = pl.pallas_call(
+      functools.partial(_dv_kernel, **kernel_args),
+      out_shape=[cm.out_struct((b, t, h, dv), v.dtype, vary), cm.out_struct((n, h, dk, dv), jnp.float32, vary)],
+      grid=(n, h, dv // block_v), in_specs=in_specs + [value_tile],
+      out_specs=[rows.spec(block_v, tiled=True), value_tile],
+      compiler_params=params, interpret=interpret, name="lightning_bwd_dv")(*args)
+
+  in_specs = [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv), decay_spec]
+  args = [q, v, grad_out, decay]
+  if has_seg:
+    in_specs.append(seg_spec)
+    args.append(starts)
+  args, vary = cm.match_varying(args + [grad_state])
+  dk_out = pl.pallas_call(
+      functools.partial(_dk_kernel, **kernel_args),
+      out_shape=cm.out_struct((b, t, h, dk), k.dtype, vary),
+      grid=(n, h, dk // block_k), in_specs=in_specs + [key_tile], out_specs=rows.spec(block_k, tiled=True),
+      compiler_params=params, interpret=interpret, name="lightning_bwd_dk")(*args)
+  return dk_out, dv_out, d_init

@@ -8,6 +8,7 @@ On CPU every kernel runs in interpret mode; the `compiled` variants (marked
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -163,7 +164,10 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("t,dtype,with_seg,heads", GRAD_CASES)
-def test_gradients_match_reference(interpret, t, dtype, with_seg, heads):
+@pytest.mark.parametrize("split_dkdv", [False, True], ids=["dkdv", "dk+dv"])
+def test_gradients_match_reference(interpret, t, dtype, with_seg, heads, split_dkdv):
+  """Gradients against autodiff of the recurrence; "dk+dv": the reverse sweep as separate dV and dK kernels
+  (dk 16 in one key tile, dv 32 in two value tiles of 16)."""
   b, dk, dv = 2, 16, 32
   q, k, v, init = make_inputs(100 + t, b, t, heads, dk, dv, dtype)
   seg = packed_segments(t + 1, b, t) if with_seg else None
@@ -176,7 +180,8 @@ def test_gradients_match_reference(interpret, t, dtype, with_seg, heads):
     out, state = fn(q, k, v, log_decay, segment_ids=seg, initial_state=init)
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state * w_state)
 
-  kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=SMALL, interpret=interpret)
+  config = dataclasses.replace(SMALL, bwd_split_dkdv=split_dkdv)
+  kernel = lambda *a, **kw: pk.lightning_attention(*a, **kw, config=config, interpret=interpret)
   got = jax.jit(jax.grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2, 3)))(q, k, v, init)
   # Reference gradients: autodiff of the recurrence on float32 copies of the same inputs.
   f32 = lambda x: x.astype(jnp.float32)

@@ -136,6 +136,16 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("t,splits,dtype,with_seg,with_init,dv", SPLIT_CASES)
 def test_split_path_matches_reference(interpret, t, splits, dtype, with_seg, with_init, dv):
+  check_split_path(interpret, t, splits, dtype, with_seg, with_init, dv, split_dkdv=False)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("t,splits,dtype,with_seg,with_init,dv", [SPLIT_CASES[i] for i in (0, 1, 5)])
+def test_split_path_with_separate_dk_and_dv_sweeps(interpret, t, splits, dtype, with_seg, with_init, dv):
+  check_split_path(interpret, t, splits, dtype, with_seg, with_init, dv, split_dkdv=True)
+
+
+def check_split_path(interpret, t, splits, dtype, with_seg, with_init, dv, *, split_dkdv):
   b, h, dk = 2, 2, 16
   rng = np.random.default_rng(t * 10 + splits)
   # The presets' init scale: std 0.02 weights make q, k, v ~ 0.02.
@@ -144,7 +154,7 @@ def test_split_path_matches_reference(interpret, t, splits, dtype, with_seg, wit
   chunk_len = -(-t // (splits * BLOCK)) * BLOCK
   seg = edge_segments(t + splits, b, t, chunk_len) if with_seg else None
   log_decay = jnp.asarray(ref.minimax_log_decay(h, 1, 8))
-  cfg = dataclasses.replace(SMALL, num_splits=splits)
+  cfg = dataclasses.replace(SMALL, num_splits=splits, bwd_split_dkdv=split_dkdv)
   w_out = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
   w_state = jnp.asarray(rng.standard_normal((b, h, dk, dv)) * 0.02, jnp.float32)
 
