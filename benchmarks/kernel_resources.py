@@ -3,6 +3,7 @@
     pip install triton==3.5.1        # the Triton compiler and the ptxas it ships (not needed by mx01 itself)
     python -m benchmarks.kernel_resources                     # bf16, head dim 128, the LightningConfig defaults
     python -m benchmarks.kernel_resources --variants plain,packed --warps 8,16 --stages 2,3 --out res.json
+    python -m benchmarks.kernel_resources --settings default bwd_split_dkdv=true bwd_block_v=64
 
 Each kernel of a forward+backward pass (plain rows, packed rows) is lowered for CUDA on the host
 (`lowering_platforms=("cuda",)`), its Triton IR captured as text, compiled for sm_90a by the `triton`
@@ -98,6 +99,11 @@ def compile_stats(ir_text: str, num_warps: int, num_stages: int) -> dict:
           "shared": int(kernel.metadata.shared)}
 
 
+def _setting(text: str) -> dict:
+  from benchmarks.lightning_attention import _setting as parse  # the one key=value spelling of the benchmarks
+  return parse(text)
+
+
 def _ints(s: str):
   return [int(x) for x in s.split(",") if x]
 
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
   ap.add_argument("--variants", default="plain,packed")
   ap.add_argument("--warps", default="8", help="num_warps settings, comma-separated")
   ap.add_argument("--stages", default="3", help="num_stages settings, comma-separated")
+  ap.add_argument("--settings", type=_setting, nargs="+", default=[{}],
+                  help="LightningConfig overrides to lower the kernels at, one set each (key=value,...; default)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   try:
@@ -114,14 +122,17 @@ def main(argv=None) -> int:
   except ImportError:
     print("error: this report needs the triton package (pip install triton==3.5.1)", file=sys.stderr)
     return 2
+  from pallas_kernels.lightning.config import LightningConfig
   rows = []
-  print(f"{'variant':8s} {'kernel':32s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill st/ld (B)':>16s} {'shared (B)':>11s}")
-  for variant in args.variants.split(","):
-    for name, ir_text in capture_triton_modules(variant).items():
+  print(f"{'setting':24s} {'variant':8s} {'kernel':20s} {'warps':>5s} {'stages':>6s} {'regs':>5s} "
+        f"{'spill st/ld (B)':>16s} {'shared (B)':>11s}")
+  for overrides, variant in itertools.product(args.settings, args.variants.split(",")):
+    label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    for name, ir_text in capture_triton_modules(variant, config=LightningConfig(**overrides)).items():
       for warps, stages in itertools.product(_ints(args.warps), _ints(args.stages)):
         stats = compile_stats(ir_text, warps, stages)
-        rows.append(dict(variant=variant, kernel=name, num_warps=warps, num_stages=stages, **stats))
-        print(f"{variant:8s} {name:32s} {warps:5d} {stages:6d} {stats['registers']:5d} "
+        rows.append(dict(setting=overrides, variant=variant, kernel=name, num_warps=warps, num_stages=stages, **stats))
+        print(f"{label:24s} {variant:8s} {name:20s} {warps:5d} {stages:6d} {stats['registers']:5d} "
               f"{stats['spill_stores']:>7d}/{stats['spill_loads']:<8d} {stats['shared']:11d}")
   if args.out:
     with open(args.out, "w") as f:

@@ -20,6 +20,7 @@ ours/floor.  `--dry_run` prints those rows and their floors without a GPU.
 
     python benchmarks/lightning_attention.py --rows issue --out issue.json [--variants plain,packed]
         [--num_splits 4,8,16]   # each case at each split count (tuning LightningConfig.num_splits)
+        [--settings default bwd_split_dkdv=true]   # each case at each of these LightningConfig overrides
         [--tune]                # each case at every setting of TUNE_FWD (forward) or TUNE_BWD (fwd+bwd)
 
 `--tune` fills the per-shape table: row by row, the forward at each tile/launch setting of TUNE_FWD (and,
@@ -94,7 +95,8 @@ RAGGED_CUT = 37               # tokens the "ragged" variant drops: its length is
 TUNE_FWD = (dict(), dict(num_stages=2), dict(num_stages=4), dict(num_warps=4), dict(block_v=64, num_warps=4),
             dict(block_size=128, bwd_block_size=64, num_stages=2), dict(block_size=32, num_warps=4, num_stages=4))
 TUNE_BWD = (dict(), dict(bwd_num_stages=2), dict(bwd_num_stages=4), dict(bwd_block_k=64),
-            dict(bwd_block_k=64, bwd_num_stages=4), dict(bwd_block_size=32, bwd_num_warps=4, bwd_num_stages=4))
+            dict(bwd_block_k=64, bwd_num_stages=4), dict(bwd_block_size=32, bwd_num_warps=4, bwd_num_stages=4),
+            dict(bwd_split_dkdv=True))
 MEAN_DOC = 4096               # mean document length of the "packed" variant
 
 
@@ -460,7 +462,7 @@ def run_issue(args, cases):
       fwd, fwd_bwd = linear_fns("pallas", jnp.asarray(ref.minimax_log_decay(h, 0, 80)), config, seg,
                                 interpret=args.interpret)
       entry = dict(impl="pallas", **case, num_splits=config.num_splits, floor_ms=floor_ms(b, t, h, case["backward"]))
-      if args.tune:
+      if args.tune or args.settings:
         entry.update(overrides=overrides)
       t0 = time.perf_counter()
       try:
@@ -475,7 +477,7 @@ def run_issue(args, cases):
       jax.clear_caches()
       dump()
     del q, k, v, do, seg
-  table = tune_table(results) if args.tune else issue_table(results, fla)
+  table = tune_table(results) if args.tune or args.settings else issue_table(results, fla)
   dump(table=table)
   print(table)
 
@@ -489,7 +491,10 @@ def default_splits(b, t, h):
 
 
 def case_settings(args, case):
-  """The config overrides one case is timed at: --num_splits values, the --tune grid, or the default alone."""
+  """The config overrides one case is timed at: --settings, --num_splits values, the --tune grid, or the
+  default alone."""
+  if args.settings:
+    return [dict(o) for o in args.settings]
   if args.num_splits:
     return [dict(num_splits=n) for n in args.num_splits]
   if not args.tune:
@@ -534,6 +539,26 @@ def _splits_list(text):
   return values
 
 
+def _setting(text):
+  """"key=value,key=value" -> LightningConfig overrides ("" or "default": none); checked against the config."""
+  import dataclasses
+
+  from pallas_kernels.lightning.config import LightningConfig
+  fields = {f.name for f in dataclasses.fields(LightningConfig)}
+  out = {}
+  for item in (x for x in text.split(",") if x and x != "default"):
+    key, sep, raw = item.partition("=")
+    if not sep or key not in fields:
+      raise argparse.ArgumentTypeError(f"expected key=value with a LightningConfig field ({', '.join(sorted(fields))}), "
+                                       f"got {item!r}")
+    out[key] = {"true": True, "false": False, "none": None}.get(raw.lower(), int(raw) if raw.lstrip("-").isdigit() else raw)
+  try:
+    LightningConfig(**out)
+  except Exception as e:  # ConfigError: the value's own message
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default=None, help="JSON results (required unless --dry_run)")
@@ -544,6 +569,9 @@ def main():
   parser.add_argument("--num_splits", type=_splits_list, default=None,
                       help="comma-separated LightningConfig.num_splits to time each case at (default: the config's "
                            "own choice)")
+  parser.add_argument("--settings", type=_setting, nargs="+", default=None,
+                      help="with --rows issue: time every case at each of these LightningConfig overrides, e.g. "
+                           "--settings default bwd_split_dkdv=true")
   parser.add_argument("--tune", action="store_true",
                       help="with --rows issue: time every case at each setting of TUNE_FWD / TUNE_BWD, row by row")
   parser.add_argument("--dry_run", action="store_true", help="print the cases and floors; time nothing")
@@ -557,8 +585,8 @@ def main():
   parser.add_argument("--impls", default="pallas,xla,cudnn", help="JAX implementations to time")
   parser.add_argument("--seqs", default=None, help="comma-separated lengths for fwd and fwd+bwd")
   parser.add_argument("--fwd-seqs", default=None, help="comma-separated extra forward-only lengths")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # --settings checks the config
   args = parser.parse_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if args.fla_only:
     run_fla(json.load(open(args.fla_cases)), args.out)
     return
@@ -578,6 +606,8 @@ def main():
       cases.sort(key=lambda c: (_row_order(c), VARIANTS.index(c["variant"]), c["backward"]))
       if args.num_splits:
         parser.error("--tune chooses its own split counts; leave out --num_splits")
+    if args.settings and (args.tune or args.num_splits):
+      parser.error("--settings names every setting to time; leave out --tune and --num_splits")
     if args.dry_run:
       fake = [dict(c, impl="pallas", num_splits=n) for c in cases for n in args.num_splits or [None]]
       print(f"{len(cases)} cases")

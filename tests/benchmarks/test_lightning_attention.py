@@ -89,7 +89,7 @@ def test_issue_run_times_ours_on_cpu(monkeypatch, tmp_path):
   monkeypatch.setattr(bench, "HEAD_DIM", 16)
   cases = [dict(b=1, t=40, h=2, variant="packed", backward=False)]
   args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "issue.json"), num_splits=[2], interpret=True,
-                               tune=False)
+                               tune=False, settings=None)
   bench.run_issue(args, cases)
   data = json.load(open(args.out))
   (entry,) = data["results"]
@@ -106,7 +106,7 @@ def test_tune_times_every_setting_and_tables_the_fastest(monkeypatch, tmp_path):
   monkeypatch.setattr(bench, "TUNE_BWD", (dict(), dict(bwd_block_size=16, bwd_num_warps=4)))
   cases = [dict(b=1, t=40, h=2, variant="plain", backward=False), dict(b=1, t=40, h=2, variant="plain", backward=True)]
   args = types.SimpleNamespace(skip_fla=False, out=str(tmp_path / "tune.json"), num_splits=None, interpret=True,
-                               tune=True)
+                               tune=True, settings=None)
   bench.run_issue(args, cases)  # fla is not run when tuning
   data = json.load(open(args.out))
   assert data["fla"] == []
@@ -116,6 +116,24 @@ def test_tune_times_every_setting_and_tables_the_fastest(monkeypatch, tmp_path):
   assert all("error" not in e and e["ms"] > 0 and e["wall_s"] >= e["ms"] / 1e3 for e in data["results"])
   lines = [line for line in data["table"].splitlines() if "| 1x40x2 |" in line]
   assert len(lines) == 2 and lines[0].startswith("| fwd |") and lines[1].startswith("| fwd+bwd |")
+
+
+def test_settings_time_each_case_at_each_override(monkeypatch, tmp_path):
+  """--settings at a toy size in interpret mode: packed forward+backward with one dK/dV sweep and with the
+  separate dK and dV sweeps; both timed, tabled as default against the other."""
+  import json
+  import types
+  monkeypatch.setattr(bench, "HEAD_DIM", 16)
+  cases = [dict(b=1, t=40, h=2, variant="packed", backward=True)]
+  settings = [bench._setting("default"), bench._setting("bwd_split_dkdv=true,bwd_block_v=16")]
+  assert settings == [{}, {"bwd_split_dkdv": True, "bwd_block_v": 16}]
+  args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "settings.json"), num_splits=None, interpret=True,
+                               tune=False, settings=settings)
+  bench.run_issue(args, cases)
+  data = json.load(open(args.out))
+  assert [e["overrides"] for e in data["results"]] == settings
+  assert all("error" not in e and e["ms"] > 0 for e in data["results"])
+  assert "| fwd+bwd | 1x40x2 | packed |" in data["table"]
 
 
 def test_tune_table_picks_the_fastest_setting():
@@ -145,4 +163,4 @@ def test_tune_adds_split_counts_only_where_the_default_splits():
 
 def types_ns(**kw):
   import types
-  return types.SimpleNamespace(**kw)
+  return types.SimpleNamespace(**dict(dict(settings=None), **kw))
