@@ -60,40 +60,53 @@ def _dq_kernel(*refs, block, rows, has_seg, has_init, compute_dtype):
   jax.lax.fori_loop(0, cm.row_blocks(rows, tokens, block), body, state0)
 
 
+def _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, block_step):
+  """The reverse sweep shared by the dK/dV, dV and dK kernels: block_step(load, store, masks, grad_state) ->
+  grad_state runs on a row's blocks from the last to the first, starting from the end-state cotangent in
+  dst_ref; returns the cotangent left at the row's start.
+
+  In block_step, load(ref) reads this block of a row view, store(ref, value) writes it (both masked past the
+  row's real tokens), and masks is `_common.block_masks` of this block.
+  """
+  log_decay = cm.read_log_decay(ld_ref)
+  decay_ij = cm.intra_decay(log_decay, block)
+  tokens = cm.row_tokens(rows)
+  num_blocks = cm.row_blocks(rows, tokens, block)
+
+  def body(j, grad_state):
+    start = (num_blocks - 1 - j) * block
+    load = lambda ref: cm.load_block(ref, start, block, rows, tokens)
+    store = lambda ref, value: cm.store_block(ref, start, block, value.astype(ref.dtype), rows, tokens)
+    masks = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+    return block_step(load, store, masks, grad_state)
+
+  return jax.lax.fori_loop(0, num_blocks, body, dst_ref[...].astype(jnp.float32))
+
+
 def _dkdv_kernel(*refs, block, rows, has_seg, compute_dtype):
   q_ref, k_ref, v_ref, do_ref, ld_ref = refs[:5]
   rest = list(refs[5:])
   starts_ref = rest.pop(0) if has_seg else None
   dst_ref, dk_ref, dv_ref, ds0_ref = rest
 
-  log_decay = cm.read_log_decay(ld_ref)
-  decay_ij = cm.intra_decay(log_decay, block)
-  grad_state0 = dst_ref[...].astype(jnp.float32)  # [dk, bv]
-  tokens = cm.row_tokens(rows)
-  num_blocks = cm.row_blocks(rows, tokens, block)
-  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
-
-  def body(j, grad_state):
-    i = num_blocks - 1 - j
-    start = i * block
-    q = load(q_ref, start)  # [C, dk]
-    k = load(k_ref, start)
-    v = load(v_ref, start)  # [C, bv]
-    do = load(do_ref, start)
-    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+  def step(load, store, masks, grad_state):  # grad_state [dk, bv]
+    q, k = load(q_ref), load(k_ref)  # [C, dk]
+    v, do = load(v_ref), load(do_ref)  # [C, bv]
+    q_decay, k_decay, state_decay, mask = masks
     gs = grad_state.astype(compute_dtype)
+    # dV is stored before dS is formed: the two [C, C] products and the two accumulators are never live at
+    # once (fewer registers spilled, `benchmarks/kernel_resources.py`).
     scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
     dv = cm.dot(scores.astype(compute_dtype), do, trans_a=True)
     dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), gs)
-    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
+    store(dv_ref, dv)
     dscores = cm.dot(do, v, trans_b=True) * mask
     dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
     dk += cm.dot(v, gs, trans_b=True) * k_decay[:, None]
-    cm.store_block(dk_ref, start, block, dk.astype(dk_ref.dtype), rows, tokens)
+    store(dk_ref, dk)
     return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
 
-  grad_state = jax.lax.fori_loop(0, num_blocks, body, grad_state0)
-  ds0_ref[...] = grad_state
+  ds0_ref[...] = _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, step)
 
 
 def _dv_kernel(*refs, block, rows, has_seg, compute_dtype):
@@ -103,25 +116,17 @@ def _dv_kernel(*refs, block, rows, has_seg, compute_dtype):
   starts_ref = rest.pop(0) if has_seg else None
   dst_ref, dv_ref, ds0_ref = rest
 
-  log_decay = cm.read_log_decay(ld_ref)
-  decay_ij = cm.intra_decay(log_decay, block)
-  tokens = cm.row_tokens(rows)
-  num_blocks = cm.row_blocks(rows, tokens, block)
-  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
-
-  def body(j, grad_state):  # [dk, bv]
-    start = (num_blocks - 1 - j) * block
-    q = load(q_ref, start)  # [C, dk]
-    k = load(k_ref, start)
-    do = load(do_ref, start)  # [C, bv]
-    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+  def step(load, store, masks, grad_state):  # grad_state [dk, bv]
+    q, k = load(q_ref), load(k_ref)  # [C, dk]
+    do = load(do_ref)  # [C, bv]
+    q_decay, k_decay, state_decay, mask = masks
     scores = cm.dot(q, k, trans_b=True) * mask  # [C, C]
     dv = cm.dot(scores.astype(compute_dtype), do, trans_a=True)
     dv += cm.dot((k * k_decay[:, None]).astype(compute_dtype), grad_state.astype(compute_dtype))
-    cm.store_block(dv_ref, start, block, dv.astype(dv_ref.dtype), rows, tokens)
+    store(dv_ref, dv)
     return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
 
-  ds0_ref[...] = jax.lax.fori_loop(0, num_blocks, body, dst_ref[...].astype(jnp.float32))
+  ds0_ref[...] = _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, step)
 
 
 def _dk_kernel(*refs, block, rows, has_seg, compute_dtype):
@@ -131,25 +136,17 @@ def _dk_kernel(*refs, block, rows, has_seg, compute_dtype):
   starts_ref = rest.pop(0) if has_seg else None
   dst_ref, dk_ref = rest
 
-  log_decay = cm.read_log_decay(ld_ref)
-  decay_ij = cm.intra_decay(log_decay, block)
-  tokens = cm.row_tokens(rows)
-  num_blocks = cm.row_blocks(rows, tokens, block)
-  load = lambda ref, start: cm.load_block(ref, start, block, rows, tokens)
-
-  def body(j, grad_state):  # [bk, dv]
-    start = (num_blocks - 1 - j) * block
-    q = load(q_ref, start)  # [C, bk]
-    v = load(v_ref, start)  # [C, dv]
-    do = load(do_ref, start)
-    q_decay, k_decay, state_decay, mask = cm.block_masks(log_decay, decay_ij, starts_ref, block, tokens, start)
+  def step(load, store, masks, grad_state):  # grad_state [bk, dv]
+    q = load(q_ref)  # [C, bk]
+    v, do = load(v_ref), load(do_ref)  # [C, dv]
+    q_decay, k_decay, state_decay, mask = masks
     dscores = cm.dot(do, v, trans_b=True) * mask  # [C, C]
     dk = cm.dot(dscores.astype(compute_dtype), q, trans_a=True)
     dk += cm.dot(v, grad_state.astype(compute_dtype), trans_b=True) * k_decay[:, None]
-    cm.store_block(dk_ref, start, block, dk.astype(dk_ref.dtype), rows, tokens)
+    store(dk_ref, dk)
     return grad_state * state_decay + cm.dot((q * q_decay[:, None]).astype(compute_dtype), do, trans_a=True)
 
-  jax.lax.fori_loop(0, num_blocks, body, dst_ref[...].astype(jnp.float32))
+  _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, step)
 
 
 def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, rows,
