@@ -378,7 +378,8 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_to_triton(dtype, monkeypatch):
-  """Forward, backward, split-path and decode kernels pass the Triton lowering at head dim 128 (no GPU needed)."""
+  """Forward, backward (one dK/dV sweep or separate ones), split-path and decode kernels pass the Triton lowering
+  at head dim 128 (no GPU needed)."""
   from pallas_kernels import _common
   monkeypatch.setattr(_common, "check_backend", lambda interpret: None)
   S = jax.ShapeDtypeStruct
@@ -402,6 +403,8 @@ def test_kernels_lower_to_triton(dtype, monkeypatch):
   for name in ("lightning_local_states", "lightning_fwd", "lightning_local_incoming_grad", "lightning_bwd_dq",
                "lightning_bwd_dkdv"):
     assert name in text, name
+  text = lowered(pk.LightningConfig(bwd_split_dkdv=True))
+  assert "lightning_bwd_dv" in text and "lightning_bwd_dk\"" in text and "lightning_bwd_dkdv" not in text
   decode = lambda q, k, v, ld, s: pk.lightning_decode(q, k, v, ld, s)
   dargs = [S((8, h, d), dtype)] * 3 + [S((h,), jnp.float32), S((8, h, d, d), jnp.float32)]
   assert "triton" in jax.jit(decode).trace(*dargs).lower(lowering_platforms=("cuda",)).as_text()
