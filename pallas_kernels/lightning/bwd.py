@@ -149,6 +149,21 @@ def _dk_kernel(*refs, block, rows, has_seg, compute_dtype):
   _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, step)
 
 
+def _sweep_inputs(rows, arrays, specs, decay, starts, extra=()):
+  """(args, in_specs) of a backward sweep, in its kernels' order: the row arrays with their specs, the decay
+  row, the segment starts (when there are segments), then `extra` (array, spec) pairs (states)."""
+  sq = cm.SQUEEZED
+  args = list(arrays) + [decay]
+  in_specs = list(specs) + [pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, xi: (hi, 0))]
+  if starts is not None:
+    args.append(starts)
+    in_specs.append(pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0)))
+  for array, spec in extra:
+    args.append(array)
+    in_specs.append(spec)
+  return args, in_specs
+
+
 def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_out, grad_state, *, rows,
                        block, block_k, block_v, num_warps, num_stages, interpret, split_dkdv=False):
   """Gradients of the forward sweep (arrays and rows as `lightning_forward`); `split_dkdv`: the reverse sweep
@@ -170,18 +185,12 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   starts = cm.segment_starts(segment_index.astype(jnp.int32), block) if has_seg else None
   decay = cm.decay_rows(log_decay)
   params = cm.compiler_params(num_warps, num_stages)
-  seg_spec = pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0))
-  decay_spec = pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, xi: (hi, 0))
 
   # dQ: forward sweep over key tiles.
-  in_specs = [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv), decay_spec]
-  args = [k, v, grad_out, decay]
-  if has_seg:
-    in_specs.append(seg_spec)
-    args.append(starts)
-  if has_init:
-    in_specs.append(pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0)))
-    args.append(initial_state.astype(jnp.float32))
+  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
+  init = [(initial_state.astype(jnp.float32), key_tile)] if has_init else []
+  args, in_specs = _sweep_inputs(rows, [k, v, grad_out],
+                                 [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv)], decay, starts, init)
   args, vary = cm.match_varying(args)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block=block, rows=rows, has_seg=has_seg, has_init=has_init,
@@ -190,21 +199,20 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
       in_specs=in_specs, out_specs=rows.spec(block_k, tiled=True),
       compiler_params=params, interpret=interpret, name="lightning_bwd_dq")(*args)
 
+  grad_state = grad_state.astype(jnp.float32)
   if split_dkdv:
     return (dq,) + _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, rows=rows, block=block,
-                                         block_k=block_k, block_v=block_v, params=params, interpret=interpret)
+                                         block_k=block_k, block_v=block_v, compute_dtype=compute_dtype,
+                                         params=params, interpret=interpret)
 
   # dK, dV, d(initial state): reverse sweep over value tiles.
   num_v = dv // block_v
   dk_dtype = k.dtype if num_v == 1 else jnp.float32
-  in_specs = [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), rows.spec(block_v, tiled=True),
-              decay_spec]
-  args = [q, k, v, grad_out, decay]
-  if has_seg:
-    in_specs.append(seg_spec)
-    args.append(starts)
-  in_specs.append(pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)))
-  args.append(grad_state.astype(jnp.float32))
+  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+  args, in_specs = _sweep_inputs(
+      rows, [q, k, v, grad_out],
+      [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), rows.spec(block_v, tiled=True)],
+      decay, starts, [(grad_state, value_tile)])
   args, vary = cm.match_varying(args)
   out_shape = [
       cm.out_struct((num_v, b, t, h, dk), dk_dtype, vary),
@@ -215,7 +223,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   out_specs = [
       pl.BlockSpec((sq, sq, rows.length, sq, dk), lambda ri, hi, vi: (vi, ri // s, ri % s, hi, 0)),
       rows.spec(block_v, tiled=True),
-      pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi)),
+      value_tile,
   ]
   dk_parts, dv_out, d_init = pl.pallas_call(
       functools.partial(_dkdv_kernel, block=block, rows=rows, has_seg=has_seg, compute_dtype=compute_dtype),
@@ -225,44 +233,35 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   return dq, dk_out, dv_out, d_init
 
 
-def _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, *, rows, block, block_k, block_v, params,
-                          interpret):
-  """(dk, dv, d_initial_state) from the dV sweep over value tiles and the dK sweep over key tiles."""
+def _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, *, rows, block, block_k, block_v,
+                          compute_dtype, params, interpret):
+  """(dk, dv, d_initial_state) from the dV sweep over value tiles and the dK sweep over key tiles;
+  grad_state [b * splits, h, dk, dv] float32."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   sq = cm.SQUEEZED
   n = b * rows.splits
-  has_seg = starts is not None
-  seg_spec = pl.BlockSpec((sq, rows.length), lambda ri, hi, xi: (ri, 0))
-  decay_spec = pl.BlockSpec((sq, cm.DECAY_LANES), lambda ri, hi, xi: (hi, 0))
-  grad_state = grad_state.astype(jnp.float32)
-  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
-  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
-  kernel_args = dict(block=block, rows=rows, has_seg=has_seg,
-                     compute_dtype=jnp.float32 if q.dtype == jnp.float32 else q.dtype)
+  kernel_args = dict(block=block, rows=rows, has_seg=starts is not None, compute_dtype=compute_dtype)
 
-  in_specs = [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), decay_spec]
-  args = [q, k, grad_out, decay]
-  if has_seg:
-    in_specs.append(seg_spec)
-    args.append(starts)
-  args, vary = cm.match_varying(args + [grad_state])
+  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+  args, in_specs = _sweep_inputs(rows, [q, k, grad_out],
+                                 [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True)], decay, starts,
+                                 [(grad_state, value_tile)])
+  args, vary = cm.match_varying(args)
   dv_out, d_init = pl.pallas_call(
       functools.partial(_dv_kernel, **kernel_args),
       out_shape=[cm.out_struct((b, t, h, dv), v.dtype, vary), cm.out_struct((n, h, dk, dv), jnp.float32, vary)],
-      grid=(n, h, dv // block_v), in_specs=in_specs + [value_tile],
-      out_specs=[rows.spec(block_v, tiled=True), value_tile],
+      grid=(n, h, dv // block_v), in_specs=in_specs, out_specs=[rows.spec(block_v, tiled=True), value_tile],
       compiler_params=params, interpret=interpret, name="lightning_bwd_dv")(*args)
 
-  in_specs = [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv), decay_spec]
-  args = [q, v, grad_out, decay]
-  if has_seg:
-    in_specs.append(seg_spec)
-    args.append(starts)
-  args, vary = cm.match_varying(args + [grad_state])
+  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
+  args, in_specs = _sweep_inputs(rows, [q, v, grad_out],
+                                 [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv)], decay, starts,
+                                 [(grad_state, key_tile)])
+  args, vary = cm.match_varying(args)
   dk_out = pl.pallas_call(
       functools.partial(_dk_kernel, **kernel_args),
       out_shape=cm.out_struct((b, t, h, dk), k.dtype, vary),
-      grid=(n, h, dk // block_k), in_specs=in_specs + [key_tile], out_specs=rows.spec(block_k, tiled=True),
+      grid=(n, h, dk // block_k), in_specs=in_specs, out_specs=rows.spec(block_k, tiled=True),
       compiler_params=params, interpret=interpret, name="lightning_bwd_dk")(*args)
   return dk_out, dv_out, d_init
