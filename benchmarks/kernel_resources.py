@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks.lightning_attention import parse_setting  # the benchmarks' one key=value spelling of a setting
+
 
 def capture_triton_modules(variant: str, b: int = 2, t: int = 1024, h: int = 64, d: int = 128,
                            config=None) -> dict:
@@ -99,11 +101,6 @@ def compile_stats(ir_text: str, num_warps: int, num_stages: int) -> dict:
           "shared": int(kernel.metadata.shared)}
 
 
-def _setting(text: str) -> dict:
-  from benchmarks.lightning_attention import _setting as parse  # the one key=value spelling of the benchmarks
-  return parse(text)
-
-
 def _ints(s: str):
   return [int(x) for x in s.split(",") if x]
 
@@ -113,7 +110,7 @@ def main(argv=None) -> int:
   ap.add_argument("--variants", default="plain,packed")
   ap.add_argument("--warps", default="8", help="num_warps settings, comma-separated")
   ap.add_argument("--stages", default="3", help="num_stages settings, comma-separated")
-  ap.add_argument("--settings", type=_setting, nargs="+", default=[{}],
+  ap.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
                   help="LightningConfig overrides to lower the kernels at, one set each (key=value,...; default)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)

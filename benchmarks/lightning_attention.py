@@ -539,7 +539,7 @@ def _splits_list(text):
   return values
 
 
-def _setting(text):
+def parse_setting(text):
   """"key=value,key=value" -> LightningConfig overrides ("" or "default": none); checked against the config."""
   import dataclasses
 
@@ -569,7 +569,7 @@ def main():
   parser.add_argument("--num_splits", type=_splits_list, default=None,
                       help="comma-separated LightningConfig.num_splits to time each case at (default: the config's "
                            "own choice)")
-  parser.add_argument("--settings", type=_setting, nargs="+", default=None,
+  parser.add_argument("--settings", type=parse_setting, nargs="+", default=None,
                       help="with --rows issue: time every case at each of these LightningConfig overrides, e.g. "
                            "--settings default bwd_split_dkdv=true")
   parser.add_argument("--tune", action="store_true",

@@ -125,7 +125,7 @@ def test_settings_time_each_case_at_each_override(monkeypatch, tmp_path):
   import types
   monkeypatch.setattr(bench, "HEAD_DIM", 16)
   cases = [dict(b=1, t=40, h=2, variant="packed", backward=True)]
-  settings = [bench._setting("default"), bench._setting("bwd_split_dkdv=true,bwd_block_v=16")]
+  settings = [bench.parse_setting("default"), bench.parse_setting("bwd_split_dkdv=true,bwd_block_v=16")]
   assert settings == [{}, {"bwd_split_dkdv": True, "bwd_block_v": 16}]
   args = types.SimpleNamespace(skip_fla=True, out=str(tmp_path / "settings.json"), num_splits=None, interpret=True,
                                tune=False, settings=settings)
