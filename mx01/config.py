@@ -87,9 +87,15 @@ class ModelConfig:
   lightning_kernel: LightningConfig = dataclasses.field(default_factory=LightningConfig)
   # Softmax attention: "xla" (einsum, materialises the scores), "pallas" (jax's
   # Pallas flash attention with segment ids), "cudnn" (cuDNN's flash attention; packed rows in its ragged
-  # layout, up to ops.CUDNN_MAX_SEGMENTS documents a row, longer rows through the Pallas kernel);
+  # layout, up to cudnn_max_segments documents a row, a batch with a longer row through the Pallas kernel);
   # "auto" = pallas on GPU, xla elsewhere.
   attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
+  # Documents a row that cuDNN's ragged layout holds (attention_impl=cudnn, packed rows).  cuDNN sizes its
+  # buffers for that many documents of the full row length, whatever the rows hold: the softmax statistics
+  # are [batch x this, heads, seq] float32, and the backward's workspace grows the same way (BENCHMARKS.md,
+  # "cuDNN on packed rows"), so step memory grows linearly with it.  Set it to the data's documents per
+  # row (padding at a row's end counts as one).
+  cudnn_max_segments: int = 16
   # Softmax attention: RoPE on the first `rotary_dim` dims of each head
   # (MiniMax-Text-01: 64 of 128).  None means the whole head.
   rotary_dim: Optional[int] = None
@@ -127,7 +133,7 @@ class ModelConfig:
     _require(isinstance(self.lightning_kernel, LightningConfig), "lightning_kernel",
              f"must be a pallas_kernels.LightningConfig, got {type(self.lightning_kernel).__name__}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "intermediate_size", "block_size", "max_seq_len"):
+                 "head_dim", "intermediate_size", "block_size", "max_seq_len", "cudnn_max_segments"):
       v = getattr(self, name)
       _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
     _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",

@@ -12,7 +12,8 @@ backend, for tests), and "auto" is resolved in one function per op:
 
   LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
   ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
-                                     (cudnn: packed rows in cuDNN's ragged layout, up to 64 documents a row)
+                                     (cudnn: packed rows in cuDNN's ragged layout, up to model.cudnn_max_segments
+                                     documents a row)
   MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | ragged_tokamax | dense
                                      auto: capacity with a capacity_factor; else (dropless) ragged_mosaic
                                      on Hopper GPUs, ragged on other accelerators, dense on CPU
@@ -71,10 +72,9 @@ def causal_attention(q, k, v, *, segment_ids=None):
   return out.reshape(b, t, h, d)
 
 
-# Packed rows through cuDNN: at most this many documents (runs of equal segment ids) per row go to cuDNN's
-# ragged layout, whose offset arrays have a static size; a batch with a longer row takes the fallback kernel
-# (both are compiled into the program; `lax.cond` picks one per call).
-CUDNN_MAX_SEGMENTS = 64
+# Packed rows through cuDNN: at most model.cudnn_max_segments documents (runs of equal segment ids) per row go
+# to cuDNN's ragged layout, whose offset arrays have a static size; a batch with a longer row takes the
+# fallback kernel (both are compiled into the program; `lax.cond` picks one per call).
 
 
 def segment_runs(segment_ids, max_runs: int):
@@ -95,7 +95,7 @@ def segment_runs(segment_ids, max_runs: int):
   return offsets.astype(jnp.int32), lengths, fits
 
 
-def _cudnn_attention(q, k, v, *, segment_ids=None, max_segments: int = CUDNN_MAX_SEGMENTS, fallback=None):
+def _cudnn_attention(q, k, v, *, segment_ids=None, max_segments: int, fallback=None):
   """cuDNN flash attention; packed rows through its ragged layout (segment offsets and lengths).
 
   Packed rows use jax's cuDNN entry point with offsets (`jax._src.cudnn`: the public
@@ -159,7 +159,8 @@ LIGHTNING_DECODE: Dict[str, Callable] = {
 ATTENTION: Dict[str, Callable] = {
     "xla": lambda config, interpret: causal_attention,
     "pallas": lambda config, interpret: functools.partial(_pallas_attention, interpret=interpret),
-    "cudnn": lambda config, interpret: _cudnn_attention,
+    "cudnn": lambda config, interpret: functools.partial(_cudnn_attention,
+                                                         max_segments=config.cudnn_max_segments),
 }
 # The dropless experts of each moe_impl (tokens grouped by expert), shared with the expert-parallel MoE.
 DROPLESS_EXPERTS: Dict[str, Callable] = {

@@ -100,7 +100,7 @@ def test_cudnn_matches_reference_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("max_segments", [ops.CUDNN_MAX_SEGMENTS, 2])  # 2: the rows overflow, Pallas runs
+@pytest.mark.parametrize("max_segments", [ModelConfig().cudnn_max_segments, 2])  # 2: the rows overflow, Pallas runs
 def test_cudnn_packed_rows_match_reference(max_segments):
   # Packed rows of random documents (a length-1 one, padding at a row's end), GQA, head dim 64, bf16: values
   # against float64 NumPy, gradients against the XLA path in float32 (both from the same bf16 inputs).
@@ -112,7 +112,8 @@ def test_cudnn_packed_rows_match_reference(max_segments):
   rng = np.random.default_rng(0)
   seg = np.stack([np.repeat([1, 2, 3, 4, 0], [100, 1, 120, 60, 19]),
                   np.cumsum(rng.random(t) < 0.02) + 1]).astype(np.int32)
-  cudnn = lambda q, k, v: ops._cudnn_attention(q, k, v, segment_ids=jnp.asarray(seg), max_segments=max_segments)  # noqa: E731
+  attention = ops.attention_op(ModelConfig(attention_impl="cudnn", cudnn_max_segments=max_segments))
+  cudnn = lambda q, k, v: attention(q, k, v, segment_ids=jnp.asarray(seg))  # noqa: E731
   out = jax.jit(cudnn)(q, k, v)
   f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
   real = seg != 0  # padding's outputs are never used (its loss is masked)
@@ -129,3 +130,9 @@ def test_cudnn_packed_rows_match_reference(max_segments):
     got, ref = f32(got), f32(ref)
     # bf16 attention in both directions: errors of a few percent of the gradient's scale.
     np.testing.assert_allclose(got, ref, atol=5e-2 * np.abs(ref).max(), rtol=5e-2)
+
+
+def test_cudnn_op_holds_the_configs_documents_per_row():
+  # The ragged layout's static size comes from the config (its buffers grow with it), not from a constant.
+  op = ops.ATTENTION["cudnn"](ModelConfig(attention_impl="cudnn", cudnn_max_segments=5), False)
+  assert op.func is ops._cudnn_attention and op.keywords == {"max_segments": 5}

@@ -26,6 +26,7 @@ def test_every_preset_builds_and_round_trips():
     (dict(head_dim=32, rotary_dim=64), "rotary_dim"),
     (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(lightning_impl="cuda"), "lightning_impl"),
+    (dict(cudnn_max_segments=0), "cudnn_max_segments"),
 ])
 def test_model_config_errors_name_the_field(kwargs, field):
   with pytest.raises(C.ConfigError, match=field):
