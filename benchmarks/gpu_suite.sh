@@ -10,6 +10,7 @@
 # packed into $OUT/results.tgz, with the tail of every log in $OUT/suite.log.  Wheels for what the GPU image
 # lacks (flax, optax, orbax, grain, fla...) travel in .whl/ and are installed before the first stage.
 # Model configs use the one flag spelling of the recipes: --config=NAME --config.section.key=value.
+# MPS=1 runs the stages under CUDA's Multi-Process Service, for stages whose processes share the GPU.
 set -u
 
 # name | GPUs | limit (s) | what it measures | command ($R is the results folder)
@@ -80,7 +81,7 @@ list_stages() {
 
 case "${1:-}" in
   ""|-h|--help)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     echo
     list_stages
     exit 0
@@ -126,6 +127,28 @@ NGPU=$(nvidia-smi -L | wc -l)
 } > "$R/env.log" 2>&1
 cat "$R/env.log"
 
+# MPS=1: CUDA's Multi-Process Service for the stages whose processes share one GPU (isoflop, mqar_*). Without
+# it the GPU time-slices between processes, running one process's kernels at a time, so three small models
+# that each leave most SMs idle (latency-bound steps of tiny kernels) add up to about one; under MPS their
+# kernels run side by side. It changes no GPU setting (a user-space daemon; the compute mode stays as it is),
+# and it is used only where the daemon exists and a jax probe under it sees the GPU.
+MPS_ON=0
+if [ "${MPS:-0}" = 1 ]; then
+  if command -v nvidia-cuda-mps-control > /dev/null 2>&1; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d > "$R/mps.log" 2>&1
+    if timeout 90 python3 -c "import jax; assert jax.devices()[0].platform == 'gpu', jax.devices(); \
+print(float(jax.numpy.ones(8).sum()))" >> "$R/mps.log" 2>&1; then
+      MPS_ON=1
+    else
+      echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    fi
+  fi
+  echo "MPS: $([ "$MPS_ON" = 1 ] && echo on || echo "asked for, not available (see mps.log)")" | tee -a "$R/env.log"
+fi
+
 END_AT=$(( $(date +%s) + ${DEADLINE:-560} ))
 for name in "$@"; do
   line=$(stage_line "$name")
@@ -150,6 +173,7 @@ for name in "$@"; do
   echo "=== [$name] rc=$rc end $(date -u +%T); GPU busy ${busy:-not sampled}"
 done
 
+[ "$MPS_ON" = 1 ] && { echo quit | nvidia-cuda-mps-control > /dev/null 2>&1; }
 for f in "$R"/*.log; do echo "----- $(basename "$f") (tail)"; tail -n 30 "$f"; done > "$OUT/suite.log"
 tar -czf "$OUT/results.tgz" -C "$OUT" res
 [ -d "$TRITON_CACHE_DIR" ] && tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
