@@ -1,6 +1,8 @@
 """benchmarks/kernel_resources.py: the lightning kernels' Triton IR is captured on the host (no GPU), and,
 where the triton package is installed, compiled for sm_90a with register and spill counts."""
 
+import re
+
 import pytest
 
 from benchmarks import kernel_resources as kr
@@ -27,3 +29,23 @@ def test_compiles_for_hopper_where_triton_is_installed():
   text = kr.capture_triton_modules("plain", b=1, t=256, h=128)["lightning_bwd_dq"]
   stats = kr.compile_stats(text, num_warps=8, num_stages=3)
   assert 0 < stats["registers"] <= 255 and stats["spill_stores"] >= 0 and stats["shared"] > 0
+
+
+
+def _dot_results_added(ir: str) -> int:
+  """How many `arith.addf` of the IR take a `tt.dot` result as an operand."""
+  dots = set(re.findall(r"(%[\w#]+) = tt\.dot ", ir))
+  adds = re.findall(r"= arith\.addf (%[\w#]+), (%[\w#]+)", ir)
+  return sum(1 for a, b in adds if a in dots or b in dots)
+
+
+def test_triton_ir_passes_run_before_compiling_as_in_xla(tmp_path):
+  # XLA runs Triton's TTIR passes on a Pallas kernel first; among them `dot(a, b) + c` -> `dot(a, b, acc=c)`,
+  # which the forward's output (two matmuls summed) and its state update (decayed state plus K^T V) take.
+  pytest.importorskip("triton")
+  from triton.backends.compiler import GPUTarget
+  text = kr.capture_triton_modules("plain", b=1, t=256, h=128)["lightning_fwd"]
+  path = tmp_path / "fwd.ttir"
+  path.write_text(text)
+  optimized = kr._optimized_ttir(str(path), GPUTarget("cuda", 90, 32), dict(num_warps=8, num_stages=3))
+  assert _dot_results_added(text) == 2 and _dot_results_added(optimized) == 0
