@@ -9,8 +9,8 @@ Each kernel of a forward+backward pass (plain rows, packed rows) is lowered for 
 (`lowering_platforms=("cuda",)`), its Triton IR captured as text, put through Triton's TTIR passes (as XLA's
 pipeline does first), compiled for sm_90a by the `triton` package at each warps/stages setting, and the PTX
 assembled by ptxas -v: registers per thread, bytes spilled to local memory (stores/loads), shared memory per
-program.  A kernel at the register cap (255 at 8 warps) that spills inside its block loop pays local-memory
-traffic on every block.
+program, and the matmul waits in the block loop (from the TritonGPU IR).  A kernel at the register cap (255
+at 8 warps) that spills inside its block loop pays local-memory traffic on every block.
 
 The device's XLA compiles the same IR with the Triton it bundles, whose register allocation may differ from
 this package's: the figures rank variants of a kernel; the timings on the device (benchmarks/
@@ -125,7 +125,18 @@ def compile_stats(ir_text: str, num_warps: int, num_stages: int) -> dict:
   return {"registers": int(regs.group(1)) if regs else None,
           "spill_stores": int(spills.group(1)) if spills else None,
           "spill_loads": int(spills.group(2)) if spills else None,
-          "shared": int(kernel.metadata.shared)}
+          "shared": int(kernel.metadata.shared),
+          "loop_matmul_waits": loop_matmul_waits(kernel.asm["ttgir"])}
+
+
+def loop_matmul_waits(ttgir: str) -> int:
+  """Waits for warp-group matmuls inside the kernel's block loop (its first `scf.for`, up to its yield).
+
+  Each wait ends the overlap of the matmuls in flight, so a sweep's chain of dependent steps per block is
+  about this long; matmuls that accumulate in place or whose wait is deferred to the next block add none.
+  """
+  start = ttgir.index("scf.for")
+  return ttgir[start:ttgir.index("scf.yield", start)].count("ttng.warp_group_dot_wait")
 
 
 def _ints(s: str):
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
   from pallas_kernels.lightning.config import LightningConfig
   rows = []
   print(f"{'setting':24s} {'variant':8s} {'kernel':20s} {'warps':>5s} {'stages':>6s} {'regs':>5s} "
-        f"{'spill st/ld (B)':>16s} {'shared (B)':>11s}")
+        f"{'spill st/ld (B)':>16s} {'shared (B)':>11s} {'waits/block':>11s}")
   for overrides, variant in itertools.product(args.settings, args.variants.split(",")):
     label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     for name, ir_text in capture_triton_modules(variant, config=LightningConfig(**overrides)).items():
@@ -157,7 +168,8 @@ def main(argv=None) -> int:
         stats = compile_stats(ir_text, warps, stages)
         rows.append(dict(setting=overrides, variant=variant, kernel=name, num_warps=warps, num_stages=stages, **stats))
         print(f"{label:24s} {variant:8s} {name:20s} {warps:5d} {stages:6d} {stats['registers']:5d} "
-              f"{stats['spill_stores']:>7d}/{stats['spill_loads']:<8d} {stats['shared']:11d}")
+              f"{stats['spill_stores']:>7d}/{stats['spill_loads']:<8d} {stats['shared']:11d} "
+              f"{stats['loop_matmul_waits']:11d}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -29,6 +29,9 @@ def test_compiles_for_hopper_where_triton_is_installed():
   text = kr.capture_triton_modules("plain", b=1, t=256, h=128)["lightning_bwd_dq"]
   stats = kr.compile_stats(text, num_warps=8, num_stages=3)
   assert 0 < stats["registers"] <= 255 and stats["spill_stores"] >= 0 and stats["shared"] > 0
+  # The dQ sweep's block loop: dO V^T, then dQ's two matmuls (the second accumulating onto the first) are each
+  # waited for; the state's update is waited for at the next block's first wait.
+  assert stats["loop_matmul_waits"] == 3
 
 
 
