@@ -162,10 +162,13 @@ def run_config(point: Point, corpus: Corpus = Corpus(), *, run_root="runs/isoflo
   return dataclasses.replace(base, train=train, data=data)
 
 
-# Config values that change no result: where a run writes and logs, and the lightning kernels' launch settings
-# (tiles, warps, pipeline stages: the same sums in another order; a retuned default must not orphan the CSV).
+# Config values that change no result: where a run writes and logs, the lightning kernels' launch settings
+# (tiles, warps, pipeline stages: the same sums in another order; a retuned default must not orphan the CSV),
+# and the size of cuDNN's ragged layout (buffers only).  A new config field that changes no result goes here
+# too, or every row of results/isoflop.csv looks new (tests/scaling/test_isoflop.py checks the committed rows).
 _NOT_IN_KEY = {"train": ("run_dir", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing",
-                         "tensorboard"), "data": ("prefetch", "source"), "model": ("lightning_kernel",)}
+                         "tensorboard"), "data": ("prefetch", "source"),
+               "model": ("lightning_kernel", "cudnn_max_segments")}
 
 
 def point_key(config: Config, corpus: Corpus) -> str:

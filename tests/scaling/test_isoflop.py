@@ -60,6 +60,26 @@ def test_point_key_tracks_result_changing_values_only(tmp_path):
   assert isoflop.point_key(other_model, isoflop.Corpus()) != key
 
 
+def test_committed_rows_keep_their_keys(tmp_path):
+  # Every run in results/isoflop.csv is found again by today's plan: its key, from the config the run would
+  # get now and the corpus the runs used (results/gpu/isoflop_corpus_manifest.json), is the one in its row.
+  # A config field added without its place in the key (or in isoflop._NOT_IN_KEY, when it changes no
+  # result) would make every committed run look new, and the next device call would train them all again.
+  import csv
+  import pathlib
+  import shutil
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  (tmp_path / "docs").mkdir()
+  shutil.copy(repo / "results" / "gpu" / "isoflop_corpus_manifest.json", tmp_path / "manifest.json")
+  corpus = isoflop.Corpus.from_dir(tmp_path)
+  with open(repo / "results" / "isoflop.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert rows
+  for r in rows:
+    point = isoflop.Point(r["kind"], r["size"], float(r["budget"]), float(r["learning_rate"]), int(r["seed"]))
+    assert isoflop.point_key(isoflop.run_config(point, corpus), corpus) == r["key"], point.name
+
+
 def _fake_loss(cfg):
   # A bowl in log N around 2M parameters, best at learning rate 6e-3, seed-dependent by 1e-3.
   n = flops.param_count(cfg.model).non_embedding
