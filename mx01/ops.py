@@ -12,8 +12,8 @@ backend, for tests), and "auto" is resolved in one function per op:
 
   LIGHTNING  (model.lightning_impl)  reference | xla | pallas           auto: pallas on GPU, else xla
   ATTENTION  (model.attention_impl)  xla | pallas | cudnn               auto: pallas on GPU, else xla
-                                     (cudnn: packed rows in cuDNN's ragged layout, up to model.cudnn_max_segments
-                                     documents a row)
+                                     (cudnn: packed rows in cuDNN's ragged layout, up to
+                                     model.cudnn_max_segments documents a row)
   MOE        (model.moe_impl)        capacity | ragged | ragged_mosaic | ragged_tokamax | dense
                                      auto: capacity with a capacity_factor; else (dropless) ragged_mosaic
                                      on Hopper GPUs, ragged on other accelerators, dense on CPU

@@ -34,7 +34,6 @@ def test_compiles_for_hopper_where_triton_is_installed():
   assert stats["loop_matmul_waits"] == 3
 
 
-
 def _dot_results_added(ir: str) -> int:
   """How many `arith.addf` of the IR take a `tt.dot` result as an operand."""
   dots = set(re.findall(r"(%[\w#]+) = tt\.dot ", ir))

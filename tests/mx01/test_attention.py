@@ -100,7 +100,8 @@ def test_cudnn_matches_reference_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("max_segments", [ModelConfig().cudnn_max_segments, 2])  # 2: the rows overflow, Pallas runs
+# At 2 documents a row the rows overflow and the Pallas kernel runs.
+@pytest.mark.parametrize("max_segments", [ModelConfig().cudnn_max_segments, 2])
 def test_cudnn_packed_rows_match_reference(max_segments):
   # Packed rows of random documents (a length-1 one, padding at a row's end), GQA, head dim 64, bf16: values
   # against float64 NumPy, gradients against the XLA path in float32 (both from the same bf16 inputs).

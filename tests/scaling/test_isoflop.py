@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
+import pathlib
+import shutil
 
 import pytest
 
@@ -65,9 +68,6 @@ def test_committed_rows_keep_their_keys(tmp_path):
   # get now and the corpus the runs used (results/gpu/isoflop_corpus_manifest.json), is the one in its row.
   # A config field added without its place in the key (or in isoflop._NOT_IN_KEY, when it changes no
   # result) would make every committed run look new, and the next device call would train them all again.
-  import csv
-  import pathlib
-  import shutil
   repo = pathlib.Path(__file__).resolve().parents[2]
   (tmp_path / "docs").mkdir()
   shutil.copy(repo / "results" / "gpu" / "isoflop_corpus_manifest.json", tmp_path / "manifest.json")
