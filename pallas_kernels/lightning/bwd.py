@@ -149,6 +149,18 @@ def _dk_kernel(*refs, block, rows, has_seg, compute_dtype):
   _reverse_sweep(ld_ref, starts_ref, dst_ref, rows, block, step)
 
 
+def _key_tile(block_k, dv):
+  """Spec of a [rows, h, dk, dv] state's key tile of program (row, head, key tile)."""
+  sq = cm.SQUEEZED
+  return pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
+
+
+def _value_tile(dk, block_v):
+  """Spec of a [rows, h, dk, dv] state's value tile of program (row, head, value tile)."""
+  sq = cm.SQUEEZED
+  return pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+
+
 def _sweep_inputs(rows, arrays, specs, decay, starts, extra=()):
   """(args, in_specs) of a backward sweep, in its kernels' order: the row arrays with their specs, the decay
   row, the segment starts (when there are segments), then `extra` (array, spec) pairs (states)."""
@@ -187,8 +199,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   params = cm.compiler_params(num_warps, num_stages)
 
   # dQ: forward sweep over key tiles.
-  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
-  init = [(initial_state.astype(jnp.float32), key_tile)] if has_init else []
+  init = [(initial_state.astype(jnp.float32), _key_tile(block_k, dv))] if has_init else []
   args, in_specs = _sweep_inputs(rows, [k, v, grad_out],
                                  [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv)], decay, starts, init)
   args, vary = cm.match_varying(args)
@@ -208,7 +219,7 @@ def lightning_backward(q, k, v, log_decay, segment_index, initial_state, grad_ou
   # dK, dV, d(initial state): reverse sweep over value tiles.
   num_v = dv // block_v
   dk_dtype = k.dtype if num_v == 1 else jnp.float32
-  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+  value_tile = _value_tile(dk, block_v)
   args, in_specs = _sweep_inputs(
       rows, [q, k, v, grad_out],
       [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True), rows.spec(block_v, tiled=True)],
@@ -239,11 +250,10 @@ def _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, *, rows,
   grad_state [b * splits, h, dk, dv] float32."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  sq = cm.SQUEEZED
   n = b * rows.splits
   kernel_args = dict(block=block, rows=rows, has_seg=starts is not None, compute_dtype=compute_dtype)
 
-  value_tile = pl.BlockSpec((sq, sq, dk, block_v), lambda ri, hi, vi: (ri, hi, 0, vi))
+  value_tile = _value_tile(dk, block_v)
   args, in_specs = _sweep_inputs(rows, [q, k, grad_out],
                                  [rows.spec(dk), rows.spec(dk), rows.spec(block_v, tiled=True)], decay, starts,
                                  [(grad_state, value_tile)])
@@ -254,10 +264,9 @@ def _split_reverse_sweeps(q, k, v, grad_out, decay, starts, grad_state, *, rows,
       grid=(n, h, dv // block_v), in_specs=in_specs, out_specs=[rows.spec(block_v, tiled=True), value_tile],
       compiler_params=params, interpret=interpret, name="lightning_bwd_dv")(*args)
 
-  key_tile = pl.BlockSpec((sq, sq, block_k, dv), lambda ri, hi, ki: (ri, hi, ki, 0))
   args, in_specs = _sweep_inputs(rows, [q, v, grad_out],
                                  [rows.spec(block_k, tiled=True), rows.spec(dv), rows.spec(dv)], decay, starts,
-                                 [(grad_state, key_tile)])
+                                 [(grad_state, _key_tile(block_k, dv))])
   args, vary = cm.match_varying(args)
   dk_out = pl.pallas_call(
       functools.partial(_dk_kernel, **kernel_args),
